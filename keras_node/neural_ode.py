@@ -1,0 +1,288 @@
+"""The `NeuralODE` layer."""
+
+import inspect
+import math
+import numbers
+
+import keras
+import tensorflow as tf
+
+from keras_node import _nfe_metric
+from keras_node import _tfp_solve
+
+
+@keras.saving.register_keras_serializable(package="keras_node")
+class NeuralODE(keras.layers.Layer):
+    """Integrates `dh/dt = dynamics(h)` from `t0` to `t1`; returns `h(t1)`.
+
+    The solve uses TensorFlow Probability's adaptive Dormand-Prince 5(4)
+    method (`tfp.math.ode.DormandPrince`), and only the final state is
+    returned. Gradients come from the adjoint method: the backward pass solves
+    the adjoint equation from `t1` back to `t0` instead of recording the
+    forward solve, so memory does not grow with the number of solver steps.
+
+    What gets gradients: the initial state `h0` and every floating weight
+    that the dynamics read (the dynamics' own weights and any weight of this
+    layer). The times `t0` and `t1` are constants. The adjoint gradient is
+    approximate: it is exact for the ODE, up to the error of the backward
+    solve, which `adjoint_rtol` and `adjoint_atol` control; it is not the
+    exact derivative of the forward solver's arithmetic.
+
+    Function evaluations are counted inside the graph, forward and backward
+    separately (the backward count is of the adjoint system, one dynamics
+    evaluation and one vector-Jacobian product each). They are readable
+    after a call as `num_forward_evals` and `num_backward_evals`, and appear
+    in `model.fit`'s logs and progress bar as `nfe_forward` and
+    `nfe_backward`, prefixed with the layer's name (`ode1_nfe_forward`) when
+    its functional model holds other `NeuralODE` layers.
+
+    Mixed precision: under a `mixed_float16` or `mixed_bfloat16` policy the
+    dynamics compute in half precision, but the state, the solver and the
+    adjoint stay in float32 (float64 inputs stay float64), and the output has
+    the input's dtype. Not supported: dynamics that update state during the
+    solve (`BatchNormalization`'s moving statistics, for example), dynamics
+    with several inputs or outputs, gradients with respect to `t0` or `t1`,
+    XLA compilation (the layer sets `supports_jit = False`, so
+    `compile(jit_compile="auto")` trains without XLA).
+
+    Args:
+        dynamics: a Keras layer or model mapping the state `h` of shape
+            `(batch, *state_shape)` to `dh/dt` of the same shape. If its
+            `call` accepts an argument named `t`, it receives the current
+            time as a scalar tensor; otherwise the dynamics are autonomous.
+        t0: the initial time, a finite float. Defaults to `0.0`.
+        t1: the final time, a finite float other than `t0`; `t1 < t0`
+            integrates backward in time. Defaults to `1.0`.
+        rtol: relative tolerance of each step, a positive float.
+            Defaults to `1e-3`.
+        atol: absolute tolerance of each step, a positive float.
+            Defaults to `1e-3`.
+        adjoint_rtol: relative tolerance of the backward (adjoint) solve.
+            Defaults to `rtol`.
+        adjoint_atol: absolute tolerance of the backward solve.
+            Defaults to `atol`.
+        first_step_size: the size of the first step, a positive float, or
+            `None` to choose it from the problem with Hairer's heuristic (as
+            torchdiffeq and DifferentialEquations.jl do), which costs one
+            evaluation and saves many. Defaults to `None`.
+        max_num_steps: the most steps, accepted and rejected, that one solve
+            (forward or backward) may take before it fails with an error.
+            Defaults to `1000`.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: the initial state `h(t0)`, a floating tensor.
+
+    Input shape:
+        `(batch, *state_shape)`, any number of state dimensions.
+
+    Output shape:
+        The input's shape and dtype: `h(t1)`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_node import NeuralODE
+    >>> dynamics = keras.Sequential([keras.layers.Dense(16, activation="tanh"),
+    ...                              keras.layers.Dense(4)])
+    >>> inputs = keras.Input((4,))
+    >>> outputs = NeuralODE(dynamics, t0=0.0, t1=1.0)(inputs)
+    >>> model = keras.Model(inputs, outputs)
+    >>> model(keras.ops.ones((2, 4))).shape
+    TensorShape([2, 4])
+    """
+
+    def __init__(
+        self,
+        dynamics,
+        t0=0.0,
+        t1=1.0,
+        rtol=1e-3,
+        atol=1e-3,
+        adjoint_rtol=None,
+        adjoint_atol=None,
+        first_step_size=None,
+        max_num_steps=1000,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(dynamics, keras.layers.Layer):
+            raise TypeError(
+                "Received an invalid value for argument `dynamics`, expected "
+                "a Keras layer or model mapping the state to its time "
+                f"derivative. Received: dynamics={dynamics!r} of type "
+                f"{type(dynamics).__name__}"
+            )
+        self.dynamics = dynamics
+        self.t0 = _finite_float("t0", t0)
+        self.t1 = _finite_float("t1", t1)
+        if self.t1 == self.t0:
+            raise ValueError(
+                "Received an invalid value for argument `t1`, expected a time "
+                f"other than t0={self.t0}. Received: t1={t1}"
+            )
+        self.rtol = _positive_float("rtol", rtol)
+        self.atol = _positive_float("atol", atol)
+        self.adjoint_rtol = _positive_float(
+            "adjoint_rtol", self.rtol if adjoint_rtol is None else adjoint_rtol
+        )
+        self.adjoint_atol = _positive_float(
+            "adjoint_atol", self.atol if adjoint_atol is None else adjoint_atol
+        )
+        self.first_step_size = (
+            None if first_step_size is None
+            else _positive_float("first_step_size", first_step_size)
+        )
+        if isinstance(max_num_steps, bool) or not isinstance(
+            max_num_steps, numbers.Integral
+        ):
+            raise TypeError(
+                "Received an invalid value for argument `max_num_steps`, "
+                "expected a positive integer. Received: "
+                f"max_num_steps={max_num_steps!r}"
+            )
+        if max_num_steps < 1:
+            raise ValueError(
+                "Received an invalid value for argument `max_num_steps`, "
+                "expected a positive integer. Received: "
+                f"max_num_steps={max_num_steps}"
+            )
+        self.max_num_steps = int(max_num_steps)
+        self._time_dependent = "t" in inspect.signature(
+            dynamics.call
+        ).parameters
+        # TFP's solver runs in float32 or float64, never in half precision.
+        self.autocast = False
+        # XLA does not compile the solver's assertions and TFP's while loops
+        # efficiently; `jit_compile="auto"` then trains without XLA.
+        self.supports_jit = False
+        self.evaluation_counts = _nfe_metric.EvaluationCounts(self)
+
+    @property
+    def num_forward_evals(self):
+        """Dynamics evaluations of the last forward solve (a float tensor)."""
+        return self.evaluation_counts.forward.value
+
+    @property
+    def num_backward_evals(self):
+        """Adjoint-system evaluations of the last backward solve."""
+        return self.evaluation_counts.backward.value
+
+    def build(self, input_shape):
+        # A symbolic call builds the dynamics (also those without `build`).
+        spec = self._dynamics_output_spec(input_shape)
+        if tuple(spec.shape[1:]) != tuple(input_shape[1:]):
+            raise ValueError(
+                "Received an invalid value for argument `dynamics`, expected "
+                "a layer whose output (the time derivative) has the shape of "
+                f"its input, the state {tuple(input_shape)}. Received: "
+                f"dynamics={self.dynamics.name} with output shape "
+                f"{tuple(spec.shape)}"
+            )
+
+    def _dynamics_output_spec(self, input_shape):
+        state = keras.KerasTensor(
+            input_shape, dtype=self._state_dtype(self.compute_dtype)
+        )
+        kwargs = {}
+        if self._time_dependent:
+            kwargs["t"] = keras.KerasTensor((), dtype=state.dtype)
+        return self.dynamics(state, **kwargs)
+
+    def _state_dtype(self, input_dtype):
+        dtype = keras.backend.standardize_dtype(input_dtype)
+        return "float64" if dtype == "float64" else "float32"
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def compute_output_spec(self, inputs):
+        _check_floating(inputs)
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
+
+    def call(self, inputs):
+        _check_floating(inputs)
+        state_dtype = self._state_dtype(inputs.dtype)
+        h0 = tf.cast(inputs, state_dtype)
+
+        def dynamics_fn(t, h):
+            kwargs = {"t": t} if self._time_dependent else {}
+            return tf.cast(self.dynamics(h, **kwargs), h.dtype)
+
+        forward = dict(
+            rtol=self.rtol, atol=self.atol,
+            first_step_size=self.first_step_size,
+            max_num_steps=self.max_num_steps,
+            what=f"NeuralODE '{self.name}' (forward solve from t0={self.t0} "
+                 f"to t1={self.t1})",
+        )
+        adjoint = dict(
+            forward, rtol=self.adjoint_rtol, atol=self.adjoint_atol,
+            what=f"NeuralODE '{self.name}' (adjoint solve from t1={self.t1} "
+                 f"back to t0={self.t0})",
+        )
+        h1, num_forward = _tfp_solve.odeint_adjoint(
+            dynamics_fn, h0, self.t0, self.t1,
+            forward_options=forward, adjoint_options=adjoint,
+            on_backward_evals=lambda n: self.evaluation_counts.update_state(
+                backward=n
+            ),
+        )
+        self.evaluation_counts.update_state(forward=num_forward)
+        return tf.cast(h1, inputs.dtype)
+
+    def get_config(self):
+        config = {
+            "dynamics": keras.saving.serialize_keras_object(self.dynamics),
+            "t0": self.t0,
+            "t1": self.t1,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "adjoint_rtol": self.adjoint_rtol,
+            "adjoint_atol": self.adjoint_atol,
+            "first_step_size": self.first_step_size,
+            "max_num_steps": self.max_num_steps,
+        }
+        return {**super().get_config(), **config}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["dynamics"] = keras.saving.deserialize_keras_object(
+            config["dynamics"]
+        )
+        return cls(**config)
+
+
+def _finite_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Received an invalid value for argument `{name}`, expected a "
+            f"finite float. Received: {name}={value!r}"
+        )
+    if not math.isfinite(value):
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected a "
+            f"finite float. Received: {name}={value}"
+        )
+    return float(value)
+
+
+def _positive_float(name, value):
+    value = _finite_float(name, value)
+    if value <= 0:
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected a "
+            f"positive float. Received: {name}={value}"
+        )
+    return value
+
+
+def _check_floating(inputs):
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
+    if not keras.backend.is_float_dtype(dtype):
+        raise TypeError(
+            "Received an invalid value for argument `inputs`, expected a "
+            "floating tensor (the initial state). Received: inputs of dtype "
+            f"{dtype}"
+        )

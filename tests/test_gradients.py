@@ -1,0 +1,148 @@
+"""Adjoint gradients against analytic gradients and finite differences."""
+
+import keras
+import numpy as np
+import pytest
+import scipy.linalg
+import tensorflow as tf
+
+from helpers import CosineRate, Linear, mlp_dynamics, small_conv_dynamics
+from keras_node import NeuralODE
+
+A = np.array([[-0.5, 2.0], [-2.0, -0.5]])
+H0 = np.array([[1.0, 0.0], [0.5, -2.0]])
+W = np.array([[0.3, -1.0], [2.0, 0.5]])  # loss = sum(W * h(t1))
+TIGHT = dict(rtol=1e-10, atol=1e-10)
+GRAD_TOL = 1e-6
+
+
+def gradients(ode, h0, loss_fn):
+    h0 = tf.constant(h0)
+    with tf.GradientTape() as tape:
+        tape.watch(h0)
+        loss = loss_fn(ode(h0))
+    return tape.gradient(loss, [h0] + ode.trainable_variables)
+
+
+@pytest.mark.parametrize("t1", [1.5, -1.0])
+def test_linear_gradients_are_analytic(t1):
+    ode = NeuralODE(Linear(A, dtype="float64"), t1=t1, dtype="float64",
+                    **TIGHT)
+    dh0, da_t = gradients(ode, H0, lambda h: tf.reduce_sum(W * h))
+    # h1 = h0 E^T with E = expm(A t1): dL/dh0 = W E.
+    e = scipy.linalg.expm(A * t1)
+    np.testing.assert_allclose(dh0, W @ e, rtol=GRAD_TOL, atol=GRAD_TOL)
+    # dL/dA_ij = sum(W * h0 L(A t1, t1 E_ij)^T), L the Frechet derivative.
+    expected = np.zeros((2, 2))
+    for i in range(2):
+        for j in range(2):
+            unit = np.zeros((2, 2))
+            unit[i, j] = t1
+            frechet = scipy.linalg.expm_frechet(A * t1, unit,
+                                                compute_expm=False)
+            expected[i, j] = np.sum(W * (H0 @ frechet.T))
+    # The weight is A^T.
+    np.testing.assert_allclose(da_t, expected.T, rtol=GRAD_TOL, atol=GRAD_TOL)
+
+
+def test_time_dependent_gradients_are_analytic():
+    t0, t1 = 0.2, 2.5
+    ode = NeuralODE(CosineRate(dtype="float64"), t0=t0, t1=t1,
+                    dtype="float64", **TIGHT)
+    dh0, dw = gradients(ode, H0, lambda h: tf.reduce_sum(h))
+    growth = np.sin(t1) - np.sin(t0)
+    np.testing.assert_allclose(dh0, np.full_like(H0, np.exp(0.7 * growth)),
+                               rtol=GRAD_TOL)
+    np.testing.assert_allclose(
+        dw, np.sum(H0) * growth * np.exp(0.7 * growth), rtol=GRAD_TOL)
+
+
+def finite_difference_check(ode, h0, loss_fn, eps=1e-6, samples=6, seed=0):
+    """Compares each gradient with central differences on a few entries."""
+    analytic = gradients(ode, h0, loss_fn)
+    rng = np.random.default_rng(seed)
+    loss_of = tf.function(lambda h: loss_fn(ode(h)))
+    loss = lambda: float(loss_of(tf.constant(h0)))
+    for variable, grad in zip(ode.trainable_variables, analytic[1:]):
+        flat = variable.numpy().reshape(-1)
+        for index in rng.choice(flat.size, min(samples, flat.size),
+                                replace=False):
+            shifted = flat.copy()
+            shifted[index] += eps
+            variable.assign(shifted.reshape(variable.shape))
+            up = loss()
+            shifted[index] -= 2 * eps
+            variable.assign(shifted.reshape(variable.shape))
+            down = loss()
+            variable.assign(flat.reshape(variable.shape))
+            np.testing.assert_allclose(
+                np.reshape(grad, -1)[index], (up - down) / (2 * eps),
+                rtol=1e-4, atol=1e-6, err_msg=variable.path)
+    flat = h0.reshape(-1)
+    for index in rng.choice(flat.size, samples, replace=False):
+        shifted = flat.copy()
+        shifted[index] += eps
+        up = float(loss_of(tf.constant(shifted.reshape(h0.shape))))
+        shifted[index] -= 2 * eps
+        down = float(loss_of(tf.constant(shifted.reshape(h0.shape))))
+        np.testing.assert_allclose(
+            np.reshape(analytic[0], -1)[index], (up - down) / (2 * eps),
+            rtol=1e-4, atol=1e-6, err_msg="initial state")
+
+
+def test_mlp_gradients_match_finite_differences():
+    keras.utils.set_random_seed(1)
+    ode = NeuralODE(mlp_dynamics(8, 3, dtype="float64"), t1=1.0,
+                    dtype="float64", **TIGHT)
+    h0 = np.random.default_rng(1).normal(size=(4, 3))
+    finite_difference_check(ode, h0, lambda h: tf.reduce_sum(tf.sin(h)))
+
+
+def test_conv_gradients_match_finite_differences():
+    keras.utils.set_random_seed(2)
+    ode = NeuralODE(small_conv_dynamics(3, dtype="float64"), t1=1.0,
+                    dtype="float64", **TIGHT)
+    h0 = np.random.default_rng(2).normal(size=(2, 5, 5, 3))
+    finite_difference_check(ode, h0, lambda h: tf.reduce_sum(h ** 2))
+
+
+def test_time_dependent_mlp_gradients_match_finite_differences():
+    @keras.saving.register_keras_serializable(package="keras_node_tests")
+    class TimeMLP(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.hidden = keras.layers.Dense(6, activation="tanh",
+                                             dtype=self.dtype_policy)
+            self.out = keras.layers.Dense(2, dtype=self.dtype_policy)
+
+        def call(self, h, t):
+            time = keras.ops.ones_like(h[:, :1]) * keras.ops.cast(t, h.dtype)
+            return self.out(self.hidden(keras.ops.concatenate([h, time], -1)))
+
+    keras.utils.set_random_seed(3)
+    ode = NeuralODE(TimeMLP(dtype="float64"), t0=0.5, t1=2.0,
+                    dtype="float64", **TIGHT)
+    h0 = np.random.default_rng(3).normal(size=(3, 2))
+    finite_difference_check(ode, h0, lambda h: tf.reduce_sum(h ** 3))
+
+
+def test_adjoint_tolerances_are_separate():
+    """A loose adjoint tolerance costs fewer backward evaluations."""
+    backward = {}
+    for adjoint_tol in (1e-3, 1e-8):
+        ode = NeuralODE(Linear(A, dtype="float64"), t1=2.0, rtol=1e-8,
+                        atol=1e-8, adjoint_rtol=adjoint_tol,
+                        adjoint_atol=adjoint_tol, dtype="float64")
+        gradients(ode, H0, tf.reduce_sum)
+        backward[adjoint_tol] = ode.num_backward_evals.numpy()
+    assert backward[1e-3] < backward[1e-8]
+
+
+def test_gradients_under_tf_function_match_eager():
+    keras.utils.set_random_seed(4)
+    ode = NeuralODE(mlp_dynamics(8, 3), t1=1.0)
+    h0 = np.random.default_rng(4).normal(size=(4, 3)).astype("float32")
+    eager = gradients(ode, h0, tf.reduce_sum)
+    graph = tf.function(lambda: gradients(ode, h0, tf.reduce_sum))()
+    for e, g in zip(eager, graph):
+        np.testing.assert_allclose(e, g, rtol=1e-5, atol=1e-6)
