@@ -1,4 +1,6 @@
-"""The function-evaluation counters of a `NeuralODE` layer, as a Keras metric."""
+"""Reports a `NeuralODE` layer's evaluation counters as a Keras metric."""
+
+import weakref
 
 import keras
 
@@ -7,43 +9,34 @@ BACKWARD = "nfe_backward"
 
 
 class EvaluationCounts(keras.metrics.Metric):
-    """The number of dynamics evaluations of the last forward and backward solve.
+    """Puts the layer's last forward and backward evaluation counts in the logs.
 
-    Its result is a dict, which Keras puts at the top level of `fit`'s logs
-    and progress bar: `{"nfe_forward": ..., "nfe_backward": ...}`, each key
-    prefixed with the layer's name when the layer's functional graph holds
-    other `NeuralODE` layers. Values are the last solve's counts (not a
-    running mean), so a per-batch callback sees each step's own cost. Under a
-    distribution strategy each replica counts its own solve and the result is
-    the mean over replicas.
+    The counters themselves are the layer's non-trainable variables (so that
+    they are saved with it and captured by exported functions); this metric
+    only reports them. Its result is a dict, which Keras puts at the top level
+    of `fit`'s logs and progress bar: `{"nfe_forward": ..., "nfe_backward":
+    ...}`, each key prefixed with the layer's name when the layer's functional
+    graph holds other `NeuralODE` layers. Values are the last solve's counts
+    (not a running mean), so a per-batch callback sees each step's own cost.
     """
 
     def __init__(self, layer, name="evaluation_counts", **kwargs):
         super().__init__(name=name, **kwargs)
-        self._layer = layer
-        self.forward = self.add_variable(
-            shape=(), initializer="zeros", dtype="float32",
-            aggregation="mean", name="forward",
-        )
-        self.backward = self.add_variable(
-            shape=(), initializer="zeros", dtype="float32",
-            aggregation="mean", name="backward",
-        )
+        # A weak reference: the layer owns this metric, not the reverse, and
+        # saving walks attributes.
+        self._layer = weakref.ref(layer)
 
-    def update_state(self, forward=None, backward=None):
-        if forward is not None:
-            self.forward.assign(keras.ops.cast(forward, "float32"))
-        if backward is not None:
-            self.backward.assign(keras.ops.cast(backward, "float32"))
-
-    def result(self):
-        prefix = self._layer.name + "_" if _has_sibling(self._layer) else ""
-        return {prefix + FORWARD: self.forward.value,
-                prefix + BACKWARD: self.backward.value}
+    def update_state(self, *args, **kwargs):
+        pass  # the layer updates its counters itself
 
     def reset_state(self):
-        self.forward.assign(0.0)
-        self.backward.assign(0.0)
+        pass  # counters describe the last solve; there is nothing to reset
+
+    def result(self):
+        layer = self._layer()
+        prefix = layer.name + "_" if _has_sibling(layer) else ""
+        return {prefix + FORWARD: layer.num_forward_evals,
+                prefix + BACKWARD: layer.num_backward_evals}
 
     def get_config(self):
         raise NotImplementedError(
@@ -54,7 +47,8 @@ class EvaluationCounts(keras.metrics.Metric):
 
 def _has_sibling(layer):
     """Whether `layer`'s functional graph holds another layer of its class."""
-    seen, stack = set(), list(layer._inbound_nodes) + list(layer._outbound_nodes)
+    seen = set()
+    stack = list(layer._inbound_nodes) + list(layer._outbound_nodes)
     while stack:
         node = stack.pop()
         if id(node) in seen:

@@ -138,7 +138,9 @@ def integrate(fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
         step_size=step,
         interpolating_coefficients=[y0] * _ORDER,
     )
-    results = solver.solve(
+    # `_solve`, not `solve`: TFP's public entry wraps the solve in its own
+    # adjoint, a custom gradient that we neither use nor want exported.
+    results = solver._solve(
         fn_s, s0, y0, solution_times=tf.reshape(s1, [1]),
         previous_solver_internal_state=initial,
     )

@@ -161,14 +161,22 @@ class NeuralODE(keras.layers.Layer):
     @property
     def num_forward_evals(self):
         """Dynamics evaluations of the last forward solve (a float tensor)."""
-        return self.evaluation_counts.forward.value
+        return self._forward_evals.value
 
     @property
     def num_backward_evals(self):
         """Adjoint-system evaluations of the last backward solve."""
-        return self.evaluation_counts.backward.value
+        return self._backward_evals.value
 
     def build(self, input_shape):
+        # Under a distribution strategy each replica counts its own solve;
+        # reading gives the mean over replicas.
+        counter = lambda name: keras.Variable(
+            0.0, dtype="float32", trainable=False, name=name,
+            aggregation="mean", synchronization="on_read",
+        )
+        self._forward_evals = counter("num_forward_evals")
+        self._backward_evals = counter("num_backward_evals")
         # A symbolic call builds the dynamics (also those without `build`).
         spec = self._dynamics_output_spec(input_shape)
         if tuple(spec.shape[1:]) != tuple(input_shape[1:]):
@@ -224,11 +232,11 @@ class NeuralODE(keras.layers.Layer):
         h1, num_forward = _tfp_solve.odeint_adjoint(
             dynamics_fn, h0, self.t0, self.t1,
             forward_options=forward, adjoint_options=adjoint,
-            on_backward_evals=lambda n: self.evaluation_counts.update_state(
-                backward=n
+            on_backward_evals=lambda n: self._backward_evals.assign(
+                tf.cast(n, "float32")
             ),
         )
-        self.evaluation_counts.update_state(forward=num_forward)
+        self._forward_evals.assign(tf.cast(num_forward, "float32"))
         return tf.cast(h1, inputs.dtype)
 
     def get_config(self):

@@ -1,0 +1,113 @@
+"""Every error message, matched."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import Linear, mlp_dynamics
+from keras_node import NeuralODE
+
+
+def dynamics():
+    return mlp_dynamics(4, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(t0=1.0, t1=1.0), ValueError,
+         r"argument `t1`, expected a time other than t0=1.0. Received: t1=1.0"),
+        (dict(t0=float("nan")), ValueError,
+         r"argument `t0`, expected a finite float. Received: t0=nan"),
+        (dict(t1=float("inf")), ValueError,
+         r"argument `t1`, expected a finite float. Received: t1=inf"),
+        (dict(t1="1"), TypeError,
+         r"argument `t1`, expected a finite float. Received: t1='1'"),
+        (dict(rtol=0.0), ValueError,
+         r"argument `rtol`, expected a positive float. Received: rtol=0.0"),
+        (dict(atol=-1e-3), ValueError,
+         r"argument `atol`, expected a positive float. Received: atol=-0.001"),
+        (dict(adjoint_rtol=0), ValueError,
+         r"argument `adjoint_rtol`, expected a positive float. "
+         r"Received: adjoint_rtol=0.0"),
+        (dict(adjoint_atol=float("nan")), ValueError,
+         r"argument `adjoint_atol`, expected a finite float. "
+         r"Received: adjoint_atol=nan"),
+        (dict(first_step_size=-0.1), ValueError,
+         r"argument `first_step_size`, expected a positive float. "
+         r"Received: first_step_size=-0.1"),
+        (dict(max_num_steps=0), ValueError,
+         r"argument `max_num_steps`, expected a positive integer. "
+         r"Received: max_num_steps=0"),
+        (dict(max_num_steps=10.5), TypeError,
+         r"argument `max_num_steps`, expected a positive integer. "
+         r"Received: max_num_steps=10.5"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NeuralODE(dynamics(), **kwargs)
+
+
+def test_dynamics_must_be_a_layer():
+    with pytest.raises(TypeError, match=r"argument `dynamics`, expected a "
+                       r"Keras layer or model .* Received: dynamics=<function"):
+        NeuralODE(lambda h: -h)
+
+
+def test_dynamics_must_keep_the_shape():
+    ode = NeuralODE(keras.layers.Dense(3))
+    with pytest.raises(ValueError, match=r"argument `dynamics`, expected a "
+                       r"layer whose output .* the state \(None, 2\). "
+                       r"Received: dynamics=dense.* \(None, 3\)"):
+        ode(keras.Input((2,)))
+
+
+@pytest.mark.parametrize("symbolic", [True, False])
+def test_input_must_be_floating(symbolic):
+    ode = NeuralODE(dynamics())
+    inputs = (keras.Input((2,), dtype="int32") if symbolic
+              else np.ones((3, 2), "int32"))
+    with pytest.raises(TypeError, match=r"argument `inputs`, expected a "
+                       r"floating tensor .* Received: inputs of dtype int32"):
+        ode(inputs)
+
+
+def test_stiff_solve_stops_at_max_num_steps():
+    stiff = Linear([[-1e5, 0.0], [0.0, -1.0]], dtype="float64")
+    ode = NeuralODE(stiff, rtol=1e-8, atol=1e-8, max_num_steps=20,
+                    dtype="float64")
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"NeuralODE 'neural_ode.*' \(forward solve from "
+                       r"t0=0.0 to t1=1.0\) did not finish within "
+                       r"max_num_steps=20 Dormand-Prince steps"):
+        ode(np.ones((1, 2)))
+
+
+class _Square(keras.layers.Layer):
+    def call(self, h):
+        return h * h
+
+
+def test_exploding_solve_fails_instead_of_hanging():
+    # h' = h^2 from h0 = 10 blows up at t = 0.1.
+    ode = NeuralODE(_Square(), max_num_steps=200)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"did not finish within max_num_steps=200 "
+                       r".* stiff, exploding or not finite"):
+        tf.function(ode)(tf.fill((2, 2), 10.0))
+
+
+def test_backward_solve_has_its_own_message():
+    ode = NeuralODE(Linear([[-3.0, 0.0], [0.0, -1.0]], dtype="float64"),
+                    rtol=1e-3, atol=1e-3, adjoint_rtol=1e-12,
+                    adjoint_atol=1e-12, max_num_steps=30, dtype="float64")
+    h0 = tf.ones((1, 2), tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(h0)
+        out = ode(h0)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"\(adjoint solve from t1=1.0 back to t0=0.0\) "
+                       r"did not finish within max_num_steps=30"):
+        tape.gradient(out, h0)

@@ -1,0 +1,180 @@
+"""The Keras layer contract: shapes, config, saving, training, distribution."""
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import mlp_dynamics, small_conv_dynamics
+from keras_node import NeuralODE
+
+
+def conv_model(name_a="neural_ode", two_odes=False):
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 1)(inputs)
+    x = NeuralODE(small_conv_dynamics(4), name=name_a)(x)
+    if two_odes:
+        x = NeuralODE(small_conv_dynamics(4), name="second_ode")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3)(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        keras.optimizers.Adam(1e-2),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def data(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, 6, 6, 2)).astype("float32"),
+            rng.integers(0, 3, n))
+
+
+def test_output_shape_and_unknown_batch():
+    model = conv_model()
+    assert model.output_shape == (None, 3)
+    ode = model.get_layer("neural_ode")
+    assert ode.compute_output_shape((None, 6, 6, 4)) == (None, 6, 6, 4)
+    for batch in (1, 5):
+        x, _ = data(batch)
+        assert model(x).shape == (batch, 3)
+
+
+def test_config_round_trip():
+    ode = NeuralODE(mlp_dynamics(5, 3), t0=0.5, t1=-2.0, rtol=1e-4,
+                    atol=1e-5, adjoint_rtol=1e-2, adjoint_atol=1e-3,
+                    first_step_size=0.1, max_num_steps=77, name="ode")
+    config = ode.get_config()
+    json.dumps(config)  # serializable as JSON
+    restored = NeuralODE.from_config(config)
+    assert restored.get_config() == config
+    for key in ("t0", "t1", "rtol", "atol", "adjoint_rtol", "adjoint_atol",
+                "first_step_size", "max_num_steps"):
+        assert getattr(restored, key) == getattr(ode, key)
+    assert isinstance(restored.dynamics, keras.Sequential)
+
+
+def test_adjoint_tolerances_default_to_forward():
+    ode = NeuralODE(mlp_dynamics(5, 3), rtol=1e-4, atol=1e-6)
+    assert (ode.adjoint_rtol, ode.adjoint_atol) == (1e-4, 1e-6)
+
+
+def test_fit_logs_evaluation_counts():
+    model = conv_model()
+    x, y = data()
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    for key in ("nfe_forward", "nfe_backward"):
+        assert history.history[key][0] >= 8  # two setup evals + one step
+    ode = model.get_layer("neural_ode")
+    assert ode.num_forward_evals.numpy() >= 8
+    assert ode.num_backward_evals.numpy() >= 8
+
+
+def test_two_layers_get_prefixed_counts():
+    model = conv_model(name_a="first_ode", two_odes=True)
+    x, y = data()
+    logs = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    assert {"first_ode_nfe_forward", "first_ode_nfe_backward",
+            "second_ode_nfe_forward", "second_ode_nfe_backward"} <= set(logs)
+    assert "nfe_forward" not in logs
+
+
+def test_keras_save_load_reproduces_and_keeps_training(tmp_path):
+    model = conv_model()
+    x, y = data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(model.predict(x, verbose=0),
+                                  loaded.predict(x, verbose=0))
+    config = loaded.get_layer("neural_ode").get_config()
+    original = model.get_layer("neural_ode").get_config()
+    assert [layer["class_name"] for layer in config.pop("dynamics")[
+        "config"]["layers"]] == ["InputLayer", "Conv2D", "Conv2D"]
+    original.pop("dynamics")
+    assert config == original
+    before = [w.numpy() for w in loaded.trainable_weights]
+    logs = loaded.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    assert np.isfinite(logs["loss"][0])
+    assert logs["nfe_forward"][0] >= 8  # the counters work after loading
+    after = loaded.trainable_weights
+    assert any(not np.array_equal(b, a.numpy()) for b, a in zip(before, after))
+
+
+def test_savedmodel_serves_in_fresh_process(tmp_path):
+    model = conv_model()
+    x, _ = data(4)
+    export_dir = str(tmp_path / "exported")
+    model.export(export_dir, verbose=False)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import numpy as np, tensorflow as tf\n"
+        f"m = tf.saved_model.load({export_dir!r})\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        "print(repr(m.serve(tf.constant(x)).numpy().tolist()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True,
+                         capture_output=True, text=True).stdout
+    served = np.array(eval(out.strip().splitlines()[-1]))
+    np.testing.assert_allclose(served, model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_mirrored_strategy_on_two_cpu_devices():
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    assert len(devices) == 2
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.MirroredStrategy(devices)
+    with strategy.scope():
+        model = conv_model()
+    x, y = data(32)
+    logs = model.fit(x, y, batch_size=16, epochs=2, verbose=0).history
+    assert logs["loss"][1] < logs["loss"][0]
+    assert logs["nfe_forward"][-1] >= 8 and logs["nfe_backward"][-1] >= 8
+
+
+def test_mixed_precision_dynamics_keep_float32_state():
+    seen = []
+
+    class Recording(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(3, activation="tanh")
+
+        def __call__(self, h, *args, **kwargs):
+            outputs = super().__call__(h, *args, **kwargs)
+            seen.append((h.dtype, outputs.dtype))  # before autocasting
+            return outputs
+
+        def call(self, h):
+            return self.dense(h)
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inputs = keras.Input((3,))
+        x = keras.layers.Dense(3)(inputs)  # float16 output
+        ode = NeuralODE(Recording())
+        outputs = ode(x)
+        model = keras.Model(inputs, outputs)
+        model.compile("adam", "mse")
+        logs = model.fit(np.ones((8, 3)), np.zeros((8, 3)), verbose=0).history
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert np.isfinite(logs["loss"][0])
+    assert outputs.dtype == "float16"
+    # The solver hands the dynamics a float32 state; they compute in float16.
+    assert len(seen) > 10
+    assert set(seen[1:]) == {(tf.float32, tf.float16)}
+
+
+def test_jit_compile_auto_trains_without_xla():
+    model = conv_model()
+    x, y = data(8)
+    model.fit(x, y, verbose=0)
+    assert model.jit_compile is False
