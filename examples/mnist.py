@@ -1,0 +1,404 @@
+"""The convolutional neural-ODE MNIST classifier of DiffEqFlux, in Keras.
+
+Rebuilds the DiffEqFlux tutorial "Convolutional Neural ODE MNIST Classifier
+on GPU" on `keras_node.NeuralODE`, trains it with `model.fit` under a
+`tf.distribute` strategy, and leaves in `--out`:
+
+    model.keras            the trained model
+    saved_model/1/         a SavedModel for TF Serving (`serving_default`)
+    metrics.json           the run's figures (test accuracy, NFE, timing)
+    history.json           accuracy points and per-iteration logs
+    accuracy.png, nfe.png  their plots
+    backup/                the checkpoint a killed run resumes from
+
+Offline (no download), hand tfds the folder with the four canonical files:
+
+    python examples/mnist.py --manual-dir ../shared/data/mnist
+
+Run `python examples/mnist.py --help` for every option.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from keras import layers
+
+from keras_node import NeuralODE
+from keras_node.callbacks import AccuracyMonitor
+
+MANUAL_DIR_ENV = "KERAS_NODE_MNIST_DIR"
+HELD_OUT_FRACTION = 0.1
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--epochs", type=int, default=1, help="passes over the 54,000 "
+        "training images (default: %(default)s)")
+    add("--batch-size", type=int, default=128,
+        help="global mini-batch size (default: %(default)s)")
+    add("--learning-rate", type=float, default=3e-3,
+        help="Adam's peak learning rate; it warms up over the first 5%% of "
+        "the steps and decays to zero on a cosine (default: %(default)s)")
+    add("--augment", action="store_true",
+        help="shift training images by up to 2 pixels at random")
+    add("--max-steps", type=int, default=None,
+        help="stop after this many iterations in all (default: the epochs')")
+    add("--limit", type=int, default=None,
+        help="use only the first N training and N test images, for quick "
+        "runs (default: all)")
+    add("--out", type=pathlib.Path, default=pathlib.Path("runs/mnist"),
+        help="output folder; a run with the folder of an interrupted run "
+        "resumes it (default: %(default)s)")
+    add("--seed", type=int, default=0,
+        help="seed of the split, the shuffling and the initial weights "
+        "(default: %(default)s)")
+    add("--manual-dir", type=pathlib.Path,
+        default=os.environ.get(MANUAL_DIR_ENV),
+        help="folder holding the four canonical MNIST .gz files, for use "
+        f"without internet (default: ${MANUAL_DIR_ENV}, else download)")
+    add("--data-dir", type=pathlib.Path, default=None,
+        help="tensorflow-datasets cache (default: tfds' own, "
+        "~/tensorflow_datasets)")
+    add("--strategy", default="auto",
+        choices=["auto", "default", "mirrored", "multiworker"],
+        help="auto: MirroredStrategy over all GPUs if any, else the default "
+        "strategy; mirrored: all GPUs (all logical CPUs without GPUs); "
+        "multiworker: MultiWorkerMirroredStrategy from TF_CONFIG "
+        "(default: %(default)s)")
+    add("--eval-every", type=int, default=10,
+        help="print train and test accuracy every N iterations "
+        "(default: %(default)s, the tutorial's)")
+    add("--train-eval-batches", type=int, default=100,
+        help="training batches measured at each print "
+        "(default: %(default)s, the tutorial's)")
+    add("--checkpoint-every", type=int, default=50,
+        help="save the resumable checkpoint every N iterations "
+        "(default: %(default)s)")
+    add("--verbose", type=int, default=1, choices=[0, 1, 2],
+        help="Keras' progress output: 0 none, 1 bar, 2 a line per epoch "
+        "(default: %(default)s)")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "eval_every", "train_eval_batches",
+                 "checkpoint_every", "max_steps", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive "
+                         f"integer, got {value}")
+    if args.learning_rate <= 0:
+        parser.error(f"--learning-rate must be positive, got "
+                     f"{args.learning_rate}")
+    return args
+
+
+# ---------------------------------------------------------------- data
+
+
+def check_manual_dir(manual_dir):
+    """Fails clearly unless `manual_dir` holds the four files tfds expects."""
+    checksums = pathlib.Path(tfds.__file__).parent / "url_checksums/mnist.txt"
+    manual_dir = pathlib.Path(manual_dir)
+    for line in checksums.read_text().split("\n"):
+        if not line.strip():
+            continue
+        url, size, sha256, name = line.split("\t")
+        path = manual_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"The MNIST file {name} is missing from the manual download "
+                f"folder {manual_dir}. Put the four canonical MNIST files "
+                f"there (from {url.rsplit('/', 1)[0]}/), or leave "
+                f"--manual-dir and ${MANUAL_DIR_ENV} unset to download them."
+            )
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise ValueError(
+                f"The MNIST file {path} is corrupt: its SHA-256 is {digest}, "
+                f"expected {sha256} ({size} bytes). Replace it with the "
+                f"canonical file from {url}."
+            )
+
+
+def stratified_split(labels, fraction, seed):
+    """Indices `(kept, held_out)`, held out `fraction` of each class.
+
+    The held-out total is `round(fraction * len(labels))`, shared among the
+    classes by largest remainder, so every class keeps its proportion to
+    within one example.
+    """
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * fraction
+    quota = np.floor(exact).astype(int)
+    remainder = int(round(fraction * len(labels))) - quota.sum()
+    quota[np.argsort(quota - exact)[:remainder]] += 1
+    kept, held_out = [], []
+    for label, n_held in zip(classes, quota):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        held_out.append(members[:n_held])
+        kept.append(members[n_held:])
+    return (rng.permutation(np.concatenate(kept)),
+            np.sort(np.concatenate(held_out)))
+
+
+def load_mnist(manual_dir=None, data_dir=None, limit=None, seed=0):
+    """MNIST as numpy arrays: `{"train", "held_out", "test"}: (x, y)`.
+
+    `x` is float32 in [0, 1] of shape (n, 28, 28, 1), `y` int labels. The
+    60,000 training images are split 90/10, stratified by label.
+    """
+    kwargs = {}
+    if manual_dir is not None:
+        check_manual_dir(manual_dir)
+        kwargs["download_and_prepare_kwargs"] = {
+            "download_config": tfds.download.DownloadConfig(
+                manual_dir=str(manual_dir))
+        }
+    train, test = tfds.as_numpy(tfds.load(
+        "mnist", split=["train", "test"], batch_size=-1, as_supervised=True,
+        data_dir=None if data_dir is None else str(data_dir), **kwargs,
+    ))
+    scale = lambda xy: ((xy[0][:limit] / np.float32(255)).astype("float32"),
+                        xy[1][:limit].astype("int64"))
+    (x, y), test = scale(train), scale(test)
+    kept, held_out = stratified_split(y, HELD_OUT_FRACTION, seed)
+    return {"train": (x[kept], y[kept]),
+            "held_out": (x[held_out], y[held_out]),
+            "test": test}
+
+
+def make_datasets(arrays, batch_size, seed, augment=False, skip_batches=0):
+    """tf.data pipelines: an endless training stream and three eval sets.
+
+    The training stream is reshuffled every epoch, reproducibly from `seed`,
+    and starts `skip_batches` batches in (where a resumed run left off).
+    """
+    x, y = arrays["train"]
+    train = (tf.data.Dataset.from_tensor_slices((x, y))
+             .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+             .batch(batch_size)
+             .repeat())
+    if augment:
+        shift = keras.layers.RandomTranslation(
+            2 / 28, 2 / 28, fill_mode="constant", seed=seed)
+        train = train.map(lambda x, y: (shift(x, training=True), y),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    train = train.skip(skip_batches).prefetch(tf.data.AUTOTUNE)
+    evaluate = lambda split: (tf.data.Dataset
+                              .from_tensor_slices(arrays[split])
+                              .batch(batch_size)
+                              .prefetch(tf.data.AUTOTUNE))
+    return {"train": train, "train_eval": evaluate("train"),
+            "held_out": evaluate("held_out"), "test": evaluate("test")}
+
+
+# --------------------------------------------------------------- model
+
+
+def build_model(rtol=1e-3, atol=1e-3):
+    """The tutorial's model: 28x28x1 images to 10 logits."""
+    images = keras.Input((28, 28, 1), name="images")
+    x = layers.Conv2D(64, 3, activation="relu")(images)            # 26x26
+    x = layers.GroupNormalization(64)(x)
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.Conv2D(64, 4, strides=2, activation="relu")(x)      # 13x13
+    x = layers.GroupNormalization(64)(x)
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.Conv2D(64, 4, strides=2)(x)                         # 6x6
+    dynamics = keras.Sequential([
+        layers.Conv2D(64, 3, padding="same", activation="tanh"),
+        layers.Conv2D(64, 3, padding="same", activation="tanh"),
+    ], name="dynamics")
+    x = NeuralODE(dynamics, t0=0.0, t1=1.0, rtol=rtol, atol=atol)(x)
+    x = layers.GroupNormalization(64)(x)
+    x = layers.ReLU()(x)
+    x = layers.GlobalAveragePooling2D()(x)                         # 6x6 mean
+    logits = layers.Dense(10, name="logits")(x)
+    return keras.Model(images, logits, name="ode_mnist")
+
+
+def learning_rate_schedule(peak, total_steps):
+    """Linear warm-up over 5% of the steps, then cosine decay to zero."""
+    warmup = max(1, total_steps // 20)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, warmup_target=peak, warmup_steps=warmup,
+        decay_steps=max(1, total_steps - warmup), alpha=0.0,
+    )
+
+
+def choose_strategy(name):
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        name = "mirrored" if gpus else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+# ------------------------------------------------------------ training
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = load_mnist(args.manual_dir, args.data_dir, args.limit, args.seed)
+    n_train = len(arrays["train"][0])
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    print(f"MNIST: {n_train} train, {len(arrays['held_out'][0])} held out, "
+          f"{len(arrays['test'][0])} test images; {steps_per_epoch} "
+          f"iterations per epoch, {total_steps} in all.")
+
+    strategy = choose_strategy(args.strategy)
+    with strategy.scope():
+        model = build_model()
+        model.compile(
+            optimizer=keras.optimizers.Adam(
+                learning_rate_schedule(args.learning_rate, total_steps)),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        backup = keras.callbacks.BackupAndRestore(
+            out / "backup", save_freq=args.checkpoint_every)
+        # Restore now, before fit, to know where the data stream resumes.
+        backup.set_model(model)
+        backup.on_train_begin()
+    done = int(model.optimizer.iterations.numpy())
+    if done:
+        print(f"Resuming from the checkpoint in {out / 'backup'} at "
+              f"iteration {done}.")
+
+    data = make_datasets(arrays, args.batch_size, args.seed, args.augment,
+                         skip_batches=done)
+    monitor = AccuracyMonitor(data["train_eval"], data["held_out"],
+                              every=args.eval_every,
+                              train_batches=args.train_eval_batches)
+    history_path = out / "history.json"
+    if done and history_path.exists():
+        saved = json.loads(history_path.read_text())
+        monitor.history = [p for p in saved["accuracy"]
+                           if p["iteration"] <= done]
+        monitor.iteration_logs = [p for p in saved["iterations"]
+                                  if p["iteration"] <= done]
+    save_history = lambda: history_path.write_text(json.dumps(
+        {"accuracy": monitor.history, "iterations": monitor.iteration_logs}))
+
+    started = time.time()
+    if done < total_steps:
+        model.fit(
+            data["train"],
+            epochs=math.ceil(total_steps / steps_per_epoch),
+            steps_per_epoch=steps_per_epoch,
+            callbacks=[
+                monitor,
+                _EveryIterations(args.checkpoint_every, save_history),
+                backup,  # after the history, so a checkpoint never leads it
+                _StopAtIteration(total_steps),
+            ],
+            shuffle=False,  # the stream is shuffled, reproducibly, above
+            verbose=args.verbose,
+        )
+    train_time = time.time() - started
+    save_history()
+
+    test = model.evaluate(data["test"], verbose=0, return_dict=True)
+    model.save(out / "model.keras")
+    model.export(str(out / "saved_model" / "1"), verbose=False)
+    recent = monitor.iteration_logs[-20:]
+    metrics = {
+        "test_accuracy": 100.0 * test["accuracy"],
+        "test_loss": test["loss"],
+        "held_out_accuracy": monitor.accuracy(data["held_out"]),
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "train_time_s_this_run": train_time,
+        "nfe_forward_last_20": float(np.mean(
+            [p["nfe_forward"] for p in recent])) if recent else None,
+        "nfe_backward_last_20": float(np.mean(
+            [p["nfe_backward"] for p in recent])) if recent else None,
+        "args": {k: str(v) if isinstance(v, pathlib.Path) else v
+                 for k, v in vars(args).items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_history(monitor.history, monitor.iteration_logs, out)
+    print(f"Test accuracy (official 10,000-image split, or --limit): "
+          f"{metrics['test_accuracy']:.3f}%")
+    print(f"Saved {out / 'model.keras'} and {out / 'saved_model' / '1'}; "
+          f"figures in {out / 'metrics.json'}.")
+    return metrics
+
+
+class _EveryIterations(keras.callbacks.Callback):
+    """Calls `fn` every `n` iterations."""
+
+    def __init__(self, n, fn):
+        super().__init__()
+        self.n, self.fn = n, fn
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) % self.n == 0:
+            self.fn()
+
+
+class _StopAtIteration(keras.callbacks.Callback):
+    """Ends training once the optimizer has taken `total` steps in all."""
+
+    def __init__(self, total):
+        super().__init__()
+        self.total = total
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.total:
+            self.model.stop_training = True
+
+
+def plot_history(accuracy, iterations, out):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_accuracy", "train"),
+                       ("test_accuracy", "held-out test")):
+        ax.plot([p["iteration"] for p in accuracy],
+                [p[key] for p in accuracy], label=label)
+    ax.set(xlabel="iteration", ylabel="accuracy (%)",
+           title="Neural-ODE MNIST classifier")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("nfe_forward", "nfe_backward"):
+        ax.plot([p["iteration"] for p in iterations],
+                [p.get(key, float("nan")) for p in iterations], label=key)
+    ax.set(xlabel="iteration", ylabel="function evaluations",
+           title="Solver cost per iteration")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "nfe.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,76 @@
+"""Keras callbacks for training neural ODEs."""
+
+import keras
+import numpy as np
+
+
+class AccuracyMonitor(keras.callbacks.Callback):
+    """Prints train and test accuracy every few iterations, as DiffEqFlux does.
+
+    At iterations 1, 1 + every, 1 + 2 * every, ... (counted by the optimizer,
+    so a resumed run goes on counting) it prints
+
+        Iter:  11 || Train Accuracy: 14.773 || Test Accuracy: 14.967
+
+    the accuracies in percent: train over at most `train_batches` batches of
+    `train_data`, test over all of `test_data`. Every printed point is kept in
+    `history` (a list of dicts with `iteration`, `train_accuracy`,
+    `test_accuracy`), together with each iteration's numeric logs (loss,
+    `nfe_forward`, `nfe_backward`, ...) in `iteration_logs`.
+
+    Args:
+        train_data: a `tf.data.Dataset` of `(images, labels)` batches, labels
+            sparse. Iterated afresh at each print.
+        test_data: a dataset of the same form, evaluated whole.
+        every: print every this many iterations, a positive integer.
+            Defaults to `10`.
+        train_batches: the most training batches to measure, a positive
+            integer. Defaults to `100`.
+        print_fn: where lines go. Defaults to `print`.
+    """
+
+    def __init__(self, train_data, test_data, every=10, train_batches=100,
+                 print_fn=print):
+        super().__init__()
+        for name, value in (("every", every),
+                            ("train_batches", train_batches)):
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or value < 1:
+                raise ValueError(
+                    f"Received an invalid value for argument `{name}`, "
+                    f"expected a positive integer. Received: {name}={value!r}"
+                )
+        self.train_data = train_data.take(train_batches)
+        self.test_data = test_data
+        self.every = every
+        self.print_fn = print_fn
+        self.history = []
+        self.iteration_logs = []
+
+    def accuracy(self, dataset):
+        """Percent of correctly classified examples in `dataset`."""
+        metric = keras.metrics.Accuracy()
+        for images, labels in dataset:
+            logits = self.model.predict_on_batch(images)
+            metric.update_state(labels, np.argmax(logits, axis=-1))
+        return 100.0 * float(metric.result())
+
+    def on_train_batch_end(self, batch, logs=None):
+        iteration = int(self.model.optimizer.iterations.numpy())
+        numeric = {k: float(v) for k, v in (logs or {}).items()
+                   if np.ndim(v) == 0}
+        self.iteration_logs.append({"iteration": iteration, **numeric})
+        if (iteration - 1) % self.every:
+            return
+        point = {
+            "iteration": iteration,
+            "train_accuracy": self.accuracy(self.train_data),
+            "test_accuracy": self.accuracy(self.test_data),
+        }
+        self.history.append(point)
+        self.print_fn(
+            f"Iter: {iteration:3d} || "
+            f"Train Accuracy: {point['train_accuracy']:.3f} || "
+            f"Test Accuracy: {point['test_accuracy']:.3f}"
+        )
+
