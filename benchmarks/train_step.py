@@ -1,0 +1,104 @@
+"""Times a training step of the README's MNIST model and measures its memory.
+
+    python benchmarks/train_step.py [--steps 20] [--tolerances 1e-3 1e-6]
+
+Each tolerance runs in a fresh process (so that its peak resident memory is
+its own): the model of `examples/mnist.py`, batch 128, Adam, on fixed random
+images, `--warmup` untimed steps and then `--steps` timed ones. Prints one
+JSON object: per tolerance the median and minimum step time, the forward and
+backward evaluations of the last step, and the peak resident memory; plus
+the machine. The adjoint's promise is that peak memory stays flat while the
+evaluations (solver steps) grow with a tighter tolerance.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def measure(tolerance, steps, warmup, batch_size):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from mnist import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(rtol=tolerance, atol=tolerance)
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random((batch_size, 28, 28, 1), dtype="float32"))
+    y = tf.constant(rng.integers(0, 10, batch_size))
+    ode = next(l for l in model.layers if l.__class__.__name__ == "NeuralODE")
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return {
+        "tolerance": tolerance,
+        "median_step_s": float(np.median(times)),
+        "min_step_s": float(np.min(times)),
+        "nfe_forward": float(ode.num_forward_evals),
+        "nfe_backward": float(ode.num_backward_evals),
+        # ru_maxrss is in KiB on Linux.
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        / 1024,
+    }
+
+
+def machine():
+    import tensorflow as tf
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--tolerances", type=float, nargs="+",
+                        default=[1e-3, 1e-6])
+    parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(measure(args.child, args.steps, args.warmup,
+                                 args.batch_size)))
+        return
+    runs = []
+    for tolerance in args.tolerances:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(tolerance),
+             "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--batch-size", str(args.batch_size)],
+            check=True, capture_output=True, text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        ).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    print(json.dumps({"benchmark": "train_step", "batch_size":
+                      args.batch_size, "runs": runs, "machine": machine()},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The MNIST example end to end, on a few hundred images of the real files."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import mnist  # noqa: E402
+
+QUICK = ["--limit", "600", "--batch-size", "32", "--eval-every", "10",
+         "--train-eval-batches", "2", "--verbose", "0"]
+ITER_LINE = re.compile(
+    r"^Iter: +(\d+) \|\| Train Accuracy: \d+\.\d{3} \|\| "
+    r"Test Accuracy: \d+\.\d{3}$", re.M)
+
+
+@pytest.fixture(scope="session")
+def manual_dir():
+    path = pathlib.Path(os.environ.get(mnist.MANUAL_DIR_ENV,
+                                       ROOT.parent / "shared/data/mnist"))
+    if not (path / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"the canonical MNIST files are not in {path}; set "
+                    f"{mnist.MANUAL_DIR_ENV}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_args(manual_dir, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    return ["--manual-dir", str(manual_dir), "--data-dir", str(data_dir)]
+
+
+@pytest.fixture(scope="session")
+def full_mnist(manual_dir, data_args):
+    return mnist.load_mnist(manual_dir, data_args[3])
+
+
+def test_split_is_stratified_90_10(full_mnist):
+    train_y, held_y = full_mnist["train"][1], full_mnist["held_out"][1]
+    assert (len(train_y), len(held_y)) == (54000, 6000)
+    assert len(full_mnist["test"][1]) == 10000
+    all_y = np.concatenate([train_y, held_y])
+    for label in range(10):
+        share = np.sum(all_y == label) * 0.1
+        assert abs(np.sum(held_y == label) - share) <= 1
+    x = full_mnist["train"][0]
+    assert x.shape[1:] == (28, 28, 1) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() == 1.0
+
+
+def test_split_is_reproducible_and_disjoint():
+    labels = np.arange(1000) % 10
+    kept, held = mnist.stratified_split(labels, 0.1, seed=3)
+    again = mnist.stratified_split(labels, 0.1, seed=3)
+    np.testing.assert_array_equal(kept, again[0])
+    assert len(held) == 100 and not set(kept) & set(held)
+    assert len(set(kept) | set(held)) == 1000
+
+
+def test_missing_file_is_named(manual_dir, tmp_path):
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz"):
+        shutil.copy(manual_dir / name, tmp_path / name)
+    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte.gz "
+                       r"is missing from the manual download folder"):
+        mnist.check_manual_dir(tmp_path)
+
+
+def test_corrupt_file_is_named(manual_dir, tmp_path):
+    for name in os.listdir(manual_dir):
+        shutil.copy(manual_dir / name, tmp_path / name)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not mnist")
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz is "
+                       r"corrupt: its SHA-256 is [0-9a-f]{64}, expected"):
+        mnist.check_manual_dir(tmp_path)
+
+
+def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = mnist.main(data_args + QUICK + ["--max-steps", "12",
+                                              "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert [int(i) for i in ITER_LINE.findall(printed)] == [1, 11]
+    assert metrics["iterations"] == 12
+    assert 0.0 <= metrics["test_accuracy"] <= 100.0
+    assert metrics["nfe_forward_last_20"] >= 8
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    history = json.loads((out / "history.json").read_text())
+    assert [p["iteration"] for p in history["accuracy"]] == [1, 11]
+    assert [p["iteration"] for p in history["iterations"]] == list(
+        range(1, 13))
+    for name in ("model.keras", "accuracy.png", "nfe.png",
+                 "saved_model/1/saved_model.pb"):
+        assert (out / name).is_file(), name
+    served = tf.saved_model.load(str(out / "saved_model/1"))
+    assert "serving_default" in served.signatures
+
+
+def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "examples/mnist.py"), *data_args,
+               *QUICK, "--epochs", "3", "--max-steps", "40",
+               "--checkpoint-every", "5",
+               "--out", str(out)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    metadata = out / "backup" / "training_metadata.json"
+    deadline = time.time() + 300
+    while not metadata.exists() and first.poll() is None:
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (out / "metrics.json").exists(), "the run was not cut short"
+
+    second = subprocess.run(command, capture_output=True, text=True,
+                            check=True)
+    resumed = re.search(r"Resuming from the checkpoint in .* at iteration "
+                        r"(\d+)\.", second.stdout)
+    assert resumed, second.stdout[-2000:]
+    start = int(resumed.group(1))
+    assert start >= 5 and start % 5 == 0
+    printed = [int(i) for i in ITER_LINE.findall(second.stdout)]
+    assert printed and all(i > start for i in printed)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iterations"] == 40  # resumed, not restarted nor repeated
+    history = json.loads((out / "history.json").read_text())
+    assert [p["iteration"] for p in history["iterations"]] == list(
+        range(1, 41))
