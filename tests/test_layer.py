@@ -91,6 +91,10 @@ def test_keras_save_load_reproduces_and_keeps_training(tmp_path):
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
+    # The counters are saved with the layer's weights.
+    counters = lambda m: [float(m.get_layer("neural_ode").num_forward_evals),
+                          float(m.get_layer("neural_ode").num_backward_evals)]
+    assert counters(loaded) == counters(model) and min(counters(model)) >= 8
     np.testing.assert_array_equal(model.predict(x, verbose=0),
                                   loaded.predict(x, verbose=0))
     config = loaded.get_layer("neural_ode").get_config()
