@@ -1,0 +1,158 @@
+"""Times our MNIST neural-ODE train step against torchdiffeq and diffrax.
+
+    bash benchmarks/peers/setup.sh        # once: .venv-torch and .venv-jax
+    python benchmarks/peers/run.py --rounds 3 --steps 10
+
+Runs ours (`benchmarks/train_step.py --child 1e-3`, with this Python) and each
+peer (`torchdiffeq_step.py`, `diffrax_step.py`, with its venv's Python) in
+turn, each in a fresh process, for `--rounds` rounds (A B C ... A B C ...),
+so that a slow spell of the machine hits them all alike. Every run does
+`--warmup` untimed and `--steps` timed train steps of the same model, batch,
+tolerances and data. Prints a table and a JSON object: per library the
+median over rounds of the median step time, of the minimum step time, of the
+forward and backward evaluations and of the peak resident memory, and
+`ratio_to_ours` (its median step time over ours); plus every round's raw
+result. A failed run is reported on stderr and left out.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+OURS = "keras_node"
+PEERS = ["torchdiffeq", "diffrax-backsolve-slices", "diffrax-recursive-slices",
+         "diffrax-backsolve-stock", "diffrax-recursive-stock"]
+DEFAULT_PEERS = PEERS[:4]
+FIELDS = ["median_step_s", "min_step_s", "nfe_forward", "nfe_backward",
+          "peak_rss_mib"]
+
+
+def command(library, steps, warmup, batch_size):
+    """The argv that runs `library` once and prints its JSON line."""
+    common = ["--steps", str(steps), "--warmup", str(warmup),
+              "--batch-size", str(batch_size)]
+    if library == OURS:
+        return [sys.executable, str(ROOT / "benchmarks/train_step.py"),
+                "--child", "1e-3", *common]
+    if library == "torchdiffeq":
+        return [str(ROOT / ".venv-torch/bin/python"),
+                str(HERE / "torchdiffeq_step.py"), *common]
+    _, adjoint, conv = library.split("-")
+    return [str(ROOT / ".venv-jax/bin/python"), str(HERE / "diffrax_step.py"),
+            "--adjoint", adjoint, "--conv", conv, *common]
+
+
+def run_once(library, steps, warmup, batch_size):
+    """The run's JSON result, or None (reported on stderr) if it failed."""
+    argv = command(library, steps, warmup, batch_size)
+    if not pathlib.Path(argv[0]).exists():
+        sys.exit(f"{argv[0]} is missing: run `bash benchmarks/peers/setup.sh`"
+                 " first.")
+    process = subprocess.run(
+        argv, capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    lines = process.stdout.strip().splitlines()
+    if process.returncode != 0 or not lines:
+        print(f"{library} failed (exit {process.returncode}):\n"
+              f"{process.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs):
+    """Per library: the median over rounds of each field, and the ratio."""
+    summary = {}
+    for library, results in runs.items():
+        results = [r for r in results if r is not None]
+        summary[library] = {field: median([r.get(field) for r in results])
+                            for field in FIELDS}
+        summary[library]["rounds"] = len(results)
+    ours = summary.get(OURS, {}).get("median_step_s")
+    for entry in summary.values():
+        entry["ratio_to_ours"] = (
+            entry["median_step_s"] / ours
+            if ours and entry["median_step_s"] is not None else None)
+    return summary
+
+
+def table(summary):
+    def cell(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    header = (f"{'library':<26}{'median s':>10}{'min s':>10}{'NFE fwd':>9}"
+              f"{'NFE bwd':>9}{'RSS MiB':>9}{'x ours':>8}")
+    rows = [header, "-" * len(header)]
+    for library, e in summary.items():
+        rows.append(
+            f"{library:<26}{cell(e['median_step_s'], '.4f'):>10}"
+            f"{cell(e['min_step_s'], '.4f'):>10}"
+            f"{cell(e['nfe_forward'], '.0f'):>9}"
+            f"{cell(e['nfe_backward'], '.0f'):>9}"
+            f"{cell(e['peak_rss_mib'], '.0f'):>9}"
+            f"{cell(e['ratio_to_ours'], '.2f'):>8}")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--peers", nargs="+", choices=PEERS,
+                        default=DEFAULT_PEERS,
+                        help="peers to time besides ours (default: %(default)s)")
+    parser.add_argument("--json-out", type=pathlib.Path,
+                        help="also write the JSON object to this file")
+    args = parser.parse_args(argv)
+    for name in ("rounds", "steps", "warmup", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+    libraries = [OURS, *dict.fromkeys(args.peers)]
+    runs = {library: [] for library in libraries}
+    for round_index in range(args.rounds):
+        for library in libraries:
+            print(f"round {round_index + 1}/{args.rounds}: {library}",
+                  file=sys.stderr, flush=True)
+            runs[library].append(
+                run_once(library, args.steps, args.warmup, args.batch_size))
+    summary = summarize(runs)
+    result = {
+        "benchmark": "peers",
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "tolerance": 1e-3,
+        "summary": summary,
+        "runs": runs,
+        "machine": {"platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(),
+                    "python": platform.python_version()},
+    }
+    print(table(summary))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
