@@ -49,7 +49,7 @@ def parse_args(argv=None):
         "training images (default: %(default)s)")
     add("--batch-size", type=int, default=128,
         help="global mini-batch size (default: %(default)s)")
-    add("--learning-rate", type=float, default=3e-3,
+    add("--learning-rate", type=float, default=1e-2,
         help="Adam's peak learning rate; it warms up over the first 5%% of "
         "the steps and decays to zero on a cosine (default: %(default)s)")
     add("--augment", action="store_true",
