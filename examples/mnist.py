@@ -269,21 +269,30 @@ def main(argv=None):
           f"iterations per epoch, {total_steps} in all.")
 
     strategy = choose_strategy(args.strategy)
+    finished = (out / "model.keras").exists()
     with strategy.scope():
-        model = build_model()
-        model.compile(
-            optimizer=keras.optimizers.Adam(
-                learning_rate_schedule(args.learning_rate, total_steps)),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+        if finished:
+            model = keras.models.load_model(out / "model.keras")
+        else:
+            model = build_model()
+            model.compile(
+                optimizer=keras.optimizers.Adam(
+                    learning_rate_schedule(args.learning_rate, total_steps)),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True),
+                metrics=["accuracy"],
+            )
         backup = keras.callbacks.BackupAndRestore(
             out / "backup", save_freq=args.checkpoint_every)
         # Restore now, before fit, to know where the data stream resumes.
         backup.set_model(model)
         backup.on_train_begin()
     done = int(model.optimizer.iterations.numpy())
-    if done:
+    if finished:
+        print(f"{out} holds a finished run ({done} iterations): evaluating "
+              "and exporting it again. Use a new --out to train anew.")
+        total_steps = done
+    elif done:
         print(f"Resuming from the checkpoint in {out / 'backup'} at "
               f"iteration {done}.")
 
@@ -292,6 +301,7 @@ def main(argv=None):
     monitor = AccuracyMonitor(data["train_eval"], data["held_out"],
                               every=args.eval_every,
                               train_batches=args.train_eval_batches)
+    monitor.set_model(model)  # also used after training, for held-out figures
     history_path = out / "history.json"
     if done and history_path.exists():
         saved = json.loads(history_path.read_text())
@@ -371,34 +381,30 @@ class _StopAtIteration(keras.callbacks.Callback):
 
 
 def plot_history(accuracy, iterations, out):
+    """Writes `accuracy.png` and `nfe.png` into `out`."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("train_accuracy", "train"),
-                       ("test_accuracy", "held-out test")):
-        ax.plot([p["iteration"] for p in accuracy],
-                [p[key] for p in accuracy], label=label)
-    ax.set(xlabel="iteration", ylabel="accuracy (%)",
-           title="Neural-ODE MNIST classifier")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("nfe_forward", "nfe_backward"):
-        ax.plot([p["iteration"] for p in iterations],
-                [p.get(key, float("nan")) for p in iterations], label=key)
-    ax.set(xlabel="iteration", ylabel="function evaluations",
-           title="Solver cost per iteration")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "nfe.png", dpi=100)
-    plt.close(fig)
+    figures = [
+        ("accuracy.png", accuracy, "accuracy (%)", "Neural-ODE MNIST classifier",
+         {"train_accuracy": "train", "test_accuracy": "held-out test"}),
+        ("nfe.png", iterations, "function evaluations",
+         "Solver cost per iteration",
+         {"nfe_forward": "forward", "nfe_backward": "backward"}),
+    ]
+    for filename, points, ylabel, title, series in figures:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in series.items():
+            ax.plot([p["iteration"] for p in points],
+                    [p.get(key, float("nan")) for p in points], label=label)
+        ax.set(xlabel="iteration", ylabel=ylabel, title=title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=100)
+        plt.close(fig)
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

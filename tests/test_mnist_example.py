@@ -106,6 +106,13 @@ def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
     served = tf.saved_model.load(str(out / "saved_model/1"))
     assert "serving_default" in served.signatures
 
+    # Running a finished run again trains no further.
+    again = mnist.main(data_args + QUICK + ["--max-steps", "12",
+                                            "--out", str(out)])
+    assert "holds a finished run (12 iterations)" in capsys.readouterr().out
+    assert again["iterations"] == 12
+    assert again["test_accuracy"] == metrics["test_accuracy"]
+
 
 def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
     out = tmp_path / "run"
