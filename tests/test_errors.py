@@ -111,3 +111,18 @@ def test_backward_solve_has_its_own_message():
                        match=r"\(adjoint solve from t1=1.0 back to t0=0.0\) "
                        r"did not finish within max_num_steps=30"):
         tape.gradient(out, h0)
+
+
+def test_other_keras_backend_is_refused():
+    import subprocess
+    import sys
+
+    # No other backend is installed here; pretend Keras chose JAX.
+    script = ("import keras; keras.backend.backend = lambda: 'jax'; "
+              "import keras_node")
+    result = subprocess.run([sys.executable, "-c", script],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert ("ImportError: keras_node runs on Keras' TensorFlow backend, but "
+            "Keras is using the 'jax' backend. Set the environment variable "
+            "KERAS_BACKEND=tensorflow") in result.stderr
