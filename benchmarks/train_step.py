@@ -24,7 +24,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def measure(tolerance, steps, warmup, batch_size):
+def measure(tolerance, steps, warmup, batch_size, adjoint_norm="full"):
     sys.path.insert(0, str(ROOT / "examples"))
     import keras
     import numpy as np
@@ -32,7 +32,8 @@ def measure(tolerance, steps, warmup, batch_size):
     from mnist import build_model
 
     keras.utils.set_random_seed(0)
-    model = build_model(rtol=tolerance, atol=tolerance)
+    model = build_model(rtol=tolerance, atol=tolerance,
+                        adjoint_norm=adjoint_norm)
     model.compile(
         keras.optimizers.Adam(1e-3),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -49,6 +50,7 @@ def measure(tolerance, steps, warmup, batch_size):
             times.append(time.perf_counter() - start)
     return {
         "tolerance": tolerance,
+        "adjoint_norm": adjoint_norm,
         "median_step_s": float(np.median(times)),
         "min_step_s": float(np.min(times)),
         "nfe_forward": float(ode.num_forward_evals),
@@ -79,18 +81,21 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--tolerances", type=float, nargs="+",
                         default=[1e-3, 1e-6])
+    parser.add_argument("--adjoint-norm", default="full",
+                        choices=["full", "seminorm"])
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(measure(args.child, args.steps, args.warmup,
-                                 args.batch_size)))
+                                 args.batch_size, args.adjoint_norm)))
         return
     runs = []
     for tolerance in args.tolerances:
         out = subprocess.run(
             [sys.executable, __file__, "--child", str(tolerance),
              "--steps", str(args.steps), "--warmup", str(args.warmup),
-             "--batch-size", str(args.batch_size)],
+             "--batch-size", str(args.batch_size),
+             "--adjoint-norm", args.adjoint_norm],
             check=True, capture_output=True, text=True,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         ).stdout

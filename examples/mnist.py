@@ -52,6 +52,8 @@ def parse_args(argv=None):
     add("--learning-rate", type=float, default=1e-2,
         help="Adam's peak learning rate; it warms up over the first 5%% of "
         "the steps and decays to zero on a cosine (default: %(default)s)")
+    add("--adjoint-norm", default="full", choices=["full", "seminorm"],
+        help="error norm of the backward solve (default: %(default)s)")
     add("--augment", action="store_true",
         help="shift training images by up to 2 pixels at random")
     add("--max-steps", type=int, default=None,
@@ -207,7 +209,7 @@ def make_datasets(arrays, batch_size, seed, augment=False, skip_batches=0):
 # --------------------------------------------------------------- model
 
 
-def build_model(rtol=1e-3, atol=1e-3):
+def build_model(rtol=1e-3, atol=1e-3, adjoint_norm="full"):
     """The tutorial's model: 28x28x1 images to 10 logits."""
     images = keras.Input((28, 28, 1), name="images")
     x = layers.Conv2D(64, 3, activation="relu")(images)            # 26x26
@@ -221,7 +223,8 @@ def build_model(rtol=1e-3, atol=1e-3):
         layers.Conv2D(64, 3, padding="same", activation="tanh"),
         layers.Conv2D(64, 3, padding="same", activation="tanh"),
     ], name="dynamics")
-    x = NeuralODE(dynamics, t0=0.0, t1=1.0, rtol=rtol, atol=atol)(x)
+    x = NeuralODE(dynamics, t0=0.0, t1=1.0, rtol=rtol, atol=atol,
+                  adjoint_norm=adjoint_norm)(x)
     x = layers.GroupNormalization(64)(x)
     x = layers.ReLU()(x)
     x = layers.GlobalAveragePooling2D()(x)                         # 6x6 mean
@@ -274,7 +277,7 @@ def main(argv=None):
         if finished:
             model = keras.models.load_model(out / "model.keras")
         else:
-            model = build_model()
+            model = build_model(adjoint_norm=args.adjoint_norm)
             model.compile(
                 optimizer=keras.optimizers.Adam(
                     learning_rate_schedule(args.learning_rate, total_steps)),

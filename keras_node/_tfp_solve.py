@@ -23,21 +23,35 @@ What is ours and what is TFP's:
 
 import tensorflow as tf
 from tensorflow_probability.python.math.ode import dormand_prince
+from tensorflow_probability.python.math.ode import runge_kutta_util as rk_util
+from tensorflow_probability.python.math.ode import util as ode_util
 
 _ORDER = dormand_prince.DormandPrince.ORDER
 _EVALS_PER_STEP = dormand_prince.DormandPrince.ODE_FN_EVALS_PER_STEP
 
 
 class _DormandPrince(dormand_prince.DormandPrince):
-    """TFP's solver with a step budget whose error says what to do."""
+    """TFP's solver with a step budget and an error norm over chosen parts.
 
-    def __init__(self, *, max_num_steps, what, **kwargs):
-        # TFP's own `max_num_steps` check only says "max_num_steps exceeded".
+    `_step` is TFP's own step (its tableau, Runge-Kutta step, interpolation
+    and step-size update, unchanged) with two differences: the step budget
+    fails with a message that says what to do (TFP's own check says only
+    "max_num_steps exceeded"), and the error ratio is taken over the state
+    components where `error_mask` is True (all by default, which is TFP's
+    norm exactly). The seminorm adjoint uses the mask to leave the parameter
+    gradients out of the error control.
+    """
+
+    def __init__(self, *, max_num_steps, what, error_mask=None, **kwargs):
         super().__init__(max_num_steps=None, **kwargs)
         self._step_budget = max_num_steps
         self._what = what
+        self._error_mask = error_mask
 
-    def _step(self, solver_state, diagnostics, *args, **kwargs):
+    def _step(self, solver_state, diagnostics, max_ode_fn_evals, ode_fn,
+              atol, rtol, safety, ifactor, dfactor):
+        del max_ode_fn_evals  # our budget replaces TFP's
+        y0, f0, _, t0, dt, interpolation = solver_state
         within_budget = tf.debugging.assert_less(
             diagnostics.num_ode_fn_evaluations,
             self._step_budget * _EVALS_PER_STEP,
@@ -50,7 +64,38 @@ class _DormandPrince(dormand_prince.DormandPrince):
             ),
         )
         with tf.control_dependencies([within_budget]):
-            return super()._step(solver_state, diagnostics, *args, **kwargs)
+            y1, f1, y1_error, k = rk_util.runge_kutta_step(
+                ode_fn, y0, f0, t0, dt, dormand_prince._TABLEAU)
+        error_ratio = self._error_ratio(y0, y1, y1_error, atol, rtol)
+        accept = error_ratio <= 1
+        new_interpolation = rk_util.rk_fourth_order_interpolation_coefficients(
+            y0, y1, k, dt, dormand_prince._TABLEAU)
+        solver_state = dormand_prince._RungeKuttaSolverInternalState(
+            current_state=rk_util.nest_where(accept, y1, y0),
+            current_derivative=rk_util.nest_where(accept, f1, f0),
+            last_step_start=t0,
+            current_time=tf.where(accept, t0 + dt, t0),
+            step_size=ode_util.next_step_size(
+                dt, self.ORDER, error_ratio, safety, dfactor, ifactor),
+            interpolating_coefficients=rk_util.nest_where(
+                accept, new_interpolation, interpolation),
+        )
+        diagnostics = diagnostics._replace(
+            num_ode_fn_evaluations=diagnostics.num_ode_fn_evaluations
+            + _EVALS_PER_STEP)
+        return solver_state, diagnostics
+
+    def _error_ratio(self, y0, y1, error, atol, rtol):
+        """TFP's error ratio, over the components that `error_mask` keeps."""
+        parts = zip(*(tf.nest.flatten(x) for x in (y0, y1, error)))
+        mask = (tf.nest.flatten(self._error_mask)
+                if self._error_mask is not None else None)
+        scaled = []
+        for i, (a, b, e) in enumerate(parts):
+            if mask is None or mask[i]:
+                tol = atol + rtol * tf.maximum(tf.abs(a), tf.abs(b))
+                scaled.append(tf.square(e) / tf.square(tol))
+        return rk_util.nest_rms_norm(scaled)
 
 
 def _rms_norm(nest):
@@ -91,7 +136,7 @@ def _initial_step_size(fn, t0, y0, f0, rtol, atol, max_step):
 
 
 def integrate(fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
-              max_num_steps, what):
+              max_num_steps, what, error_mask=None):
     """Solves `dy/dt = fn(t, y)` from `t_start` to `t_end` (either order).
 
     Args:
@@ -102,6 +147,8 @@ def integrate(fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
         first_step_size: Python float or None for Hairer's heuristic.
         max_num_steps: the step budget.
         what: how error messages name this solve.
+        error_mask: a nest of bools like `y0`: the components whose error
+            the step-size control sees. Defaults to all.
 
     Returns:
         `(y(t_end), num_evals)`: `num_evals` is an int32 scalar counting
@@ -127,9 +174,8 @@ def integrate(fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
         step = tf.minimum(tf.constant(first_step_size, dtype), span)
         setup_evals = 1
 
-    solver = _DormandPrince(
-        rtol=rtol, atol=atol, max_num_steps=max_num_steps, what=what
-    )
+    solver = _DormandPrince(rtol=rtol, atol=atol, max_num_steps=max_num_steps,
+                            what=what, error_mask=error_mask)
     initial = dormand_prince._RungeKuttaSolverInternalState(
         current_state=y0,
         current_derivative=f0,
@@ -151,7 +197,7 @@ def integrate(fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
 
 
 def odeint_adjoint(fn, y0, t0, t1, *, forward_options, adjoint_options,
-                   on_backward_evals):
+                   seminorm, on_backward_evals):
     """`y(t1)` and the forward evaluation count; gradients by the adjoint.
 
     Gradients flow to `y0` and to every floating variable that `fn` reads.
@@ -163,6 +209,10 @@ def odeint_adjoint(fn, y0, t0, t1, *, forward_options, adjoint_options,
         forward_options, adjoint_options: keyword arguments of `integrate`
             (`rtol`, `atol`, `first_step_size`, `max_num_steps`, `what`)
             for the forward and the backward solve.
+        seminorm: if True, the backward solve's error control ignores the
+            parameter-gradient components (Kidger, Chen & Lyons 2021, "Hey,
+            that's not an ODE"): they are integrals that feed back into
+            nothing, so their error need not limit the step size.
         on_backward_evals: called in the backward pass with the int32 count
             of evaluations of the adjoint system.
 
@@ -195,8 +245,9 @@ def odeint_adjoint(fn, y0, t0, t1, *, forward_options, adjoint_options,
 
             state1 = (y1, tf.cast(dy1, y1.dtype),
                       [tf.zeros(p.shape, p.dtype) for p in params])
+            mask = (True, True, [not seminorm] * len(params))
             (_, dy0, dparams), num_backward = integrate(
-                adjoint_fn, t1, t0, state1, **adjoint_options
+                adjoint_fn, t1, t0, state1, error_mask=mask, **adjoint_options
             )
             on_backward_evals(num_backward)
             by_ref = {p.ref(): g for p, g in zip(params, dparams)}

@@ -34,6 +34,9 @@ def dynamics():
         (dict(adjoint_atol=float("nan")), ValueError,
          r"argument `adjoint_atol`, expected a finite float. "
          r"Received: adjoint_atol=nan"),
+        (dict(adjoint_norm="L2"), ValueError,
+         r'argument `adjoint_norm`, expected "full" or "seminorm". '
+         r"Received: adjoint_norm='L2'"),
         (dict(first_step_size=-0.1), ValueError,
          r"argument `first_step_size`, expected a positive float. "
          r"Received: first_step_size=-0.1"),

@@ -90,18 +90,20 @@ def finite_difference_check(ode, h0, loss_fn, eps=1e-6, samples=6, seed=0):
             rtol=1e-4, atol=1e-6, err_msg="initial state")
 
 
-def test_mlp_gradients_match_finite_differences():
+@pytest.mark.parametrize("adjoint_norm", ["full", "seminorm"])
+def test_mlp_gradients_match_finite_differences(adjoint_norm):
     keras.utils.set_random_seed(1)
     ode = NeuralODE(mlp_dynamics(8, 3, dtype="float64"), t1=1.0,
-                    dtype="float64", **TIGHT)
+                    dtype="float64", adjoint_norm=adjoint_norm, **TIGHT)
     h0 = np.random.default_rng(1).normal(size=(4, 3))
     finite_difference_check(ode, h0, lambda h: tf.reduce_sum(tf.sin(h)))
 
 
-def test_conv_gradients_match_finite_differences():
+@pytest.mark.parametrize("adjoint_norm", ["full", "seminorm"])
+def test_conv_gradients_match_finite_differences(adjoint_norm):
     keras.utils.set_random_seed(2)
     ode = NeuralODE(small_conv_dynamics(3, dtype="float64"), t1=1.0,
-                    dtype="float64", **TIGHT)
+                    dtype="float64", adjoint_norm=adjoint_norm, **TIGHT)
     h0 = np.random.default_rng(2).normal(size=(2, 5, 5, 3))
     finite_difference_check(ode, h0, lambda h: tf.reduce_sum(h ** 2))
 
@@ -146,3 +148,16 @@ def test_gradients_under_tf_function_match_eager():
     graph = tf.function(lambda: gradients(ode, h0, tf.reduce_sum))()
     for e, g in zip(eager, graph):
         np.testing.assert_allclose(e, g, rtol=1e-5, atol=1e-6)
+
+
+def test_seminorm_takes_fewer_backward_steps():
+    keras.utils.set_random_seed(5)
+    h0 = np.random.default_rng(5).normal(size=(16, 4)).astype("float32")
+    backward = {}
+    for norm in ("full", "seminorm"):
+        keras.utils.set_random_seed(5)
+        ode = NeuralODE(mlp_dynamics(64, 4), t1=3.0, rtol=1e-5, atol=1e-5,
+                        adjoint_norm=norm)
+        gradients(ode, h0, lambda h: tf.reduce_sum(h ** 2))
+        backward[norm] = ode.num_backward_evals.numpy()
+    assert backward["seminorm"] < backward["full"]

@@ -48,13 +48,14 @@ def test_output_shape_and_unknown_batch():
 def test_config_round_trip():
     ode = NeuralODE(mlp_dynamics(5, 3), t0=0.5, t1=-2.0, rtol=1e-4,
                     atol=1e-5, adjoint_rtol=1e-2, adjoint_atol=1e-3,
+                    adjoint_norm="seminorm",
                     first_step_size=0.1, max_num_steps=77, name="ode")
     config = ode.get_config()
     json.dumps(config)  # serializable as JSON
     restored = NeuralODE.from_config(config)
     assert restored.get_config() == config
     for key in ("t0", "t1", "rtol", "atol", "adjoint_rtol", "adjoint_atol",
-                "first_step_size", "max_num_steps"):
+                "adjoint_norm", "first_step_size", "max_num_steps"):
         assert getattr(restored, key) == getattr(ode, key)
     assert isinstance(restored.dynamics, keras.Sequential)
 
