@@ -24,7 +24,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def measure(tolerance, steps, warmup, batch_size, adjoint_norm="full"):
+def measure(tolerance, steps, warmup, batch_size, adjoint_norm="full",
+            jit_compile=False):
     sys.path.insert(0, str(ROOT / "examples"))
     import keras
     import numpy as np
@@ -37,6 +38,7 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="full"):
     model.compile(
         keras.optimizers.Adam(1e-3),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
     )
     rng = np.random.default_rng(0)
     x = tf.constant(rng.random((batch_size, 28, 28, 1), dtype="float32"))
@@ -51,6 +53,7 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="full"):
     return {
         "tolerance": tolerance,
         "adjoint_norm": adjoint_norm,
+        "jit_compile": jit_compile,
         "median_step_s": float(np.median(times)),
         "min_step_s": float(np.min(times)),
         "nfe_forward": float(ode.num_forward_evals),
@@ -83,11 +86,14 @@ def main(argv=None):
                         default=[1e-3, 1e-6])
     parser.add_argument("--adjoint-norm", default="full",
                         choices=["full", "seminorm"])
+    parser.add_argument("--jit-compile", action="store_true",
+                        help="compile the train step with XLA")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(measure(args.child, args.steps, args.warmup,
-                                 args.batch_size, args.adjoint_norm)))
+                                 args.batch_size, args.adjoint_norm,
+                                 args.jit_compile)))
         return
     runs = []
     for tolerance in args.tolerances:
@@ -95,7 +101,8 @@ def main(argv=None):
             [sys.executable, __file__, "--child", str(tolerance),
              "--steps", str(args.steps), "--warmup", str(args.warmup),
              "--batch-size", str(args.batch_size),
-             "--adjoint-norm", args.adjoint_norm],
+             "--adjoint-norm", args.adjoint_norm]
+            + ["--jit-compile"] * args.jit_compile,
             check=True, capture_output=True, text=True,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         ).stdout

@@ -53,8 +53,7 @@ class _DormandPrince(dormand_prince.DormandPrince):
         del max_ode_fn_evals  # our budget replaces TFP's
         y0, f0, _, t0, dt, interpolation = solver_state
         within_budget = tf.debugging.assert_less(
-            diagnostics.num_ode_fn_evaluations,
-            self._step_budget * _EVALS_PER_STEP,
+            diagnostics.num_ode_fn_evaluations, self._max_evals(),
             message=(
                 f"{self._what} did not finish within max_num_steps="
                 f"{self._step_budget} Dormand-Prince steps (accepted and "
@@ -74,7 +73,12 @@ class _DormandPrince(dormand_prince.DormandPrince):
             current_state=rk_util.nest_where(accept, y1, y0),
             current_derivative=rk_util.nest_where(accept, f1, f0),
             last_step_start=t0,
-            current_time=tf.where(accept, t0 + dt, t0),
+            # XLA drops assertions: there an exhausted budget ends the solve
+            # (time jumps to infinity) and `integrate` returns NaN.
+            current_time=tf.where(
+                diagnostics.num_ode_fn_evaluations < self._max_evals(),
+                tf.where(accept, t0 + dt, t0),
+                tf.constant(float("inf"), t0.dtype)),
             step_size=ode_util.next_step_size(
                 dt, self.ORDER, error_ratio, safety, dfactor, ifactor),
             interpolating_coefficients=rk_util.nest_where(
@@ -84,6 +88,9 @@ class _DormandPrince(dormand_prince.DormandPrince):
             num_ode_fn_evaluations=diagnostics.num_ode_fn_evaluations
             + _EVALS_PER_STEP)
         return solver_state, diagnostics
+
+    def _max_evals(self):
+        return self._step_budget * _EVALS_PER_STEP
 
     def _error_ratio(self, y0, y1, error, atol, rtol):
         """TFP's error ratio, over the components that `error_mask` keeps."""
@@ -190,9 +197,13 @@ def integrate(fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
         fn_s, s0, y0, solution_times=tf.reshape(s1, [1]),
         previous_solver_internal_state=initial,
     )
-    y1 = tf.nest.map_structure(lambda y: y[-1], results.states)
+    evals = results.diagnostics.num_ode_fn_evaluations
+    finished = evals <= solver._max_evals()
+    y1 = tf.nest.map_structure(
+        lambda y: tf.where(finished, y[-1], tf.constant(float("nan"), y.dtype)),
+        results.states)
     # TFP counts the evaluations of its steps only; ours came before them.
-    num_evals = results.diagnostics.num_ode_fn_evaluations + setup_evals
+    num_evals = evals + setup_evals
     return y1, tf.cast(num_evals, tf.int32)
 
 

@@ -129,3 +129,11 @@ def test_other_keras_backend_is_refused():
     assert ("ImportError: keras_node runs on Keras' TensorFlow backend, but "
             "Keras is using the 'jax' backend. Set the environment variable "
             "KERAS_BACKEND=tensorflow") in result.stderr
+
+
+def test_exhausted_budget_under_xla_ends_in_nan_not_a_hang():
+    # XLA compiles assertions away; the solve must still stop.
+    ode = NeuralODE(_Square(), max_num_steps=50)
+    solve = tf.function(ode, jit_compile=True)
+    assert np.all(np.isnan(solve(tf.fill((2, 2), 10.0))))
+    assert np.all(np.isfinite(solve(tf.fill((2, 2), 0.1))))
