@@ -1,0 +1,105 @@
+"""Where a training step of the README's MNIST model spends its time.
+
+    python benchmarks/profile_step.py [--repeats 20]
+
+Times, each as the median of `--repeats` runs of a compiled `tf.function` on
+the same batch of 128 random images: one evaluation of the dynamics (two
+3x3 convolutions on 128x6x6x64), one evaluation of the adjoint system (the
+dynamics and their vector-Jacobian product), the forward pass of the whole
+model, the forward and backward pass (gradients, no optimizer), and the
+full train step (`train_on_batch`). From the evaluation counts it splits the
+step into dynamics work (forward NFE x one evaluation + backward NFE x one
+adjoint evaluation) and the rest (down-sampling and head layers, the
+solver's own arithmetic and loop overhead, the optimizer). Prints JSON.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def median_time(fn, repeats):
+    fn()  # trace and warm up
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from mnist import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model()
+    model.compile(keras.optimizers.Adam(1e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ode = next(l for l in model.layers if l.__class__.__name__ == "NeuralODE")
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random((args.batch_size, 28, 28, 1), "float32"))
+    y = tf.constant(rng.integers(0, 10, args.batch_size))
+    h = tf.constant(rng.normal(size=(args.batch_size, 6, 6, 64))
+                    .astype("float32"))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def dynamics():
+        return ode.dynamics(h)
+
+    @tf.function
+    def adjoint_evaluation():
+        with tf.GradientTape() as tape:
+            tape.watch(h)
+            f = ode.dynamics(h)
+        return tape.gradient(f, [h] + ode.dynamics.trainable_variables,
+                             output_gradients=f)
+
+    @tf.function
+    def forward():
+        return model(x, training=True)
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    times = {
+        "dynamics_evaluation_s": median_time(dynamics, args.repeats),
+        "adjoint_evaluation_s": median_time(adjoint_evaluation, args.repeats),
+        "model_forward_s": median_time(forward, args.repeats),
+        "forward_backward_s": median_time(forward_backward, args.repeats),
+        "train_step_s": median_time(
+            lambda: model.train_on_batch(x, y), args.repeats),
+    }
+    nfe_forward = float(ode.num_forward_evals)
+    nfe_backward = float(ode.num_backward_evals)
+    dynamics_work = (nfe_forward * times["dynamics_evaluation_s"]
+                     + nfe_backward * times["adjoint_evaluation_s"])
+    print(json.dumps({
+        "benchmark": "profile_step", "batch_size": args.batch_size,
+        "nfe_forward": nfe_forward, "nfe_backward": nfe_backward,
+        **times,
+        "dynamics_work_s": dynamics_work,
+        "dynamics_share_of_step": dynamics_work / times["train_step_s"],
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The `keras-node` command: export a trained model, serve SavedModels."""
+
+import argparse
+import logging
+import pathlib
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="keras-node",
+        description="Export trained keras-node models and serve them with "
+        "TF Serving's REST API.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser(
+        "export", help="write a .keras model as a versioned SavedModel")
+    export.add_argument("model", type=pathlib.Path, help="the .keras file")
+    export.add_argument("base_path", type=pathlib.Path,
+                        help="the model's base folder; writes <base>/<N>/")
+    export.add_argument("--version", type=int, default=None,
+                        help="N (default: one more than the newest)")
+
+    serve = commands.add_parser(
+        "serve", help="serve <base>/<N>/ SavedModels over TF Serving's REST "
+        "API")
+    serve.add_argument("--model-base-path", type=pathlib.Path, required=True)
+    serve.add_argument("--model-name", required=True)
+    serve.add_argument("--port", type=int, default=8501)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--max-instances", type=int, default=256,
+                       help="most instances in one request (default: "
+                       "%(default)s)")
+    serve.add_argument("--poll-seconds", type=float, default=2.0,
+                       help="how often to look for new versions (default: "
+                       "%(default)s)")
+    args = parser.parse_args(argv)
+
+    if args.command == "export":
+        from keras_node.serving import export_classifier
+
+        path = export_classifier(args.model, args.base_path, args.version)
+        print(f"Wrote {path}")
+        return
+
+    import uvicorn
+
+    from keras_node.server import create_app
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s")
+    app = create_app(args.model_base_path, args.model_name,
+                     poll_seconds=args.poll_seconds,
+                     max_instances=args.max_instances)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
