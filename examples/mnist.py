@@ -35,6 +35,7 @@ from keras import layers
 
 from keras_node import NeuralODE
 from keras_node.callbacks import AccuracyMonitor
+from keras_node.serving import export_classifier
 
 MANUAL_DIR_ENV = "KERAS_NODE_MNIST_DIR"
 HELD_OUT_FRACTION = 0.1
@@ -335,7 +336,8 @@ def main(argv=None):
 
     test = model.evaluate(data["test"], verbose=0, return_dict=True)
     model.save(out / "model.keras")
-    model.export(str(out / "saved_model" / "1"), verbose=False)
+    if not (out / "saved_model" / "1").exists():
+        export_classifier(model, out / "saved_model", version=1)
     recent = monitor.iteration_logs[-20:]
     metrics = {
         "test_accuracy": 100.0 * test["accuracy"],
@@ -356,6 +358,16 @@ def main(argv=None):
           f"{metrics['test_accuracy']:.3f}%")
     print(f"Saved {out / 'model.keras'} and {out / 'saved_model' / '1'}; "
           f"figures in {out / 'metrics.json'}.")
+    # A ready request: the first official test image, as stored (uint8).
+    pixels = np.round(arrays["test"][0][:1, ..., 0] * 255).astype(int)
+    (out / "request.json").write_text(json.dumps(
+        {"signature_name": "predict_pixels", "instances": pixels.tolist()}))
+    print("Serve the SavedModel with TF Serving's REST API, and query it "
+          f"with the first test image (a {arrays['test'][1][0]}):\n"
+          f"  keras-node serve --model-base-path {out / 'saved_model'} "
+          "--model-name mnist --port 8501\n"
+          "  curl -s -X POST localhost:8501/v1/models/mnist:predict "
+          f"-d @{out / 'request.json'}")
     return metrics
 
 

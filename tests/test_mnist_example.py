@@ -100,11 +100,16 @@ def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
     assert [p["iteration"] for p in history["accuracy"]] == [1, 11]
     assert [p["iteration"] for p in history["iterations"]] == list(
         range(1, 13))
+    assert f"keras-node serve --model-base-path {out / 'saved_model'} " \
+        "--model-name mnist --port 8501" in printed
+    assert f"-d @{out / 'request.json'}" in printed
+    request = json.loads((out / "request.json").read_text())
+    assert np.array(request["instances"]).shape == (1, 28, 28)
     for name in ("model.keras", "accuracy.png", "nfe.png",
                  "saved_model/1/saved_model.pb"):
         assert (out / name).is_file(), name
     served = tf.saved_model.load(str(out / "saved_model/1"))
-    assert "serving_default" in served.signatures
+    assert {"serving_default", "predict_pixels"} <= set(served.signatures)
 
     # Running a finished run again trains no further.
     again = mnist.main(data_args + QUICK + ["--max-steps", "12",

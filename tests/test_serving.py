@@ -246,3 +246,27 @@ def test_new_version_is_hot_loaded(server, exported, tmp_path):
     _, first = request(url, f"/v1/models/{NAME}/versions/1:predict",
                        {"instances": x.tolist()})
     assert first["predictions"] != latest["predictions"]
+
+
+def test_saved_model_cli_lists_both_signatures(exported):
+    base, _ = exported
+    result = subprocess.run(
+        ["saved_model_cli", "show", "--dir", str(base / "1"), "--all"],
+        capture_output=True, text=True, check=True)
+    assert "signature_def['serving_default']" in result.stdout
+    assert "signature_def['predict_pixels']" in result.stdout
+
+
+def test_server_refuses_a_folder_without_versions(tmp_path):
+    from keras_node.server import create_app
+
+    with pytest.raises(FileNotFoundError, match=r"No SavedModel version "
+                       r"folder \(a positive integer, such as .*/1\) in "
+                       r"--model-base-path"):
+        create_app(tmp_path, NAME)
+
+
+def test_export_needs_a_model(tmp_path):
+    with pytest.raises(TypeError, match=r"argument `model`, expected a Keras "
+                       r"model or the path of a .keras file. Received: 3"):
+        export_classifier(3, tmp_path)
