@@ -251,7 +251,27 @@ def choose_strategy(name):
     if name == "mirrored":
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
+    # From TF_CONFIG. A worker that dies makes the others fail (TF's peer
+    # health check) instead of waiting forever in a collective.
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def worker_folder(strategy, out):
+    """`out` for the chief (or a single worker), a scratch folder for others.
+
+    As the TensorFlow guide prescribes for multi-worker training, only the
+    chief writes checkpoints and results where the user looks; the other
+    workers write theirs (which they need to resume) to `out/.worker-<id>`.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return out
+    task_type, task_id = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    if task_type == "chief" or (task_type == "worker" and task_id == 0
+                                and not has_chief):
+        return out
+    return out / f".{task_type}-{task_id}"
 
 
 # ------------------------------------------------------------ training
@@ -259,8 +279,10 @@ def choose_strategy(name):
 
 def main(argv=None):
     args = parse_args(argv)
+    # First: a multi-worker strategy must exist before TensorFlow runs ops.
+    strategy = choose_strategy(args.strategy)
     keras.utils.set_random_seed(args.seed)
-    out = args.out
+    out = worker_folder(strategy, args.out)
     out.mkdir(parents=True, exist_ok=True)
     arrays = load_mnist(args.manual_dir, args.data_dir, args.limit, args.seed)
     n_train = len(arrays["train"][0])
@@ -272,7 +294,6 @@ def main(argv=None):
           f"{len(arrays['test'][0])} test images; {steps_per_epoch} "
           f"iterations per epoch, {total_steps} in all.")
 
-    strategy = choose_strategy(args.strategy)
     finished = (out / "model.keras").exists()
     with strategy.scope():
         if finished:

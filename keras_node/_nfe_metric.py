@@ -3,6 +3,7 @@
 import weakref
 
 import keras
+import tensorflow as tf
 
 FORWARD = "nfe_forward"
 BACKWARD = "nfe_backward"
@@ -18,6 +19,12 @@ class EvaluationCounts(keras.metrics.Metric):
     ...}`, each key prefixed with the layer's name when the layer's functional
     graph holds other `NeuralODE` layers. Values are the last solve's counts
     (not a running mean), so a per-batch callback sees each step's own cost.
+
+    Under a distribution strategy with several replicas, each replica's
+    adaptive solver takes its own steps on its own sub-batch: `nfe_forward`
+    is then the mean over replicas and `nfe_forward_max` (likewise
+    `nfe_backward_max`) the most any replica took, which is what the step
+    waits for.
     """
 
     def __init__(self, layer, name="evaluation_counts", **kwargs):
@@ -35,8 +42,16 @@ class EvaluationCounts(keras.metrics.Metric):
     def result(self):
         layer = self._layer()
         prefix = layer.name + "_" if _has_sibling(layer) else ""
-        return {prefix + FORWARD: layer.num_forward_evals,
-                prefix + BACKWARD: layer.num_backward_evals}
+        counts = {prefix + FORWARD: layer.num_forward_evals,
+                  prefix + BACKWARD: layer.num_backward_evals}
+        # In a replica, the counters read this replica's own solve; Keras
+        # averages the logs over replicas. Add the slowest replica's.
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            for key in list(counts):
+                gathered = context.all_gather(counts[key][None], axis=0)
+                counts[key + "_max"] = tf.reduce_max(gathered)
+        return counts
 
     def get_config(self):
         raise NotImplementedError(
