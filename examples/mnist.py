@@ -79,8 +79,8 @@ def parse_args(argv=None):
         choices=["auto", "default", "mirrored", "multiworker"],
         help="auto: MirroredStrategy over all GPUs if any, else the default "
         "strategy; mirrored: all GPUs (all logical CPUs without GPUs); "
-        "multiworker: MultiWorkerMirroredStrategy from TF_CONFIG "
-        "(default: %(default)s)")
+        "multiworker: MultiWorkerMirroredStrategy from TF_CONFIG; Keras 3.15's "
+        "fit fails under it (keras-team/keras#20585) (default: %(default)s)")
     add("--eval-every", type=int, default=10,
         help="print train and test accuracy every N iterations "
         "(default: %(default)s, the tutorial's)")
@@ -243,17 +243,18 @@ def learning_rate_schedule(peak, total_steps):
 
 
 def choose_strategy(name):
+    if name == "multiworker":
+        # From TF_CONFIG, before anything starts TensorFlow's runtime. A
+        # worker that dies makes the others fail (TF's peer health check)
+        # instead of waiting forever in a collective.
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if gpus else "default"
-    if name == "default":
-        return tf.distribute.get_strategy()
     if name == "mirrored":
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
-    # From TF_CONFIG. A worker that dies makes the others fail (TF's peer
-    # health check) instead of waiting forever in a collective.
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()  # "default"
 
 
 def worker_folder(strategy, out):

@@ -8,9 +8,11 @@ What is ours and what is TFP's:
 
 - Every step is taken by `tfp.math.ode.DormandPrince`. We hand it a
   prepared initial state (the first derivative and the first step size, the
-  latter from Hairer's heuristic) so that no evaluation is wasted, and we
-  subclass it only to replace its `max_num_steps` assertion with one that
-  says what went wrong and what to do.
+  latter from Hairer's heuristic) so that no evaluation is wasted. Our
+  subclass keeps TFP's step and changes three things around it: a step
+  budget whose error says what to do, a budget that also ends the solve
+  where XLA compiles assertions away, and an error norm restricted to chosen
+  components (for the seminorm adjoint).
 - The gradient is our own `tf.custom_gradient`: the forward solve records
   nothing, and the backward pass integrates the adjoint system
   `(y, a, g)' = (f, -a^T df/dy, -a^T df/dtheta)` from `t1` back to `t0` with
@@ -106,7 +108,7 @@ class _DormandPrince(dormand_prince.DormandPrince):
 
 
 def _rms_norm(nest):
-    """Root mean square over every element of a nest, as TFP's error norm."""
+    """Root mean square over every element of a nest (Hairer's norm)."""
     flat = [tf.reshape(x, [-1]) for x in tf.nest.flatten(nest)]
     squares = tf.add_n([tf.reduce_sum(tf.square(x)) for x in flat])
     size = tf.add_n([tf.cast(tf.size(x), squares.dtype) for x in flat])

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 
 class AccuracyMonitor(keras.callbacks.Callback):
@@ -46,13 +47,20 @@ class AccuracyMonitor(keras.callbacks.Callback):
         self.print_fn = print_fn
         self.history = []
         self.iteration_logs = []
+        self._predict = None
 
     def accuracy(self, dataset):
         """Percent of correctly classified examples in `dataset`."""
+        if self._predict is None:
+            # A plain compiled call, on this worker alone: Keras' predict
+            # functions would distribute each batch over the strategy.
+            model = self.model
+            self._predict = tf.function(
+                lambda x: tf.argmax(model(x, training=False), axis=-1),
+                reduce_retracing=True)
         metric = keras.metrics.Accuracy()
         for images, labels in dataset:
-            logits = self.model.predict_on_batch(images)
-            metric.update_state(labels, np.argmax(logits, axis=-1))
+            metric.update_state(labels, self._predict(images))
         return 100.0 * float(metric.result())
 
     def on_train_batch_end(self, batch, logs=None):

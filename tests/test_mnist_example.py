@@ -25,27 +25,6 @@ ITER_LINE = re.compile(
     r"Test Accuracy: \d+\.\d{3}$", re.M)
 
 
-@pytest.fixture(scope="session")
-def manual_dir():
-    path = pathlib.Path(os.environ.get(mnist.MANUAL_DIR_ENV,
-                                       ROOT.parent / "shared/data/mnist"))
-    if not (path / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"the canonical MNIST files are not in {path}; set "
-                    f"{mnist.MANUAL_DIR_ENV}")
-    return path
-
-
-@pytest.fixture(scope="session")
-def data_args(manual_dir, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("tfds")
-    return ["--manual-dir", str(manual_dir), "--data-dir", str(data_dir)]
-
-
-@pytest.fixture(scope="session")
-def full_mnist(manual_dir, data_args):
-    return mnist.load_mnist(manual_dir, data_args[3])
-
-
 def test_split_is_stratified_90_10(full_mnist):
     train_y, held_y = full_mnist["train"][1], full_mnist["held_out"][1]
     assert (len(train_y), len(held_y)) == (54000, 6000)
