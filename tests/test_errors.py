@@ -137,3 +137,15 @@ def test_exhausted_budget_under_xla_ends_in_nan_not_a_hang():
     solve = tf.function(ode, jit_compile=True)
     assert np.all(np.isnan(solve(tf.fill((2, 2), 10.0))))
     assert np.all(np.isfinite(solve(tf.fill((2, 2), 0.1))))
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(every=0), "every"),
+                                          (dict(train_batches=1.5),
+                                           "train_batches")])
+def test_accuracy_monitor_arguments(kwargs, name):
+    from keras_node.callbacks import AccuracyMonitor
+
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((2, 2)), [0, 1]))
+    with pytest.raises(ValueError, match=rf"argument `{name}`, expected a "
+                       rf"positive integer. Received: {name}="):
+        AccuracyMonitor(data, data, **kwargs)

@@ -129,3 +129,14 @@ def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert [p["iteration"] for p in history["iterations"]] == list(
         range(1, 41))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--limit", "0"], "--limit must be a positive integer, got 0"),
+    (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
+    (["--strategy", "tpu"], "invalid choice: 'tpu'"),
+])
+def test_bad_options_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        mnist.parse_args(argv)
+    assert message in capsys.readouterr().err
