@@ -5,10 +5,8 @@ import math
 import numbers
 
 import keras
-import tensorflow as tf
 
 from keras_node import _nfe_metric
-from keras_node import _tfp_solve
 
 
 @keras.saving.register_keras_serializable(package="keras_node")
@@ -213,13 +211,12 @@ class NeuralODE(keras.layers.Layer):
 
     def call(self, inputs):
         _check_floating(inputs)
-        state_dtype = self._state_dtype(inputs.dtype)
-        h0 = tf.cast(inputs, state_dtype)
+        h0 = keras.ops.cast(inputs, self._state_dtype(inputs.dtype))
+        h1 = _backend().solve(self, h0)
+        return keras.ops.cast(h1, inputs.dtype)
 
-        def dynamics_fn(t, h):
-            kwargs = {"t": t} if self._time_dependent else {}
-            return tf.cast(self.dynamics(h, **kwargs), h.dtype)
-
+    def _solve_options(self):
+        """Keyword arguments of the forward and the backward solve."""
         forward = dict(
             rtol=self.rtol, atol=self.atol,
             first_step_size=self.first_step_size,
@@ -232,16 +229,7 @@ class NeuralODE(keras.layers.Layer):
             what=f"NeuralODE '{self.name}' (adjoint solve from t1={self.t1} "
                  f"back to t0={self.t0})",
         )
-        h1, num_forward = _tfp_solve.odeint_adjoint(
-            dynamics_fn, h0, self.t0, self.t1,
-            forward_options=forward, adjoint_options=adjoint,
-            seminorm=self.adjoint_norm == "seminorm",
-            on_backward_evals=lambda n: self._backward_evals.assign(
-                tf.cast(n, "float32")
-            ),
-        )
-        self._forward_evals.assign(tf.cast(num_forward, "float32"))
-        return tf.cast(h1, inputs.dtype)
+        return forward, adjoint
 
     def get_config(self):
         config = {
@@ -265,6 +253,17 @@ class NeuralODE(keras.layers.Layer):
             config["dynamics"]
         )
         return cls(**config)
+
+
+def _backend():
+    """The module that solves on Keras' backend (imported on first use)."""
+    if keras.backend.backend() == "jax":
+        from keras_node import _jax_backend
+
+        return _jax_backend
+    from keras_node import _tf_backend
+
+    return _tf_backend
 
 
 def _finite_float(name, value):

@@ -1,0 +1,223 @@
+"""TFP's Dormand-Prince with our first step, step budget and error mask.
+
+Backend-neutral: every function takes `dp`, TFP's `dormand_prince` module of
+one substrate (`tensorflow_probability.python.math.ode.dormand_prince` for
+TensorFlow, `tensorflow_probability.substrates.jax.math.ode.dormand_prince`
+for JAX), and computes with that module's own `tf` namespace. The adjoint,
+which needs each framework's autodiff, lives in `_tf_backend` and
+`_jax_backend`.
+
+What is ours and what is TFP's:
+
+- Every step is taken by `tfp.math.ode.DormandPrince`. We hand it a
+  prepared initial state (the first derivative and the first step size, the
+  latter from Hairer's heuristic) so that no evaluation is wasted. Our
+  subclass keeps TFP's step and changes three things around it: a step
+  budget whose error says what to do, a budget that also ends the solve
+  where XLA compiles assertions away, and an error norm restricted to chosen
+  components (for the seminorm adjoint).
+- The gradient (in the backend modules) is our own custom gradient: the
+  forward solve records nothing, and the backward pass integrates the
+  adjoint system `(y, a, g)' = (f, -a^T df/dy, -a^T df/dtheta)` from `t1`
+  back to `t0` with its own tolerances. Memory therefore stays constant in
+  the number of steps, and the backward evaluations can be counted (TFP's
+  own adjoint reports none).
+- TFP integrates forward in time only; a solve towards smaller times runs in
+  the reversed time `s = -t`.
+"""
+
+import functools
+
+_ORDER = 5  # of Dormand-Prince 5(4)
+_EVALS_PER_STEP = 6  # new evaluations per step (first same as last)
+
+
+@functools.lru_cache(maxsize=None)
+def _solver_class(dp):
+    """Our `DormandPrince` subclass for the TFP substrate module `dp`."""
+    tf, rk_util, ode_util = dp.tf, dp.rk_util, dp.util
+
+    class DormandPrince(dp.DormandPrince):
+        """TFP's solver with a step budget and a norm over chosen parts.
+
+        `_step` is TFP's own step (its tableau, Runge-Kutta step,
+        interpolation and step-size update, unchanged) with two
+        differences: the step budget fails with a message that says what to
+        do (TFP's own check says only "max_num_steps exceeded"), and the
+        error ratio is taken over the state components where `error_mask` is
+        True (all by default, which is TFP's norm exactly). The seminorm
+        adjoint uses the mask to leave the parameter gradients out of the
+        error control.
+        """
+
+        def __init__(self, *, max_num_steps, what, error_mask=None, **kwargs):
+            super().__init__(max_num_steps=None, **kwargs)
+            self._step_budget = max_num_steps
+            self._what = what
+            self._error_mask = error_mask
+
+        def _step(self, solver_state, diagnostics, max_ode_fn_evals, ode_fn,
+                  atol, rtol, safety, ifactor, dfactor):
+            del max_ode_fn_evals  # our budget replaces TFP's
+            y0, f0, _, t0, dt, interpolation = solver_state
+            within_budget = tf.debugging.assert_less(
+                diagnostics.num_ode_fn_evaluations, self._max_evals(),
+                message=(
+                    f"{self._what} did not finish within max_num_steps="
+                    f"{self._step_budget} Dormand-Prince steps (accepted and "
+                    "rejected). The dynamics are stiff, exploding or not finite "
+                    "for this input. Raise `max_num_steps`, loosen `rtol`/`atol`, "
+                    "lower the learning rate or regularise the dynamics."
+                ),
+            )
+            with tf.control_dependencies([within_budget]):
+                y1, f1, y1_error, k = rk_util.runge_kutta_step(
+                    ode_fn, y0, f0, t0, dt, dp._TABLEAU)
+            error_ratio = self._error_ratio(y0, y1, y1_error, atol, rtol)
+            accept = error_ratio <= 1
+            new_interpolation = rk_util.rk_fourth_order_interpolation_coefficients(
+                y0, y1, k, dt, dp._TABLEAU)
+            solver_state = dp._RungeKuttaSolverInternalState(
+                current_state=rk_util.nest_where(accept, y1, y0),
+                current_derivative=rk_util.nest_where(accept, f1, f0),
+                last_step_start=t0,
+                # XLA drops assertions: there an exhausted budget ends the solve
+                # (time jumps to infinity) and `integrate` returns NaN.
+                current_time=tf.where(
+                    diagnostics.num_ode_fn_evaluations < self._max_evals(),
+                    tf.where(accept, t0 + dt, t0),
+                    tf.constant(float("inf"), t0.dtype)),
+                step_size=ode_util.next_step_size(
+                    dt, self.ORDER, error_ratio, safety, dfactor, ifactor),
+                interpolating_coefficients=rk_util.nest_where(
+                    accept, new_interpolation, interpolation),
+            )
+            diagnostics = diagnostics._replace(
+                num_ode_fn_evaluations=diagnostics.num_ode_fn_evaluations
+                + _EVALS_PER_STEP)
+            return solver_state, diagnostics
+
+        def _max_evals(self):
+            return self._step_budget * _EVALS_PER_STEP
+
+        def _error_ratio(self, y0, y1, error, atol, rtol):
+            """TFP's error ratio, over the components that `error_mask` keeps."""
+            parts = zip(*(tf.nest.flatten(x) for x in (y0, y1, error)))
+            mask = (tf.nest.flatten(self._error_mask)
+                    if self._error_mask is not None else None)
+            scaled = []
+            for i, (a, b, e) in enumerate(parts):
+                if mask is None or mask[i]:
+                    tol = atol + rtol * tf.maximum(tf.abs(a), tf.abs(b))
+                    scaled.append(tf.square(e) / tf.square(tol))
+            return rk_util.nest_rms_norm(scaled)
+
+
+    return DormandPrince
+
+
+def _rms_norm(tf, nest):
+    """Root mean square over every element of a nest (Hairer's norm)."""
+    flat = [tf.reshape(x, [-1]) for x in tf.nest.flatten(nest)]
+    squares = tf.add_n([tf.reduce_sum(tf.square(x)) for x in flat])
+    size = tf.add_n([tf.cast(tf.size(x), squares.dtype) for x in flat])
+    return tf.sqrt(squares / size)
+
+
+def _initial_step_size(tf, fn, t0, y0, f0, rtol, atol, max_step):
+    """Hairer, Norsett & Wanner (1993), Solving ODEs I, Sec. II.4.
+
+    The same heuristic as Hairer's DOPRI5 code, torchdiffeq and
+    DifferentialEquations.jl. Costs one evaluation of `fn`.
+    """
+    dtype = t0.dtype
+    scale = tf.nest.map_structure(lambda y: atol + rtol * tf.abs(y), y0)
+    scaled = lambda nest: tf.nest.map_structure(tf.divide, nest, scale)
+    d0 = _rms_norm(tf, scaled(y0))
+    d1 = _rms_norm(tf, scaled(f0))
+    h0 = tf.where(
+        (d0 < 1e-5) | (d1 < 1e-5),
+        tf.constant(1e-6, dtype),
+        0.01 * d0 / tf.maximum(d1, tf.constant(1e-30, dtype)),
+    )
+    y1 = tf.nest.map_structure(lambda y, f: y + h0 * f, y0, f0)
+    f1 = fn(t0 + h0, y1)
+    diff = tf.nest.map_structure(tf.subtract, f1, f0)
+    d2 = _rms_norm(tf, scaled(diff)) / h0
+    d12 = tf.maximum(d1, d2)
+    h1 = tf.where(
+        d12 <= 1e-15,
+        tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
+        (0.01 / tf.maximum(d12, tf.constant(1e-30, dtype))) ** (1.0 / (_ORDER)),
+    )
+    return tf.minimum(tf.minimum(100.0 * h0, h1), max_step)
+
+
+def integrate(dp, fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
+              max_num_steps, what, error_mask=None):
+    """Solves `dy/dt = fn(t, y)` from `t_start` to `t_end` (either order).
+
+    Args:
+        dp: TFP's `dormand_prince` module of the backend's substrate.
+        fn: `fn(t, y) -> dy/dt`, `y` any nest of floating tensors.
+        t_start, t_end: Python floats, `t_start != t_end`.
+        y0: the state at `t_start`.
+        rtol, atol: Python floats, the tolerances.
+        first_step_size: Python float or None for Hairer's heuristic.
+        max_num_steps: the step budget.
+        what: how error messages name this solve.
+        error_mask: a nest of bools like `y0`: the components whose error
+            the step-size control sees. Defaults to all.
+
+    Returns:
+        `(y(t_end), num_evals)`: `num_evals` is an int32 scalar counting
+        every evaluation of `fn`, including the first derivative and the
+        initial step heuristic.
+    """
+    tf = dp.tf
+    dtype = tf.nest.flatten(y0)[0].dtype
+    sign = 1.0 if t_end > t_start else -1.0
+    if sign > 0:
+        fn_s = fn
+    else:
+        def fn_s(s, y):
+            return tf.nest.map_structure(tf.negative, fn(-s, y))
+    s0 = tf.constant(sign * t_start, dtype)
+    s1 = tf.constant(sign * t_end, dtype)
+    span = tf.constant(abs(t_end - t_start), dtype)
+
+    f0 = fn_s(s0, y0)
+    if first_step_size is None:
+        step = _initial_step_size(tf, fn_s, s0, y0, f0, rtol, atol, span)
+        setup_evals = 2
+    else:
+        step = tf.minimum(tf.constant(first_step_size, dtype), span)
+        setup_evals = 1
+
+    solver = _solver_class(dp)(rtol=rtol, atol=atol, what=what,
+                               max_num_steps=max_num_steps,
+                               error_mask=error_mask)
+    initial = dp._RungeKuttaSolverInternalState(
+        current_state=y0,
+        current_derivative=f0,
+        last_step_start=s0,
+        current_time=s0,
+        step_size=step,
+        interpolating_coefficients=[y0] * _ORDER,
+    )
+    # `_solve`, not `solve`: TFP's public entry wraps the solve in its own
+    # adjoint, a custom gradient that we neither use nor want exported.
+    results = solver._solve(
+        fn_s, s0, y0, solution_times=tf.reshape(s1, [1]),
+        previous_solver_internal_state=initial,
+    )
+    evals = results.diagnostics.num_ode_fn_evaluations
+    finished = evals <= solver._max_evals()
+    y1 = tf.nest.map_structure(
+        lambda y: tf.where(finished, y[-1], tf.constant(float("nan"), y.dtype)),
+        results.states)
+    # TFP counts the evaluations of its steps only; ours came before them.
+    num_evals = evals + setup_evals
+    return y1, tf.cast(num_evals, tf.int32)
+
+
