@@ -2,11 +2,11 @@
 
 import keras
 
-if keras.backend.backend() != "tensorflow":
+if keras.backend.backend() not in ("tensorflow", "jax"):
     raise ImportError(
-        "keras_node runs on Keras' TensorFlow backend, but Keras is using "
-        f"the {keras.backend.backend()!r} backend. Set the environment "
-        "variable KERAS_BACKEND=tensorflow before importing keras."
+        "keras_node runs on Keras' TensorFlow or JAX backend, but Keras is "
+        f"using the {keras.backend.backend()!r} backend. Set the environment "
+        "variable KERAS_BACKEND=tensorflow (or jax) before importing keras."
     )
 
 from keras_node.neural_ode import NeuralODE  # noqa: E402

@@ -3,7 +3,6 @@
 import weakref
 
 import keras
-import tensorflow as tf
 
 FORWARD = "nfe_forward"
 BACKWARD = "nfe_backward"
@@ -40,17 +39,18 @@ class EvaluationCounts(keras.metrics.Metric):
         pass  # counters describe the last solve; there is nothing to reset
 
     def result(self):
+        if keras.backend.backend() != "tensorflow":
+            # Keras' JAX trainer computes metrics from metric variables
+            # alone; the layer's counters are not readable there.
+            return {}
         layer = self._layer()
         prefix = layer.name + "_" if _has_sibling(layer) else ""
         counts = {prefix + FORWARD: layer.num_forward_evals,
                   prefix + BACKWARD: layer.num_backward_evals}
         # In a replica, the counters read this replica's own solve; Keras
         # averages the logs over replicas. Add the slowest replica's.
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            for key in list(counts):
-                gathered = context.all_gather(counts[key][None], axis=0)
-                counts[key + "_max"] = tf.reduce_max(gathered)
+        if keras.backend.backend() == "tensorflow":
+            counts.update(_replica_maxima(counts))
         return counts
 
     def get_config(self):
@@ -58,6 +58,18 @@ class EvaluationCounts(keras.metrics.Metric):
             "EvaluationCounts belongs to its NeuralODE layer and is not "
             "serialized on its own."
         )
+
+
+def _replica_maxima(counts):
+    """`{key + "_max": max over replicas}` inside a multi-replica step."""
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return {}
+    return {key + "_max": tf.reduce_max(
+                context.all_gather(value[None], axis=0))
+            for key, value in counts.items()}
 
 
 def _has_sibling(layer):

@@ -2,7 +2,6 @@
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 
 class AccuracyMonitor(keras.callbacks.Callback):
@@ -52,15 +51,10 @@ class AccuracyMonitor(keras.callbacks.Callback):
     def accuracy(self, dataset):
         """Percent of correctly classified examples in `dataset`."""
         if self._predict is None:
-            # A plain compiled call, on this worker alone: Keras' predict
-            # functions would distribute each batch over the strategy.
-            model = self.model
-            self._predict = tf.function(
-                lambda x: tf.argmax(model(x, training=False), axis=-1),
-                reduce_retracing=True)
+            self._predict = _compiled_argmax(self.model)
         metric = keras.metrics.Accuracy()
         for images, labels in dataset:
-            metric.update_state(labels, self._predict(images))
+            metric.update_state(np.asarray(labels), self._predict(images))
         return 100.0 * float(metric.result())
 
     def on_train_batch_end(self, batch, logs=None):
@@ -82,3 +76,17 @@ class AccuracyMonitor(keras.callbacks.Callback):
             f"Test Accuracy: {point['test_accuracy']:.3f}"
         )
 
+
+def _compiled_argmax(model):
+    """A compiled `images -> predicted classes` on this process alone.
+
+    Not `predict_on_batch`: under a distribution strategy that would spread
+    each batch over the replicas.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(
+            lambda x: tf.argmax(model(x, training=False), axis=-1),
+            reduce_retracing=True)
+    return lambda x: np.argmax(model.predict_on_batch(np.asarray(x)), -1)

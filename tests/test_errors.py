@@ -120,15 +120,16 @@ def test_other_keras_backend_is_refused():
     import subprocess
     import sys
 
-    # No other backend is installed here; pretend Keras chose JAX.
-    script = ("import keras; keras.backend.backend = lambda: 'jax'; "
+    # No other backend is installed here; pretend Keras chose torch.
+    script = ("import keras; keras.backend.backend = lambda: 'torch'; "
               "import keras_node")
     result = subprocess.run([sys.executable, "-c", script],
                             capture_output=True, text=True)
     assert result.returncode != 0
-    assert ("ImportError: keras_node runs on Keras' TensorFlow backend, but "
-            "Keras is using the 'jax' backend. Set the environment variable "
-            "KERAS_BACKEND=tensorflow") in result.stderr
+    assert ("ImportError: keras_node runs on Keras' TensorFlow or JAX "
+            "backend, but Keras is using the 'torch' backend. Set the "
+            "environment variable KERAS_BACKEND=tensorflow (or jax)"
+            ) in result.stderr
 
 
 def test_exhausted_budget_under_xla_ends_in_nan_not_a_hang():

@@ -1,0 +1,85 @@
+"""The JAX backend of `NeuralODE`: the adjoint as a `jax.custom_vjp`.
+
+On JAX there are no variables to close over: the dynamics run through
+`dynamics.stateless_call` with their trainable weights passed in explicitly,
+so that the adjoint can return their gradients. Steps are taken by TFP's
+Dormand-Prince of its JAX substrate (`tfp-nightly`), through `_solver`.
+
+What differs from TensorFlow: assertions do not run under `jax.jit`, so an
+exhausted `max_num_steps` returns NaN there (eagerly it raises); the
+backward solve's evaluations are not counted (`num_backward_evals` stays 0),
+since a `custom_vjp` backward pass cannot update layer state; and the counts
+do not reach `fit`'s logs (Keras' JAX trainer reads metric variables only).
+`num_forward_evals` is readable after a call outside `fit`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from tensorflow_probability.substrates.jax.math.ode import dormand_prince
+
+from keras_node import _solver
+
+
+def solve(layer, h0):
+    """`h(t1)` for `layer` (a `NeuralODE`) from `h0`; updates its counter."""
+    dynamics = layer.dynamics
+    non_trainable = [v.value for v in dynamics.non_trainable_variables]
+
+    def fn(t, h, params):
+        kwargs = {"t": t} if layer._time_dependent else {}
+        out, _ = dynamics.stateless_call(params, non_trainable, h, **kwargs)
+        return out.astype(h.dtype)
+
+    forward, adjoint = layer._solve_options()
+    params = [v.value for v in dynamics.trainable_variables]
+    h1, num_forward = _odeint_adjoint(
+        fn, layer.t0, layer.t1, forward, adjoint,
+        layer.adjoint_norm == "seminorm", h0, params)
+    layer._forward_evals.assign(num_forward.astype("float32"))
+    return h1
+
+
+def _freeze(options):
+    return tuple(sorted(options.items()))
+
+
+def _odeint_adjoint(fn, t0, t1, forward, adjoint, seminorm, y0, params):
+    return _make_solve(fn, t0, t1, _freeze(forward), _freeze(adjoint),
+                       seminorm)(y0, params)
+
+
+def _make_solve(fn, t0, t1, forward, adjoint, seminorm):
+    forward, adjoint = dict(forward), dict(adjoint)
+
+    @jax.custom_vjp
+    def solve(y0, params):
+        return _solver.integrate(
+            dormand_prince, lambda t, y: fn(t, y, params), t0, t1, y0,
+            **forward)
+
+    def solve_fwd(y0, params):
+        y1, num_evals = solve(y0, params)
+        return (y1, num_evals), (y1, params)
+
+    def solve_bwd(residuals, cotangents):
+        y1, params = residuals
+        dy1 = cotangents[0]
+
+        def adjoint_fn(t, state):
+            y, a, _ = state
+            f, vjp = jax.vjp(functools.partial(fn, t), y, params)
+            dy, dparams = vjp(a)
+            return f, -dy, jax.tree.map(jnp.negative, dparams)
+
+        mask = (True, True, [not seminorm] * len(params))
+        state1 = (y1, dy1.astype(y1.dtype), jax.tree.map(jnp.zeros_like,
+                                                         params))
+        (_, dy0, dparams), _ = _solver.integrate(
+            dormand_prince, adjoint_fn, t1, t0, state1, error_mask=mask,
+            **adjoint)
+        return dy0, dparams
+
+    solve.defvjp(solve_fwd, solve_bwd)
+    return solve

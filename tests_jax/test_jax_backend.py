@@ -1,0 +1,118 @@
+"""NeuralODE on Keras' JAX backend (run by tests/test_jax_backend.py).
+
+Run in an environment with jax and tfp-nightly (see tools/jax-venv.sh), with
+KERAS_BACKEND=jax. Small models only: XLA:CPU convolutions are slow.
+"""
+
+import os
+import pathlib
+import sys
+
+assert os.environ.get("KERAS_BACKEND") == "jax"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import scipy.linalg  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+from helpers import CosineRate, Linear, mlp_dynamics  # noqa: E402
+
+from keras_node import NeuralODE  # noqa: E402
+
+A = np.array([[-0.5, 2.0], [-2.0, -0.5]])
+H0 = np.array([[1.0, 0.0], [0.5, -2.0]], "float32")
+W = np.array([[0.3, -1.0], [2.0, 0.5]], "float32")
+
+
+def grads(ode, h0, loss_fn, jit=True):
+    trainable = [v.value for v in ode.trainable_variables]
+    others = [v.value for v in ode.non_trainable_variables]
+
+    def loss(trainable, h):
+        y, _ = ode.stateless_call(trainable, others, h)
+        return loss_fn(y)
+
+    fn = jax.grad(loss, argnums=(0, 1))
+    return (jax.jit(fn) if jit else fn)(trainable, jnp.asarray(h0))
+
+
+def test_linear_solution_and_counts():
+    ode = NeuralODE(Linear(A), t1=1.0, rtol=1e-6, atol=1e-6)
+    out = np.asarray(ode(H0))
+    np.testing.assert_allclose(out, H0 @ scipy.linalg.expm(A).T, atol=1e-5)
+    assert float(ode.num_forward_evals) > 8
+
+
+def test_time_dependent_solution():
+    ode = NeuralODE(CosineRate(), t0=0.0, t1=2.0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ode(H0)),
+                               H0 * np.exp(0.7 * np.sin(2.0)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_linear_gradients_are_analytic(jit):
+    ode = NeuralODE(Linear(A), t1=1.0, rtol=1e-6, atol=1e-6)
+    ode(H0)
+    (da_t,), dh0 = grads(ode, H0, lambda y: jnp.sum(W * y), jit=jit)
+    e = scipy.linalg.expm(A)
+    np.testing.assert_allclose(dh0, W @ e, atol=1e-4)
+    expected = np.zeros((2, 2))
+    for i in range(2):
+        for j in range(2):
+            unit = np.zeros((2, 2))
+            unit[i, j] = 1.0
+            frechet = scipy.linalg.expm_frechet(A, unit, compute_expm=False)
+            expected[i, j] = np.sum(W * (H0 @ frechet.T))
+    np.testing.assert_allclose(da_t, expected.T, atol=1e-4)
+
+
+@pytest.mark.parametrize("adjoint_norm", ["full", "seminorm"])
+def test_mlp_gradients_match_finite_differences(adjoint_norm):
+    keras.utils.set_random_seed(1)
+    ode = NeuralODE(mlp_dynamics(8, 3), t1=1.0, rtol=1e-6, atol=1e-6,
+                    adjoint_norm=adjoint_norm)
+    h0 = np.random.default_rng(1).normal(size=(4, 3)).astype("float32")
+    ode(h0)
+    loss_fn = lambda y: jnp.sum(jnp.sin(y))
+    trainable, dh0 = grads(ode, h0, loss_fn)
+    others = [v.value for v in ode.non_trainable_variables]
+    loss = jax.jit(lambda tv, h: loss_fn(ode.stateless_call(tv, others, h)[0]))
+    values = [np.asarray(v.value, "float64") for v in ode.trainable_variables]
+    eps = 1e-2  # float32: a wide step, checked to 2e-3
+    for k, grad in enumerate(trainable):
+        flat = values[k].reshape(-1)
+        for index in range(min(3, flat.size)):
+            shifted = [v.copy() for v in values]
+            shifted[k].reshape(-1)[index] += eps
+            up = loss([jnp.asarray(v, "float32") for v in shifted], h0)
+            shifted[k].reshape(-1)[index] -= 2 * eps
+            down = loss([jnp.asarray(v, "float32") for v in shifted], h0)
+            np.testing.assert_allclose(np.asarray(grad).reshape(-1)[index],
+                                       (up - down) / (2 * eps), atol=2e-3,
+                                       rtol=2e-2)
+
+
+def test_fit_trains():
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((3,))
+    outputs = NeuralODE(mlp_dynamics(8, 3))(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(outputs))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    x = np.random.default_rng(2).normal(size=(16, 3)).astype("float32")
+    y = np.arange(16) % 2
+    logs = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history
+    assert np.isfinite(logs["loss"]).all() and logs["loss"][1] < logs["loss"][0]
+
+
+def test_loads_a_model_saved_with_tensorflow():
+    path = os.environ.get("KERAS_NODE_TF_SAVED")
+    if not path:
+        pytest.skip("set by tests/test_jax_backend.py")
+    model = keras.models.load_model(path)
+    x = np.load(path + ".x.npy")
+    np.testing.assert_allclose(np.asarray(model(x)), np.load(path + ".y.npy"),
+                               rtol=1e-4, atol=1e-5)
