@@ -22,6 +22,11 @@ JAX_PYTHON = pathlib.Path(os.environ.get(
     "KERAS_NODE_JAX_PYTHON", ROOT / ".venv-jax" / "bin" / "python"))
 
 
+def _mnist_dir():
+    return os.environ.get("KERAS_NODE_MNIST_DIR",
+                          ROOT.parent / "shared" / "data" / "mnist")
+
+
 def test_jax_backend(tmp_path):
     if not JAX_PYTHON.exists():
         pytest.skip(f"no JAX environment at {JAX_PYTHON}; run "
@@ -43,6 +48,7 @@ def test_jax_backend(tmp_path):
         [str(JAX_PYTHON), "-m", "pytest", "-q", str(ROOT / "tests_jax")],
         capture_output=True, text=True, cwd=ROOT,
         env={**os.environ, "KERAS_BACKEND": "jax",
-             "KERAS_NODE_TF_SAVED": saved, "JAX_PLATFORMS": "cpu"})
+             "KERAS_NODE_TF_SAVED": saved, "JAX_PLATFORMS": "cpu",
+             "KERAS_NODE_MNIST_DIR": str(_mnist_dir())})
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout

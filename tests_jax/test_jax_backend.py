@@ -116,3 +116,21 @@ def test_loads_a_model_saved_with_tensorflow():
     x = np.load(path + ".x.npy")
     np.testing.assert_allclose(np.asarray(model(x)), np.load(path + ".y.npy"),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_jax.py, three iterations on the CPU."""
+    manual_dir = os.environ.get("KERAS_NODE_MNIST_DIR")
+    if not manual_dir:
+        pytest.skip("set KERAS_NODE_MNIST_DIR to the MNIST files")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
+                           / "benchmarks"))
+    import gpu_jax
+
+    result = gpu_jax.main(["--manual-dir", manual_dir, "--max-steps", "3",
+                           "--batch-size", "16", "--json-out",
+                           str(tmp_path / "out.json")])
+    assert result["iterations"] == 3
+    assert 0.0 <= result["test_accuracy"] <= 100.0
+    assert result["nfe_forward_test_batch"] >= 8
+    assert (tmp_path / "out.json").exists()

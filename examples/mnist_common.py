@@ -1,0 +1,65 @@
+"""The tutorial's model, schedule and data split, with no TensorFlow import.
+
+Shared by `mnist.py` (TensorFlow backend, tfds data) and
+`benchmarks/gpu_jax.py` (JAX backend, where TensorFlow is absent).
+"""
+
+import keras
+import numpy as np
+from keras import layers
+
+from keras_node import NeuralODE
+
+
+def build_model(rtol=1e-3, atol=1e-3, adjoint_norm="full"):
+    """The tutorial's model: 28x28x1 images to 10 logits."""
+    images = keras.Input((28, 28, 1), name="images")
+    x = layers.Conv2D(64, 3, activation="relu")(images)            # 26x26
+    x = layers.GroupNormalization(64)(x)
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.Conv2D(64, 4, strides=2, activation="relu")(x)      # 13x13
+    x = layers.GroupNormalization(64)(x)
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.Conv2D(64, 4, strides=2)(x)                         # 6x6
+    dynamics = keras.Sequential([
+        layers.Conv2D(64, 3, padding="same", activation="tanh"),
+        layers.Conv2D(64, 3, padding="same", activation="tanh"),
+    ], name="dynamics")
+    x = NeuralODE(dynamics, t0=0.0, t1=1.0, rtol=rtol, atol=atol,
+                  adjoint_norm=adjoint_norm)(x)
+    x = layers.GroupNormalization(64)(x)
+    x = layers.ReLU()(x)
+    x = layers.GlobalAveragePooling2D()(x)                         # 6x6 mean
+    logits = layers.Dense(10, name="logits")(x)
+    return keras.Model(images, logits, name="ode_mnist")
+
+
+def learning_rate_schedule(peak, total_steps):
+    """Linear warm-up over 5% of the steps, then cosine decay to zero."""
+    warmup = max(1, total_steps // 20)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, warmup_target=peak, warmup_steps=warmup,
+        decay_steps=max(1, total_steps - warmup), alpha=0.0,
+    )
+
+
+def stratified_split(labels, fraction, seed):
+    """Indices `(kept, held_out)`, held out `fraction` of each class.
+
+    The held-out total is `round(fraction * len(labels))`, shared among the
+    classes by largest remainder, so every class keeps its proportion to
+    within one example.
+    """
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * fraction
+    quota = np.floor(exact).astype(int)
+    remainder = int(round(fraction * len(labels))) - quota.sum()
+    quota[np.argsort(quota - exact)[:remainder]] += 1
+    kept, held_out = [], []
+    for label, n_held in zip(classes, quota):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        held_out.append(members[:n_held])
+        kept.append(members[n_held:])
+    return (rng.permutation(np.concatenate(kept)),
+            np.sort(np.concatenate(held_out)))
