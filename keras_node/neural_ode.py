@@ -266,41 +266,31 @@ def _backend():
     return _tf_backend
 
 
+def _invalid(error, name, expected, value):
+    return error(f"Received an invalid value for argument `{name}`, expected "
+                 f"{expected}. Received: {name}={value!r}")
+
+
 def _finite_float(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"Received an invalid value for argument `{name}`, expected a "
-            f"finite float. Received: {name}={value!r}"
-        )
+        raise _invalid(TypeError, name, "a finite float", value)
     if not math.isfinite(value):
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected a "
-            f"finite float. Received: {name}={value}"
-        )
+        raise _invalid(ValueError, name, "a finite float", value)
     return float(value)
 
 
 def _positive_float(name, value):
     value = _finite_float(name, value)
     if value <= 0:
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected a "
-            f"positive float. Received: {name}={value}"
-        )
+        raise _invalid(ValueError, name, "a positive float", value)
     return value
 
 
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"Received an invalid value for argument `{name}`, expected a "
-            f"positive integer. Received: {name}={value!r}"
-        )
+        raise _invalid(TypeError, name, "a positive integer", value)
     if value < 1:
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected a "
-            f"positive integer. Received: {name}={value}"
-        )
+        raise _invalid(ValueError, name, "a positive integer", value)
     return int(value)
 
 
