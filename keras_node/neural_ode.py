@@ -40,7 +40,7 @@ class NeuralODE(keras.layers.Layer):
     the input's dtype. Not supported: dynamics that update state during the
     solve (`BatchNormalization`'s moving statistics, for example), dynamics
     with several inputs or outputs, gradients with respect to `t0` or `t1`.
-    XLA: `compile(jit_compile=True)` works and is as fast, but XLA drops the
+    XLA: `compile(jit_compile=True)` works, about as fast, but XLA drops the
     `max_num_steps` error (an exhausted budget returns NaN instead), so the
     layer sets `supports_jit = False` and `jit_compile="auto"` keeps to plain
     TensorFlow.
@@ -155,7 +155,7 @@ class NeuralODE(keras.layers.Layer):
         self.autocast = False
         # XLA compiles the step-budget assertion away (an exhausted budget
         # then gives NaN, not an error): `jit_compile="auto"` keeps to plain
-        # TensorFlow; `jit_compile=True` works and is as fast.
+        # TensorFlow; `jit_compile=True` works, about as fast.
         self.supports_jit = False
         self.evaluation_counts = _nfe_metric.EvaluationCounts(self)
 
