@@ -45,6 +45,11 @@ class NeuralODE(keras.layers.Layer):
     layer sets `supports_jit = False` and `jit_compile="auto"` keeps to plain
     TensorFlow.
 
+    Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
+    `tfp-nightly`). On JAX the gradients reach the initial state and the
+    dynamics' trainable weights, the backward evaluations are not counted and
+    the counts do not appear in `fit`'s logs.
+
     Args:
         dynamics: a Keras layer or model mapping the state `h` of shape
             `(batch, *state_shape)` to `dh/dt` of the same shape. If its
