@@ -19,6 +19,7 @@ Run `python examples/mnist.py --help` for every option.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ from mnist_common import (build_model, learning_rate_schedule,
                           stratified_split)
 
 from keras_node.callbacks import AccuracyMonitor
+from keras_node.distribute import patch_keras_multi_worker_fit
 from keras_node.serving import export_classifier
 
 MANUAL_DIR_ENV = "KERAS_NODE_MNIST_DIR"
@@ -55,8 +57,13 @@ def parse_args(argv=None):
         "the steps and decays to zero on a cosine (default: %(default)s)")
     add("--adjoint-norm", default="full", choices=["full", "seminorm"],
         help="error norm of the backward solve (default: %(default)s)")
-    add("--augment", action="store_true",
-        help="shift training images by up to 2 pixels at random")
+    add("--ema", type=float, default=0.0,
+        help="keep an exponential moving average of the weights with this "
+        "momentum (e.g. 0.99) and end with the averaged weights; 0 turns it "
+        "off (default: %(default)s)")
+    add("--shift", type=int, default=0,
+        help="augment: shift training images by up to this many pixels at "
+        "random (default: %(default)s, no augmentation)")
     add("--max-steps", type=int, default=None,
         help="stop after this many iterations in all (default: the epochs')")
     add("--limit", type=int, default=None,
@@ -79,8 +86,8 @@ def parse_args(argv=None):
         choices=["auto", "default", "mirrored", "multiworker"],
         help="auto: MirroredStrategy over all GPUs if any, else the default "
         "strategy; mirrored: all GPUs (all logical CPUs without GPUs); "
-        "multiworker: MultiWorkerMirroredStrategy from TF_CONFIG; Keras 3.15's "
-        "fit fails under it (keras-team/keras#20585) (default: %(default)s)")
+        "multiworker: MultiWorkerMirroredStrategy from TF_CONFIG "
+        "(default: %(default)s)")
     add("--eval-every", type=int, default=10,
         help="print train and test accuracy every N iterations "
         "(default: %(default)s, the tutorial's)")
@@ -100,6 +107,10 @@ def parse_args(argv=None):
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive "
                          f"integer, got {value}")
+    if not 0 <= args.ema < 1:
+        parser.error(f"--ema must be in [0, 1), got {args.ema}")
+    if not 0 <= args.shift < 14:
+        parser.error(f"--shift must be in [0, 13] pixels, got {args.shift}")
     if args.learning_rate <= 0:
         parser.error(f"--learning-rate must be positive, got "
                      f"{args.learning_rate}")
@@ -160,21 +171,22 @@ def load_mnist(manual_dir=None, data_dir=None, limit=None, seed=0):
             "test": test}
 
 
-def make_datasets(arrays, batch_size, seed, augment=False, skip_batches=0):
+def make_datasets(arrays, batch_size, seed, shift=0, skip_batches=0):
     """tf.data pipelines: an endless training stream and three eval sets.
 
     The training stream is reshuffled every epoch, reproducibly from `seed`,
-    and starts `skip_batches` batches in (where a resumed run left off).
+    its images shifted at random by up to `shift` pixels, and it starts
+    `skip_batches` batches in (where a resumed run left off).
     """
     x, y = arrays["train"]
     train = (tf.data.Dataset.from_tensor_slices((x, y))
              .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
              .batch(batch_size)
              .repeat())
-    if augment:
-        shift = keras.layers.RandomTranslation(
-            2 / 28, 2 / 28, fill_mode="constant", seed=seed)
-        train = train.map(lambda x, y: (shift(x, training=True), y),
+    if shift:
+        translate = keras.layers.RandomTranslation(
+            shift / 28, shift / 28, fill_mode="constant", seed=seed)
+        train = train.map(lambda x, y: (translate(x, training=True), y),
                           num_parallel_calls=tf.data.AUTOTUNE)
     train = train.skip(skip_batches).prefetch(tf.data.AUTOTUNE)
     evaluate = lambda split: (tf.data.Dataset
@@ -193,7 +205,9 @@ def choose_strategy(name):
         # From TF_CONFIG, before anything starts TensorFlow's runtime. A
         # worker that dies makes the others fail (TF's peer health check)
         # instead of waiting forever in a collective.
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        patch_keras_multi_worker_fit()  # keras-team/keras#20585
+        return strategy
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if gpus else "default"
@@ -219,6 +233,55 @@ def worker_folder(strategy, out):
                                 and not has_chief):
         return out
     return out / f".{task_type}-{task_id}"
+
+
+def _multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def agree_on_checkpoint(strategy, model, backup):
+    """The iteration to resume from, the same on every worker.
+
+    Each worker restores its own checkpoint. Training is synchronous, so they
+    hold the same step, unless a worker died while writing one: then those
+    ahead step back to their previous checkpoint (`double_checkpoint`).
+    """
+    done = int(model.optimizer.iterations.numpy())
+    if not _multi_worker(strategy):
+        return done
+
+    @tf.function
+    def everyone():
+        return strategy.run(lambda: tf.distribute.get_replica_context()
+                            .all_gather(tf.constant([done]), axis=0))
+
+    agreed = int(tf.reduce_min(
+        strategy.experimental_local_results(everyone())[0]))
+    if done > agreed and os.path.exists(backup._prev_weights_path):
+        model.load_weights(backup._prev_weights_path)
+        done = int(model.optimizer.iterations.numpy())
+    if done != agreed:
+        raise SystemExit(
+            f"This worker's checkpoint is at iteration {done}, another's at "
+            f"{agreed}: the workers cannot resume together. Remove every "
+            "worker's backup/ folder to start over.")
+    return done
+
+
+@contextlib.contextmanager
+def peers_watched(strategy, out):
+    """Turns a lost peer's collective error into a clear exit (multi-worker)."""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError, tf.errors.AbortedError) as error:
+        if not _multi_worker(strategy):
+            raise
+        raise SystemExit(
+            f"Training stopped: a worker of the cluster is gone "
+            f"({type(error).__name__}: {error.message.strip().splitlines()[-1]}"
+            f"). Start every worker again with the same command and --out "
+            f"{out} to resume from the last checkpoint.") from error
 
 
 # ------------------------------------------------------------ training
@@ -249,17 +312,20 @@ def main(argv=None):
             model = build_model(adjoint_norm=args.adjoint_norm)
             model.compile(
                 optimizer=keras.optimizers.Adam(
-                    learning_rate_schedule(args.learning_rate, total_steps)),
+                    learning_rate_schedule(args.learning_rate, total_steps),
+                    use_ema=args.ema > 0, ema_momentum=args.ema or 0.99),
                 loss=keras.losses.SparseCategoricalCrossentropy(
                     from_logits=True),
                 metrics=["accuracy"],
             )
+        # Two checkpoints: a kill while writing one leaves the other.
         backup = keras.callbacks.BackupAndRestore(
-            out / "backup", save_freq=args.checkpoint_every)
+            out / "backup", save_freq=args.checkpoint_every,
+            double_checkpoint=True)
         # Restore now, before fit, to know where the data stream resumes.
         backup.set_model(model)
         backup.on_train_begin()
-    done = int(model.optimizer.iterations.numpy())
+        done = agree_on_checkpoint(strategy, model, backup)
     if finished:
         print(f"{out} holds a finished run ({done} iterations): evaluating "
               "and exporting it again. Use a new --out to train anew.")
@@ -268,8 +334,8 @@ def main(argv=None):
         print(f"Resuming from the checkpoint in {out / 'backup'} at "
               f"iteration {done}.")
 
-    data = make_datasets(arrays, args.batch_size, args.seed, args.augment,
-                         skip_batches=done)
+    data = make_datasets(arrays, args.batch_size, args.seed,
+                         args.shift, skip_batches=done)
     monitor = AccuracyMonitor(data["train_eval"], data["held_out"],
                               every=args.eval_every,
                               train_batches=args.train_eval_batches)
@@ -286,19 +352,20 @@ def main(argv=None):
 
     started = time.time()
     if done < total_steps:
-        model.fit(
-            data["train"],
-            epochs=math.ceil(total_steps / steps_per_epoch),
-            steps_per_epoch=steps_per_epoch,
-            callbacks=[
-                monitor,
-                _EveryIterations(args.checkpoint_every, save_history),
-                backup,  # after the history, so a checkpoint never leads it
-                _StopAtIteration(total_steps),
-            ],
-            shuffle=False,  # the stream is shuffled, reproducibly, above
-            verbose=args.verbose,
-        )
+        with peers_watched(strategy, args.out):
+            model.fit(
+                data["train"],
+                epochs=math.ceil(total_steps / steps_per_epoch),
+                steps_per_epoch=steps_per_epoch,
+                callbacks=[
+                    monitor,
+                    _EveryIterations(args.checkpoint_every, save_history),
+                    backup,  # after the history, so a checkpoint never leads it
+                    _StopAtIteration(total_steps),
+                ],
+                shuffle=False,  # the stream is shuffled, reproducibly, above
+                verbose=args.verbose,
+            )
     train_time = time.time() - started
     save_history()
 
