@@ -124,3 +124,22 @@ def test_dead_worker_stops_the_others_and_the_job_resumes(data_args,
     history = json.loads((out / "history.json").read_text())
     assert [p["iteration"] for p in history["iterations"]] == list(
         range(1, 31))
+
+
+def test_patch_is_narrow_and_idempotent():
+    from keras.src.backend.tensorflow import trainer
+
+    from keras_node.distribute import patch_keras_multi_worker_fit
+
+    patch_keras_multi_worker_fit()
+    before = (trainer.reduce_per_replica,
+              trainer.TensorFlowTrainer._maybe_symbolic_build)
+    assert patch_keras_multi_worker_fit() == []  # already done
+    assert before == (trainer.reduce_per_replica,
+                      trainer.TensorFlowTrainer._maybe_symbolic_build)
+    # Other strategies keep Keras' own reduction.
+    import tensorflow as tf
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    values = strategy.run(lambda: tf.constant(
+        float(tf.distribute.get_replica_context().replica_id_in_sync_group)))
+    assert float(trainer.reduce_per_replica(values, strategy, "auto")) == 0.5
