@@ -6,11 +6,12 @@ so that the adjoint can return their gradients. Steps are taken by TFP's
 Dormand-Prince of its JAX substrate (`tfp-nightly`), through `_solver`.
 
 What differs from TensorFlow: assertions do not run under `jax.jit`, so an
-exhausted `max_num_steps` returns NaN there (eagerly it raises); the
-backward solve's evaluations are not counted (`num_backward_evals` stays 0),
-since a `custom_vjp` backward pass cannot update layer state; and the counts
-do not reach `fit`'s logs (Keras' JAX trainer reads metric variables only).
-`num_forward_evals` is readable after a call outside `fit`.
+exhausted `max_num_steps` returns NaN there (eagerly it raises). A
+`custom_vjp` backward pass cannot update layer state, so the backward solve
+hands its count to the host (`jax.debug.callback`), where
+`num_backward_evals` reads it. Keras' JAX trainer builds `fit`'s logs from
+metric variables alone, so the counts reach them through the
+`keras_node.callbacks.LogEvaluationCounts` callback.
 """
 
 import functools
@@ -34,9 +35,12 @@ def solve(layer, h0):
 
     forward, adjoint = layer._solve_options()
     params = [v.value for v in dynamics.trainable_variables]
+    def record_backward(num_evals):
+        layer._backward_evals_host = float(num_evals)
+
     h1, num_forward = _odeint_adjoint(
         fn, layer.t0, layer.t1, forward, adjoint,
-        layer.adjoint_norm == "seminorm", h0, params)
+        layer.adjoint_norm == "seminorm", record_backward, h0, params)
     layer._forward_evals.assign(num_forward.astype("float32"))
     return h1
 
@@ -45,12 +49,13 @@ def _freeze(options):
     return tuple(sorted(options.items()))
 
 
-def _odeint_adjoint(fn, t0, t1, forward, adjoint, seminorm, y0, params):
+def _odeint_adjoint(fn, t0, t1, forward, adjoint, seminorm, record_backward,
+                    y0, params):
     return _make_solve(fn, t0, t1, _freeze(forward), _freeze(adjoint),
-                       seminorm)(y0, params)
+                       seminorm, record_backward)(y0, params)
 
 
-def _make_solve(fn, t0, t1, forward, adjoint, seminorm):
+def _make_solve(fn, t0, t1, forward, adjoint, seminorm, record_backward):
     forward, adjoint = dict(forward), dict(adjoint)
 
     @jax.custom_vjp
@@ -76,9 +81,10 @@ def _make_solve(fn, t0, t1, forward, adjoint, seminorm):
         mask = (True, True, [not seminorm] * len(params))
         state1 = (y1, dy1.astype(y1.dtype), jax.tree.map(jnp.zeros_like,
                                                          params))
-        (_, dy0, dparams), _ = _solver.integrate(
+        (_, dy0, dparams), num_evals = _solver.integrate(
             dormand_prince, adjoint_fn, t1, t0, state1, error_mask=mask,
             **adjoint)
+        jax.debug.callback(record_backward, num_evals)
         return dy0, dparams
 
     solve.defvjp(solve_fwd, solve_bwd)

@@ -41,16 +41,12 @@ class EvaluationCounts(keras.metrics.Metric):
     def result(self):
         if keras.backend.backend() != "tensorflow":
             # Keras' JAX trainer computes metrics from metric variables
-            # alone; the layer's counters are not readable there.
+            # alone; `callbacks.LogEvaluationCounts` logs the counts there.
             return {}
-        layer = self._layer()
-        prefix = layer.name + "_" if _has_sibling(layer) else ""
-        counts = {prefix + FORWARD: layer.num_forward_evals,
-                  prefix + BACKWARD: layer.num_backward_evals}
+        counts = named_counts(self._layer())
         # In a replica, the counters read this replica's own solve; Keras
         # averages the logs over replicas. Add the slowest replica's.
-        if keras.backend.backend() == "tensorflow":
-            counts.update(_replica_maxima(counts))
+        counts.update(_replica_maxima(counts))
         return counts
 
     def get_config(self):
@@ -58,6 +54,13 @@ class EvaluationCounts(keras.metrics.Metric):
             "EvaluationCounts belongs to its NeuralODE layer and is not "
             "serialized on its own."
         )
+
+
+def named_counts(layer):
+    """`{"nfe_forward": ..., "nfe_backward": ...}`, prefixed if need be."""
+    prefix = layer.name + "_" if _has_sibling(layer) else ""
+    return {prefix + FORWARD: layer.num_forward_evals,
+            prefix + BACKWARD: layer.num_backward_evals}
 
 
 def _replica_maxima(counts):

@@ -77,6 +77,29 @@ class AccuracyMonitor(keras.callbacks.Callback):
         )
 
 
+class LogEvaluationCounts(keras.callbacks.Callback):
+    """Puts every `NeuralODE` layer's evaluation counts in `fit`'s logs.
+
+    On the TensorFlow backend the layers' own metric already does (this
+    callback then does nothing). Keras' JAX trainer builds its logs from
+    metric variables alone, so on JAX this callback adds `nfe_forward` and
+    `nfe_backward` (prefixed with the layer's name when a model holds
+    several) to each batch's logs, for the progress bar and for the callbacks
+    after it in the list.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs is None or keras.backend.backend() == "tensorflow":
+            return
+        from keras_node import NeuralODE
+        from keras_node._nfe_metric import named_counts
+
+        for layer in self.model._flatten_layers(include_self=False):
+            if isinstance(layer, NeuralODE):
+                logs.update({name: float(value) for name, value
+                             in named_counts(layer).items()})
+
+
 def _compiled_argmax(model):
     """A compiled `images -> predicted classes` on this process alone.
 

@@ -47,8 +47,9 @@ class NeuralODE(keras.layers.Layer):
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
     `tfp-nightly`). On JAX the gradients reach the initial state and the
-    dynamics' trainable weights, the backward evaluations are not counted and
-    the counts do not appear in `fit`'s logs.
+    dynamics' trainable weights, and the counts reach `fit`'s logs only
+    through the `keras_node.callbacks.LogEvaluationCounts` callback (Keras'
+    JAX trainer builds its logs from metric variables alone).
 
     Args:
         dynamics: a Keras layer or model mapping the state `h` of shape
@@ -163,6 +164,7 @@ class NeuralODE(keras.layers.Layer):
         # TensorFlow; `jit_compile=True` works, about as fast.
         self.supports_jit = False
         self.evaluation_counts = _nfe_metric.EvaluationCounts(self)
+        self._backward_evals_host = 0.0
 
     @property
     def num_forward_evals(self):
@@ -172,6 +174,10 @@ class NeuralODE(keras.layers.Layer):
     @property
     def num_backward_evals(self):
         """Adjoint-system evaluations of the last backward solve."""
+        if keras.backend.backend() == "jax":
+            # Counted on the host: a JAX backward pass has no layer state.
+            return keras.ops.convert_to_tensor(
+                self._backward_evals_host, "float32")
         return self._backward_evals.value
 
     def build(self, input_shape):

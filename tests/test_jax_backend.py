@@ -43,6 +43,14 @@ def test_jax_backend(tmp_path):
         "float32")
     np.save(saved + ".x.npy", images)
     np.save(saved + ".y.npy", model.predict(images, verbose=0))
+    # The evaluation counts of one gradient, for the JAX side to match.
+    ode = next(l for l in model.layers if isinstance(l, NeuralODE))
+    import tensorflow as tf
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(images) ** 2)
+    tape.gradient(loss, model.trainable_variables)
+    np.save(saved + ".nfe.npy", [float(ode.num_forward_evals),
+                                 float(ode.num_backward_evals)])
 
     result = subprocess.run(
         [str(JAX_PYTHON), "-m", "pytest", "-q", str(ROOT / "tests_jax")],

@@ -118,6 +118,52 @@ def test_loads_a_model_saved_with_tensorflow():
                                rtol=1e-4, atol=1e-5)
 
 
+def test_counts_match_tensorflow():
+    """Forward and backward counts of one gradient, as on TensorFlow."""
+    path = os.environ.get("KERAS_NODE_TF_SAVED")
+    if not path:
+        pytest.skip("set by tests/test_jax_backend.py")
+    model = keras.models.load_model(path)
+    ode = next(l for l in model.layers if isinstance(l, NeuralODE))
+    x = jnp.asarray(np.load(path + ".x.npy"))
+    trainable = [v.value for v in model.trainable_variables]
+    others = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable):
+        y, others_after = model.stateless_call(trainable, others, x)
+        return jnp.sum(y ** 2), others_after
+
+    _, others_after = jax.jit(jax.grad(loss, has_aux=True))(trainable)
+    forward = next(value for v, value in zip(model.non_trainable_variables,
+                                             others_after)
+                   if v is ode._forward_evals)
+    jax.effects_barrier()  # the backward count arrives by host callback
+    np.testing.assert_array_equal(
+        [float(forward), float(ode.num_backward_evals)],
+        np.load(path + ".nfe.npy"))
+
+
+def test_fit_logs_counts_through_the_callback():
+    from keras_node.callbacks import LogEvaluationCounts
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((3,))
+    outputs = NeuralODE(mlp_dynamics(8, 3))(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(outputs))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(dict(logs)))
+    x = np.random.default_rng(3).normal(size=(16, 3)).astype("float32")
+    model.fit(x, np.arange(16) % 2, batch_size=8, epochs=1, verbose=0,
+              callbacks=[LogEvaluationCounts(), record])
+    assert len(seen) == 2
+    for logs in seen:
+        # Dormand-Prince: 6 evaluations a step and one for the first step.
+        assert logs["nfe_forward"] >= 7 and logs["nfe_backward"] >= 7
+
+
 def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     """benchmarks/gpu_jax.py, three iterations on the CPU."""
     manual_dir = os.environ.get("KERAS_NODE_MNIST_DIR")
