@@ -35,11 +35,14 @@ import tensorflow_datasets as tfds
 from mnist_common import (build_model, learning_rate_schedule,
                           stratified_split)
 
-from keras_node.callbacks import AccuracyMonitor
+from keras_node.callbacks import AccuracyMonitor, LogEvaluationCounts
 from keras_node.distribute import patch_keras_multi_worker_fit
 from keras_node.serving import export_classifier
 
 MANUAL_DIR_ENV = "KERAS_NODE_MNIST_DIR"
+# On the JAX backend, tf.data still feeds the data; tf.distribute and the
+# SavedModel export are TensorFlow's alone.
+TENSORFLOW = keras.backend.backend() == "tensorflow"
 HELD_OUT_FRACTION = 0.1
 
 
@@ -107,6 +110,9 @@ def parse_args(argv=None):
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive "
                          f"integer, got {value}")
+    if not TENSORFLOW and args.strategy not in ("auto", "default"):
+        parser.error(f"--strategy {args.strategy} needs Keras' TensorFlow "
+                     f"backend; on {keras.backend.backend()} use auto")
     if not 0 <= args.ema < 1:
         parser.error(f"--ema must be in [0, 1), got {args.ema}")
     if not 0 <= args.shift < 14:
@@ -201,6 +207,9 @@ def make_datasets(arrays, batch_size, seed, shift=0, skip_batches=0):
 
 
 def choose_strategy(name):
+    """A `tf.distribute` strategy; None on other backends (one device)."""
+    if not TENSORFLOW:
+        return None
     if name == "multiworker":
         # From TF_CONFIG, before anything starts TensorFlow's runtime. A
         # worker that dies makes the others fail (TF's peer health check)
@@ -305,7 +314,7 @@ def main(argv=None):
           f"iterations per epoch, {total_steps} in all.")
 
     finished = (out / "model.keras").exists()
-    with strategy.scope():
+    with strategy.scope() if strategy else contextlib.nullcontext():
         if finished:
             model = keras.models.load_model(out / "model.keras")
         else:
@@ -358,6 +367,7 @@ def main(argv=None):
                 epochs=math.ceil(total_steps / steps_per_epoch),
                 steps_per_epoch=steps_per_epoch,
                 callbacks=[
+                    LogEvaluationCounts(),  # NFE in the logs, also on JAX
                     monitor,
                     _EveryIterations(args.checkpoint_every, save_history),
                     backup,  # after the history, so a checkpoint never leads it
@@ -371,7 +381,7 @@ def main(argv=None):
 
     test = model.evaluate(data["test"], verbose=0, return_dict=True)
     model.save(out / "model.keras")
-    if not (out / "saved_model" / "1").exists():
+    if TENSORFLOW and not (out / "saved_model" / "1").exists():
         export_classifier(model, out / "saved_model", version=1)
     recent = monitor.iteration_logs[-20:]
     metrics = {
@@ -391,8 +401,13 @@ def main(argv=None):
     plot_history(monitor.history, monitor.iteration_logs, out)
     print(f"Test accuracy (official 10,000-image split, or --limit): "
           f"{metrics['test_accuracy']:.3f}%")
-    print(f"Saved {out / 'model.keras'} and {out / 'saved_model' / '1'}; "
-          f"figures in {out / 'metrics.json'}.")
+    print(f"Saved {out / 'model.keras'}; figures in {out / 'metrics.json'}.")
+    if not TENSORFLOW:
+        print("No SavedModel: exporting one needs Keras' TensorFlow backend "
+              f"(keras-node export {out / 'model.keras'} {out / 'saved_model'}"
+              " under KERAS_BACKEND=tensorflow exports this model).")
+        return metrics
+    print(f"Exported the SavedModel {out / 'saved_model' / '1'}.")
     # A ready request: the first official test image, as stored (uint8).
     pixels = np.round(arrays["test"][0][:1, ..., 0] * 255).astype(int)
     (out / "request.json").write_text(json.dumps(

@@ -268,13 +268,22 @@ class NeuralODE(keras.layers.Layer):
 
 def _backend():
     """The module that solves on Keras' backend (imported on first use)."""
-    if keras.backend.backend() == "jax":
-        from keras_node import _jax_backend
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            from keras_node import _jax_backend
 
-        return _jax_backend
-    from keras_node import _tf_backend
+            return _jax_backend
+        from keras_node import _tf_backend
 
-    return _tf_backend
+        return _tf_backend
+    except ImportError as error:
+        needs = {"jax": "jax and tfp-nightly",
+                 "tensorflow": "tensorflow and tensorflow-probability"}
+        raise ImportError(
+            f"NeuralODE on Keras' {backend} backend needs {needs[backend]} "
+            f"({error}). Install them with: pip install "
+            f"'keras-node[{backend}]'") from error
 
 
 def _invalid(error, name, expected, value):

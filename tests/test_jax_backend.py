@@ -60,3 +60,10 @@ def test_jax_backend(tmp_path):
              "KERAS_NODE_MNIST_DIR": str(_mnist_dir())})
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout
+
+    # And back: the model trained a step on JAX loads here.
+    trained = keras.models.load_model(saved + ".jax.keras")
+    expected = np.load(saved + ".jax.y.npy")
+    assert not np.allclose(expected, np.load(saved + ".y.npy"))
+    np.testing.assert_allclose(trained.predict(images, verbose=0), expected,
+                               rtol=1e-4, atol=1e-5)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Makes .venv-jax: keras-node on Keras' JAX backend. TFP's JAX substrate needs
 # tfp-nightly, which cannot share an environment with the TensorFlow
-# backend's tensorflow-probability. Idempotent.
+# backend's tensorflow-probability. The environment sees the system's
+# packages (TensorFlow and tfds for the example's tf.data pipeline, installed
+# by `pip install -e ".[test]"`); its own tfp-nightly comes first on the path.
+# Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv-jax/bin/python ]; then
-    python3 -m venv .venv-jax
+if ! grep -qs "include-system-site-packages = true" .venv-jax/pyvenv.cfg; then
+    rm -rf .venv-jax
+    python3 -m venv --system-site-packages .venv-jax
 fi
 .venv-jax/bin/pip install --quiet --disable-pip-version-check \
-    jax keras tfp-nightly numpy scipy pytest
-.venv-jax/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+    -e ".[jax]" scipy pytest
