@@ -180,8 +180,11 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
 
     result = gpu_jax.main(["--manual-dir", manual_dir, "--max-steps", "3",
                            "--batch-size", "16", "--json-out",
-                           str(tmp_path / "out.json")])
+                           str(tmp_path / "out.json"), "--progress-file",
+                           str(tmp_path / "progress.txt")])
     assert result["iterations"] == 3
+    assert result["nfe_backward_last_step"] >= 7
+    assert "iteration 1: " in (tmp_path / "progress.txt").read_text()
     assert 0.0 <= result["test_accuracy"] <= 100.0
     assert result["nfe_forward_test_batch"] >= 8
     assert (tmp_path / "out.json").exists()
