@@ -5,8 +5,9 @@ On JAX there are no variables to close over: the dynamics run through
 so that the adjoint can return their gradients. Steps are taken by TFP's
 Dormand-Prince of its JAX substrate (`tfp-nightly`), through `_solver`.
 
-What differs from TensorFlow: assertions do not run under `jax.jit`, so an
-exhausted `max_num_steps` returns NaN there (eagerly it raises). A
+What differs from TensorFlow: assertions cannot run inside JAX's loops, so
+an exhausted `max_num_steps` makes the solve return NaN; an eager call (not
+under `jax.jit` or `fit`) then raises the same error as on TensorFlow. A
 `custom_vjp` backward pass cannot update layer state, so the backward solve
 hands its count to the host (`jax.debug.callback`), where
 `num_backward_evals` reads it. Keras' JAX trainer builds `fit`'s logs from
@@ -41,6 +42,10 @@ def solve(layer, h0):
     h1, num_forward = _odeint_adjoint(
         fn, layer.t0, layer.t1, forward, adjoint,
         layer.adjoint_norm == "seminorm", record_backward, h0, params)
+    if not isinstance(num_forward, jax.core.Tracer) and _solver.exhausted(
+            int(num_forward), layer.max_num_steps, layer.first_step_size):
+        raise RuntimeError(_solver.budget_message(forward["what"],
+                                                  layer.max_num_steps))
     layer._forward_evals.assign(num_forward.astype("float32"))
     return h1
 

@@ -62,13 +62,7 @@ def _solver_class(dp):
             y0, f0, _, t0, dt, interpolation = solver_state
             within_budget = tf.debugging.assert_less(
                 diagnostics.num_ode_fn_evaluations, self._max_evals(),
-                message=(
-                    f"{self._what} did not finish within max_num_steps="
-                    f"{self._step_budget} Dormand-Prince steps (accepted and "
-                    "rejected). The dynamics are stiff, exploding or not finite "
-                    "for this input. Raise `max_num_steps`, loosen `rtol`/`atol`, "
-                    "lower the learning rate or regularise the dynamics."
-                ),
+                message=budget_message(self._what, self._step_budget),
             )
             with tf.control_dependencies([within_budget]):
                 y1, f1, y1_error, k = rk_util.runge_kutta_step(
@@ -114,6 +108,21 @@ def _solver_class(dp):
 
 
     return DormandPrince
+
+
+def budget_message(what, max_num_steps):
+    """The error of a solve that ran out of steps."""
+    return (f"{what} did not finish within max_num_steps={max_num_steps} "
+            "Dormand-Prince steps (accepted and rejected). The dynamics are "
+            "stiff, exploding or not finite for this input. Raise "
+            "`max_num_steps`, loosen `rtol`/`atol`, lower the learning rate "
+            "or regularise the dynamics.")
+
+
+def exhausted(num_evals, max_num_steps, first_step_size):
+    """Whether a solve that made `num_evals` evaluations ran out of steps."""
+    setup_evals = 2 if first_step_size is None else 1
+    return num_evals > max_num_steps * _EVALS_PER_STEP + setup_evals
 
 
 def _rms_norm(tf, nest):

@@ -47,7 +47,9 @@ class NeuralODE(keras.layers.Layer):
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
     `tfp-nightly`). On JAX the gradients reach the initial state and the
-    dynamics' trainable weights, and the counts reach `fit`'s logs only
+    dynamics' trainable weights, an exhausted `max_num_steps` returns NaN
+    (an eager call raises a `RuntimeError`), and the counts reach `fit`'s
+    logs only
     through the `keras_node.callbacks.LogEvaluationCounts` callback (Keras'
     JAX trainer builds its logs from metric variables alone).
 

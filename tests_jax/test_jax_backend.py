@@ -217,3 +217,28 @@ def test_mnist_example_runs_on_jax(tmp_path, capsys):
         assert (out / name).exists(), name
     reloaded = keras.models.load_model(out / "model.keras")
     assert reloaded.count_params() == mnist.build_model().count_params()
+
+
+class _Square(keras.layers.Layer):
+    def call(self, h):
+        return h * h
+
+
+def test_exhausted_budget_raises_eagerly_and_is_nan_under_jit():
+    # h' = h^2 from h0 = 10 blows up at t = 0.1.
+    ode = NeuralODE(_Square(), max_num_steps=50)
+    with pytest.raises(RuntimeError,
+                       match=r"NeuralODE 'neural_ode.*' \(forward solve from "
+                       r"t0=0.0 to t1=1.0\) did not finish within "
+                       r"max_num_steps=50 .* stiff, exploding or not finite"):
+        ode(np.full((2, 2), 10.0, "float32"))
+    others = [v.value for v in ode.non_trainable_variables]
+    solve = jax.jit(lambda h: ode.stateless_call([], others, h)[0])
+    assert np.all(np.isnan(solve(jnp.full((2, 2), 10.0))))
+    assert np.all(np.isfinite(solve(jnp.full((2, 2), 0.1))))
+
+
+def test_bad_dynamics_are_named():
+    with pytest.raises(ValueError, match=r"argument `dynamics`, expected a "
+                       r"layer whose output .* Received: dynamics=dense"):
+        NeuralODE(keras.layers.Dense(3))(np.ones((2, 2), "float32"))
