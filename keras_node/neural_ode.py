@@ -49,9 +49,9 @@ class NeuralODE(keras.layers.Layer):
     `tfp-nightly`). On JAX the gradients reach the initial state and the
     dynamics' trainable weights, an exhausted `max_num_steps` returns NaN
     (an eager call raises a `RuntimeError`), and the counts reach `fit`'s
-    logs only
-    through the `keras_node.callbacks.LogEvaluationCounts` callback (Keras'
-    JAX trainer builds its logs from metric variables alone).
+    logs only through the `keras_node.callbacks.LogEvaluationCounts`
+    callback (Keras' JAX trainer builds its logs from metric variables
+    alone).
 
     Args:
         dynamics: a Keras layer or model mapping the state `h` of shape
