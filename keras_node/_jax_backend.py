@@ -36,6 +36,7 @@ def solve(layer, h0):
 
     forward, adjoint = layer._solve_options()
     params = [v.value for v in dynamics.trainable_variables]
+
     def record_backward(num_evals):
         layer._backward_evals_host = float(num_evals)
 
