@@ -40,10 +40,11 @@ class NeuralODE(keras.layers.Layer):
     the input's dtype. Not supported: dynamics that update state during the
     solve (`BatchNormalization`'s moving statistics, for example), dynamics
     with several inputs or outputs, gradients with respect to `t0` or `t1`.
-    XLA: `compile(jit_compile=True)` works, about as fast, but XLA drops the
-    `max_num_steps` error (an exhausted budget returns NaN instead), so the
-    layer sets `supports_jit = False` and `jit_compile="auto"` keeps to plain
-    TensorFlow.
+    XLA on TensorFlow: `compile(jit_compile=True)` works, about as fast, but
+    XLA drops the `max_num_steps` error (an exhausted budget returns NaN
+    instead), so on TensorFlow the layer sets `supports_jit = False` and
+    `jit_compile="auto"` keeps to plain TensorFlow. On JAX, where no solve
+    can raise inside a loop anyway, `"auto"` compiles the train step.
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
     `tfp-nightly`). On JAX the gradients reach the initial state and the
@@ -163,8 +164,10 @@ class NeuralODE(keras.layers.Layer):
         self.autocast = False
         # XLA compiles the step-budget assertion away (an exhausted budget
         # then gives NaN, not an error): `jit_compile="auto"` keeps to plain
-        # TensorFlow; `jit_compile=True` works, about as fast.
-        self.supports_jit = False
+        # TensorFlow; `jit_compile=True` works, about as fast. JAX cannot
+        # raise inside a loop at all, and without jit its `fit` would run
+        # every operation eagerly, recompiling the solver's loops each step.
+        self.supports_jit = keras.backend.backend() != "tensorflow"
         self.evaluation_counts = _nfe_metric.EvaluationCounts(self)
         self._backward_evals_host = 0.0
 

@@ -144,6 +144,9 @@ def test_fit_trains_and_logs_counts_through_the_callback():
     model = keras.Model(inputs, keras.layers.Dense(2)(outputs))
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
         from_logits=True))
+    # Compiled, not eager: an eager JAX `fit` recompiles the solver's loops
+    # at every step.
+    assert model.jit_compile is True
     seen = []
     record = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: seen.append(dict(logs)))
