@@ -43,8 +43,12 @@ def solve(layer, h0):
     h1, num_forward = _odeint_adjoint(
         fn, layer.t0, layer.t1, forward, adjoint,
         layer.adjoint_norm == "seminorm", record_backward, h0, params)
-    if not isinstance(num_forward, jax.core.Tracer) and _solver.exhausted(
-            int(num_forward), layer.max_num_steps, layer.first_step_size):
+    try:
+        evals = int(num_forward)
+    except jax.errors.ConcretizationTypeError:
+        evals = None  # traced (under jit): no Python error can be raised
+    if evals is not None and _solver.exhausted(
+            evals, layer.max_num_steps, layer.first_step_size):
         raise RuntimeError(_solver.budget_message(forward["what"],
                                                   layer.max_num_steps))
     layer._forward_evals.assign(num_forward.astype("float32"))
