@@ -21,4 +21,6 @@ timeout "${GPU_TIMEOUT:-420}" python3 benchmarks/gpu_jax.py \
     2> "$OUT/stderr.txt"
 echo "exit $?" >> "$OUT/progress.txt"
 tail -n 30 "$OUT/progress.txt" "$OUT/stdout.txt"
-grep -h "Finished XLA compilation\|Finished tracing" "$OUT/stderr.txt" | tail -n 20
+# The compilations that took over half a second.
+grep -h "Finished XLA compilation" "$OUT/stderr.txt" | awk '$(NF-1) > 0.5'
+grep -c "Finished XLA compilation" "$OUT/stderr.txt"
