@@ -135,6 +135,8 @@ def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
     (["--limit", "0"], "--limit must be a positive integer, got 0"),
     (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
     (["--strategy", "tpu"], "invalid choice: 'tpu'"),
+    (["--ema", "1"], "--ema must be in [0, 1), got 1.0"),
+    (["--shift", "14"], "--shift must be in [0, 13] pixels, got 14"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
