@@ -24,8 +24,8 @@ RECIPES = {
     # The tutorial's budget: one epoch, batch 128 (422 iterations).
     "one-epoch": ["--epochs", "1", "--eval-every", "50"],
     # The longer recipe for the published ODE-Net accuracy.
-    "long": ["--epochs", "20", "--shift", "2", "--learning-rate", "5e-3",
-             "--eval-every", "422"],
+    "long": ["--epochs", "30", "--shift", "2", "--learning-rate", "4e-3",
+             "--eval-every", "844"],
 }
 
 
