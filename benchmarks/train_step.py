@@ -24,7 +24,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def measure(tolerance, steps, warmup, batch_size, adjoint_norm="full",
+def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
             jit_compile=False):
     sys.path.insert(0, str(ROOT / "examples"))
     import keras
@@ -84,7 +84,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--tolerances", type=float, nargs="+",
                         default=[1e-3, 1e-6])
-    parser.add_argument("--adjoint-norm", default="full",
+    parser.add_argument("--adjoint-norm", default="seminorm",
                         choices=["full", "seminorm"])
     parser.add_argument("--jit-compile", action="store_true",
                         help="compile the train step with XLA")

@@ -95,17 +95,22 @@ def _solver_class(dp):
             return self._step_budget * _EVALS_PER_STEP
 
         def _error_ratio(self, y0, y1, error, atol, rtol):
-            """TFP's error ratio, over the components that `error_mask` keeps."""
-            parts = zip(*(tf.nest.flatten(x) for x in (y0, y1, error)))
-            mask = (tf.nest.flatten(self._error_mask)
-                    if self._error_mask is not None else None)
-            scaled = []
-            for i, (a, b, e) in enumerate(parts):
-                if mask is None or mask[i]:
-                    tol = atol + rtol * tf.maximum(tf.abs(a), tf.abs(b))
-                    scaled.append(tf.square(e) / tf.square(tol))
-            return rk_util.nest_rms_norm(scaled)
+            """TFP's error ratio per component, the largest over the kept ones.
 
+            For a single tensor this is TFP's ratio exactly. For the adjoint
+            system it is torchdiffeq's mixed norm: the state, the adjoint and
+            every parameter gradient each count as much as the others, however
+            few elements they have.
+            """
+            mask = _mask(tf, self._error_mask, y0)
+            ratios = []
+            for keep, a, b, e in zip(mask, *(tf.nest.flatten(x)
+                                              for x in (y0, y1, error))):
+                if keep:
+                    tol = atol + rtol * tf.maximum(tf.abs(a), tf.abs(b))
+                    ratios.append(rk_util.nest_rms_norm(
+                        tf.square(e) / tf.square(tol)))
+            return functools.reduce(tf.maximum, ratios)
 
     return DormandPrince
 
@@ -125,25 +130,33 @@ def exhausted(num_evals, max_num_steps, first_step_size):
     return num_evals > max_num_steps * _EVALS_PER_STEP + setup_evals
 
 
-def _rms_norm(tf, nest):
-    """Root mean square over every element of a nest (Hairer's norm)."""
-    flat = [tf.reshape(x, [-1]) for x in tf.nest.flatten(nest)]
-    squares = tf.add_n([tf.reduce_sum(tf.square(x)) for x in flat])
-    size = tf.add_n([tf.cast(tf.size(x), squares.dtype) for x in flat])
-    return tf.sqrt(squares / size)
+def _mask(tf, error_mask, nest):
+    """`error_mask` flattened like `nest`; all True when it is None."""
+    if error_mask is None:
+        return [True] * len(tf.nest.flatten(nest))
+    return tf.nest.flatten(error_mask)
 
 
-def _initial_step_size(tf, fn, t0, y0, f0, rtol, atol, max_step):
+def _norm(tf, nest, mask):
+    """The largest root mean square over the components that `mask` keeps."""
+    return functools.reduce(tf.maximum, [
+        tf.sqrt(tf.reduce_mean(tf.square(x)))
+        for keep, x in zip(mask, tf.nest.flatten(nest)) if keep])
+
+
+def _initial_step_size(tf, fn, t0, y0, f0, rtol, atol, max_step, mask):
     """Hairer, Norsett & Wanner (1993), Solving ODEs I, Sec. II.4.
 
     The same heuristic as Hairer's DOPRI5 code, torchdiffeq and
-    DifferentialEquations.jl. Costs one evaluation of `fn`.
+    DifferentialEquations.jl, in the solve's own norm. Costs one evaluation
+    of `fn`.
     """
     dtype = t0.dtype
+    norm = functools.partial(_norm, tf, mask=mask)
     scale = tf.nest.map_structure(lambda y: atol + rtol * tf.abs(y), y0)
     scaled = lambda nest: tf.nest.map_structure(tf.divide, nest, scale)
-    d0 = _rms_norm(tf, scaled(y0))
-    d1 = _rms_norm(tf, scaled(f0))
+    d0 = norm(scaled(y0))
+    d1 = norm(scaled(f0))
     h0 = tf.where(
         (d0 < 1e-5) | (d1 < 1e-5),
         tf.constant(1e-6, dtype),
@@ -152,7 +165,7 @@ def _initial_step_size(tf, fn, t0, y0, f0, rtol, atol, max_step):
     y1 = tf.nest.map_structure(lambda y, f: y + h0 * f, y0, f0)
     f1 = fn(t0 + h0, y1)
     diff = tf.nest.map_structure(tf.subtract, f1, f0)
-    d2 = _rms_norm(tf, scaled(diff)) / h0
+    d2 = norm(scaled(diff)) / h0
     d12 = tf.maximum(d1, d2)
     h1 = tf.where(
         d12 <= 1e-15,
@@ -197,7 +210,8 @@ def integrate(dp, fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
 
     f0 = fn_s(s0, y0)
     if first_step_size is None:
-        step = _initial_step_size(tf, fn_s, s0, y0, f0, rtol, atol, span)
+        step = _initial_step_size(tf, fn_s, s0, y0, f0, rtol, atol, span,
+                                  _mask(tf, error_mask, y0))
         setup_evals = 2
     else:
         step = tf.minimum(tf.constant(first_step_size, dtype), span)

@@ -70,12 +70,13 @@ class NeuralODE(keras.layers.Layer):
             Defaults to `rtol`.
         adjoint_atol: absolute tolerance of the backward solve.
             Defaults to `atol`.
-        adjoint_norm: the error norm of the backward solve. `"full"`
-            controls the error of every component of the adjoint system;
-            `"seminorm"` leaves out the parameter-gradient components
+        adjoint_norm: the error norm of the backward solve. `"full"` is
+            torchdiffeq's default: the largest of the root-mean-square
+            errors of the state, of the adjoint and of each parameter
+            gradient. `"seminorm"` leaves out the parameter gradients
             (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE"), which
-            feed back into nothing: fewer backward steps, with gradients
-            still within the tolerance. Defaults to `"full"`.
+            feed back into nothing: never more backward steps, often
+            fewer. Defaults to `"seminorm"`.
         first_step_size: the size of the first step, a positive float, or
             `None` to choose it from the problem with Hairer's heuristic (as
             torchdiffeq and DifferentialEquations.jl do), which costs one
@@ -116,7 +117,7 @@ class NeuralODE(keras.layers.Layer):
         atol=1e-3,
         adjoint_rtol=None,
         adjoint_atol=None,
-        adjoint_norm="full",
+        adjoint_norm="seminorm",
         first_step_size=None,
         max_num_steps=1000,
         **kwargs,

@@ -161,3 +161,25 @@ def test_seminorm_takes_fewer_backward_steps():
         gradients(ode, h0, lambda h: tf.reduce_sum(h ** 2))
         backward[norm] = ode.num_backward_evals.numpy()
     assert backward["seminorm"] < backward["full"]
+
+
+def test_full_norm_weighs_each_parameter_gradient_like_the_state():
+    # torchdiffeq's mixed norm: a parameter gradient of one element whose
+    # error is twice its tolerance rejects the step, however many state
+    # elements are exact. (TFP's norm over all elements together would
+    # dilute it by their number and accept.)
+    from tensorflow_probability.python.math.ode import dormand_prince
+
+    from keras_node import _solver
+
+    solver = _solver._solver_class(dormand_prince)
+    state = (tf.ones([1000]), tf.ones([1000]), [tf.zeros([1])])
+    error = (tf.zeros([1000]), tf.zeros([1000]), [tf.fill([1], 2e-3)])
+
+    def ratio(mask):
+        dp = solver(rtol=1e-3, atol=1e-3, max_num_steps=10, what="test",
+                    error_mask=mask)
+        return float(dp._error_ratio(state, state, error, 1e-3, 1e-3))
+
+    assert ratio((True, True, [True])) > 1  # full: rejected
+    assert ratio((True, True, [False])) == 0  # seminorm: the state is exact
