@@ -58,7 +58,7 @@ def parse_args(argv=None):
     add("--learning-rate", type=float, default=1e-2,
         help="Adam's peak learning rate; it warms up over the first 5%% of "
         "the steps and decays to zero on a cosine (default: %(default)s)")
-    add("--adjoint-norm", default="full", choices=["full", "seminorm"],
+    add("--adjoint-norm", default="seminorm", choices=["full", "seminorm"],
         help="error norm of the backward solve (default: %(default)s)")
     add("--ema", type=float, default=0.0,
         help="keep an exponential moving average of the weights with this "
@@ -67,6 +67,9 @@ def parse_args(argv=None):
     add("--shift", type=int, default=0,
         help="augment: shift training images by up to this many pixels at "
         "random (default: %(default)s, no augmentation)")
+    add("--rotate", type=float, default=0.0,
+        help="augment: rotate training images by up to this many degrees "
+        "either way at random (default: %(default)s, no rotation)")
     add("--max-steps", type=int, default=None,
         help="stop after this many iterations in all (default: the epochs')")
     add("--limit", type=int, default=None,
@@ -117,6 +120,9 @@ def parse_args(argv=None):
         parser.error(f"--ema must be in [0, 1), got {args.ema}")
     if not 0 <= args.shift < 14:
         parser.error(f"--shift must be in [0, 13] pixels, got {args.shift}")
+    if not 0 <= args.rotate <= 180:
+        parser.error(f"--rotate must be in [0, 180] degrees, got "
+                     f"{args.rotate}")
     if args.learning_rate <= 0:
         parser.error(f"--learning-rate must be positive, got "
                      f"{args.learning_rate}")
@@ -177,22 +183,30 @@ def load_mnist(manual_dir=None, data_dir=None, limit=None, seed=0):
             "test": test}
 
 
-def make_datasets(arrays, batch_size, seed, shift=0, skip_batches=0):
+def make_datasets(arrays, batch_size, seed, shift=0, rotate=0.0,
+                  skip_batches=0):
     """tf.data pipelines: an endless training stream and three eval sets.
 
     The training stream is reshuffled every epoch, reproducibly from `seed`,
-    its images shifted at random by up to `shift` pixels, and it starts
-    `skip_batches` batches in (where a resumed run left off).
+    its images shifted at random by up to `shift` pixels and rotated by up
+    to `rotate` degrees, and it starts `skip_batches` batches in (where a
+    resumed run left off).
     """
     x, y = arrays["train"]
     train = (tf.data.Dataset.from_tensor_slices((x, y))
              .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
              .batch(batch_size)
              .repeat())
+    augment = []
     if shift:
-        translate = keras.layers.RandomTranslation(
-            shift / 28, shift / 28, fill_mode="constant", seed=seed)
-        train = train.map(lambda x, y: (translate(x, training=True), y),
+        augment.append(keras.layers.RandomTranslation(
+            shift / 28, shift / 28, fill_mode="constant", seed=seed))
+    if rotate:
+        augment.append(keras.layers.RandomRotation(
+            rotate / 360, fill_mode="constant", seed=seed))
+    if augment:
+        augment = keras.Sequential(augment)
+        train = train.map(lambda x, y: (augment(x, training=True), y),
                           num_parallel_calls=tf.data.AUTOTUNE)
     train = train.skip(skip_batches).prefetch(tf.data.AUTOTUNE)
     evaluate = lambda split: (tf.data.Dataset
@@ -344,7 +358,7 @@ def main(argv=None):
               f"iteration {done}.")
 
     data = make_datasets(arrays, args.batch_size, args.seed,
-                         args.shift, skip_batches=done)
+                         args.shift, args.rotate, skip_batches=done)
     monitor = AccuracyMonitor(data["train_eval"], data["held_out"],
                               every=args.eval_every,
                               train_batches=args.train_eval_batches)

@@ -27,7 +27,14 @@ def build_model(rtol=1e-3, atol=1e-3, adjoint_norm="seminorm"):
     ], name="dynamics")
     x = NeuralODE(dynamics, t0=0.0, t1=1.0, rtol=rtol, atol=atol,
                   adjoint_norm=adjoint_norm)(x)
-    x = layers.GroupNormalization(64)(x)
+    # With 64 groups for 64 channels, GroupNorm standardises each channel
+    # over its 6x6 positions, so with the usual beta = 0 the mean of
+    # relu(.) below barely differs between images, and training idles for
+    # about 100 iterations until Adam has moved beta. Starting at beta = -1
+    # makes the head measure at once how much of each channel stands out
+    # (loss 1.35 instead of 1.79 over iterations 31-60, seed 0).
+    x = layers.GroupNormalization(
+        64, beta_initializer=keras.initializers.Constant(-1.0))(x)
     x = layers.ReLU()(x)
     x = layers.GlobalAveragePooling2D()(x)                         # 6x6 mean
     logits = layers.Dense(10, name="logits")(x)

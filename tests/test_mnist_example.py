@@ -47,6 +47,27 @@ def test_split_is_reproducible_and_disjoint():
     assert len(set(kept) | set(held)) == 1000
 
 
+@pytest.mark.parametrize("shift, rotate", [(0, 0.0), (2, 0.0), (0, 10.0),
+                                           (2, 10.0)])
+def test_augmentation_moves_training_images_only(shift, rotate):
+    image = np.zeros((28, 28, 1), "float32")
+    image[8:20, 13:16] = 1.0  # a bar, changed by shifts and rotations
+    x = np.repeat(image[None], 64, axis=0)
+    y = np.arange(64) % 10
+    arrays = {split: (x, y) for split in ("train", "held_out", "test")}
+    data = mnist.make_datasets(arrays, 64, seed=0, shift=shift, rotate=rotate)
+    images, labels = (t.numpy() for t in next(iter(data["train"])))
+    np.testing.assert_array_equal(np.sort(labels), np.sort(y))
+    moved = np.abs(images - image).max(axis=(1, 2, 3)) > 0.1
+    if shift or rotate:
+        assert moved.mean() > 0.8  # (a draw of ~0 shift and angle is rare)
+        assert len({im.tobytes() for im in images}) > 32  # per image
+    else:
+        assert not moved.any()
+    held_out = next(iter(data["held_out"]))[0].numpy()
+    np.testing.assert_array_equal(held_out, x)
+
+
 def test_missing_file_is_named(manual_dir, tmp_path):
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz"):
@@ -137,6 +158,7 @@ def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
     (["--strategy", "tpu"], "invalid choice: 'tpu'"),
     (["--ema", "1"], "--ema must be in [0, 1), got 1.0"),
     (["--shift", "14"], "--shift must be in [0, 13] pixels, got 14"),
+    (["--rotate", "-5"], "--rotate must be in [0, 180] degrees, got -5.0"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):

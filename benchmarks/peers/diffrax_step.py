@@ -14,7 +14,8 @@ Conv 3x3 64->64 tanh ('same'), GroupNorm(64), relu, the mean over 6x6, Dense
 on fixed random images (numpy seed 0, as `benchmarks/train_step.py`). The
 whole train step (forward, gradient, Adam update) is one `jax.jit`.
 
-To match Keras, the weights start Glorot-uniform with zero biases, the
+To match ours, the weights start Glorot-uniform with zero biases (the head
+GroupNorm's beta at -1, as in examples/mnist_common.py), the
 GroupNorms use epsilon 1e-3 and Adam epsilon 1e-7.
 
 --adjoint: `backsolve` is `diffrax.BacksolveAdjoint()` (the continuous
@@ -102,7 +103,7 @@ def group_norm(x, gamma, beta, groups=64):
 
 
 def init_params(key):
-    """Glorot-uniform kernels, zero biases, unit GroupNorm scales."""
+    """Glorot-uniform kernels, zero biases, unit GroupNorm scales (as Keras)."""
     import jax
     import jax.numpy as jnp
 
@@ -112,15 +113,15 @@ def init_params(key):
     conv_param = lambda k, cin, cout: {
         "w": glorot(next(keys), (k, k, cin, cout), jnp.float32),
         "b": jnp.zeros(cout, jnp.float32)}
-    norm_param = lambda: {"gamma": jnp.ones(64, jnp.float32),
-                          "beta": jnp.zeros(64, jnp.float32)}
+    norm_param = lambda beta=0.0: {"gamma": jnp.ones(64, jnp.float32),
+                                   "beta": jnp.full(64, beta, jnp.float32)}
     return {
         "conv1": conv_param(3, 1, 64), "norm1": norm_param(),
         "conv2": conv_param(4, 64, 64), "norm2": norm_param(),
         "conv3": conv_param(4, 64, 64),
         "ode": {"conv1": conv_param(3, 64, 64),
                 "conv2": conv_param(3, 64, 64)},
-        "norm3": norm_param(),
+        "norm3": norm_param(-1.0),  # the head's, as ours
         "logits": {"w": glorot(next(keys), (64, 10), jnp.float32),
                    "b": jnp.zeros(10, jnp.float32)},
     }
