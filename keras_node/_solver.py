@@ -14,8 +14,9 @@ What is ours and what is TFP's:
   latter from Hairer's heuristic) so that no evaluation is wasted. Our
   subclass keeps TFP's step and changes three things around it: a step
   budget whose error says what to do, a budget that also ends the solve
-  where XLA compiles assertions away, and an error norm restricted to chosen
-  components (for the seminorm adjoint).
+  where XLA compiles assertions away, and an error norm that is the largest
+  over the state's components, restricted to chosen ones (torchdiffeq's
+  mixed norm for the adjoint system, and its seminorm).
 - The gradient (in the backend modules) is our own custom gradient: the
   forward solve records nothing, and the backward pass integrates the
   adjoint system `(y, a, g)' = (f, -a^T df/dy, -a^T df/dtheta)` from `t1`
@@ -44,10 +45,10 @@ def _solver_class(dp):
         interpolation and step-size update, unchanged) with two
         differences: the step budget fails with a message that says what to
         do (TFP's own check says only "max_num_steps exceeded"), and the
-        error ratio is taken over the state components where `error_mask` is
-        True (all by default, which is TFP's norm exactly). The seminorm
-        adjoint uses the mask to leave the parameter gradients out of the
-        error control.
+        error ratio is the largest of TFP's ratios of the state's components
+        where `error_mask` is True (all by default; for a single tensor,
+        TFP's norm exactly). The seminorm adjoint uses the mask to leave the
+        parameter gradients out of the error control.
         """
 
         def __init__(self, *, max_num_steps, what, error_mask=None, **kwargs):
