@@ -58,6 +58,9 @@ def parse_args(argv=None):
     add("--learning-rate", type=float, default=1e-2,
         help="Adam's peak learning rate; it warms up over the first 5%% of "
         "the steps and decays to zero on a cosine (default: %(default)s)")
+    add("--weight-decay", type=float, default=0.0,
+        help="Adam's decoupled weight decay: each step shrinks the weights "
+        "by this times the learning rate (default: %(default)s, none)")
     add("--adjoint-norm", default="seminorm", choices=["full", "seminorm"],
         help="error norm of the backward solve (default: %(default)s)")
     add("--ema", type=float, default=0.0,
@@ -123,6 +126,9 @@ def parse_args(argv=None):
     if not 0 <= args.rotate <= 180:
         parser.error(f"--rotate must be in [0, 180] degrees, got "
                      f"{args.rotate}")
+    if args.weight_decay < 0:
+        parser.error(f"--weight-decay must be at least 0, got "
+                     f"{args.weight_decay}")
     if args.learning_rate <= 0:
         parser.error(f"--learning-rate must be positive, got "
                      f"{args.learning_rate}")
@@ -333,10 +339,15 @@ def main(argv=None):
             model = keras.models.load_model(out / "model.keras")
         else:
             model = build_model(adjoint_norm=args.adjoint_norm)
+            optimizer = keras.optimizers.Adam(
+                learning_rate_schedule(args.learning_rate, total_steps),
+                weight_decay=args.weight_decay or None,
+                use_ema=args.ema > 0, ema_momentum=args.ema or 0.99)
+            # Decay the kernels only, not the biases or GroupNorm's scales.
+            optimizer.exclude_from_weight_decay(
+                var_names=["bias", "gamma", "beta"])
             model.compile(
-                optimizer=keras.optimizers.Adam(
-                    learning_rate_schedule(args.learning_rate, total_steps),
-                    use_ema=args.ema > 0, ema_momentum=args.ema or 0.99),
+                optimizer=optimizer,
                 loss=keras.losses.SparseCategoricalCrossentropy(
                     from_logits=True),
                 metrics=["accuracy"],
