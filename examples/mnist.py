@@ -203,15 +203,15 @@ def make_datasets(arrays, batch_size, seed, shift=0, rotate=0.0,
              .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
              .batch(batch_size)
              .repeat())
-    augment = []
+    augmentations = []
     if shift:
-        augment.append(keras.layers.RandomTranslation(
+        augmentations.append(keras.layers.RandomTranslation(
             shift / 28, shift / 28, fill_mode="constant", seed=seed))
     if rotate:
-        augment.append(keras.layers.RandomRotation(
+        augmentations.append(keras.layers.RandomRotation(
             rotate / 360, fill_mode="constant", seed=seed))
-    if augment:
-        augment = keras.Sequential(augment)
+    if augmentations:
+        augment = keras.Sequential(augmentations)
         train = train.map(lambda x, y: (augment(x, training=True), y),
                           num_parallel_calls=tf.data.AUTOTUNE)
     train = train.skip(skip_batches).prefetch(tf.data.AUTOTUNE)
