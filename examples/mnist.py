@@ -63,6 +63,10 @@ def parse_args(argv=None):
         "by this times the learning rate (default: %(default)s, none)")
     add("--adjoint-norm", default="seminorm", choices=["full", "seminorm"],
         help="error norm of the backward solve (default: %(default)s)")
+    add("--kinetic-energy", type=float, default=0.0,
+        help="weight of the kinetic-energy regulariser (Finlay et al. "
+        "2020), which keeps the dynamics straight and the solver's steps "
+        "few (default: %(default)s, off)")
     add("--ema", type=float, default=0.0,
         help="keep an exponential moving average of the weights with this "
         "momentum (e.g. 0.99) and end with the averaged weights; 0 turns it "
@@ -126,9 +130,10 @@ def parse_args(argv=None):
     if not 0 <= args.rotate <= 180:
         parser.error(f"--rotate must be in [0, 180] degrees, got "
                      f"{args.rotate}")
-    if args.weight_decay < 0:
-        parser.error(f"--weight-decay must be at least 0, got "
-                     f"{args.weight_decay}")
+    for name in ("weight_decay", "kinetic_energy"):
+        if not getattr(args, name) >= 0:
+            parser.error(f"--{name.replace('_', '-')} must be at least 0, "
+                         f"got {getattr(args, name)}")
     if args.learning_rate <= 0:
         parser.error(f"--learning-rate must be positive, got "
                      f"{args.learning_rate}")
@@ -338,7 +343,8 @@ def main(argv=None):
         if finished:
             model = keras.models.load_model(out / "model.keras")
         else:
-            model = build_model(adjoint_norm=args.adjoint_norm)
+            model = build_model(adjoint_norm=args.adjoint_norm,
+                                kinetic_energy=args.kinetic_energy)
             optimizer = keras.optimizers.Adam(
                 learning_rate_schedule(args.learning_rate, total_steps),
                 weight_decay=args.weight_decay or None,

@@ -11,7 +11,8 @@ from keras import layers
 from keras_node import NeuralODE
 
 
-def build_model(rtol=1e-3, atol=1e-3, adjoint_norm="seminorm"):
+def build_model(rtol=1e-3, atol=1e-3, adjoint_norm="seminorm",
+                kinetic_energy=0.0):
     """The tutorial's model: 28x28x1 images to 10 logits."""
     images = keras.Input((28, 28, 1), name="images")
     x = layers.Conv2D(64, 3, activation="relu")(images)            # 26x26
@@ -26,7 +27,7 @@ def build_model(rtol=1e-3, atol=1e-3, adjoint_norm="seminorm"):
         layers.Conv2D(64, 3, padding="same", activation="tanh"),
     ], name="dynamics")
     x = NeuralODE(dynamics, t0=0.0, t1=1.0, rtol=rtol, atol=atol,
-                  adjoint_norm=adjoint_norm)(x)
+                  adjoint_norm=adjoint_norm, kinetic_energy=kinetic_energy)(x)
     # With 64 groups for 64 channels, GroupNorm standardises each channel
     # over its 6x6 positions, so with the usual beta = 0 the mean of
     # relu(.) below barely differs between images, and training idles for

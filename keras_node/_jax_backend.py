@@ -25,24 +25,30 @@ from keras_node import _solver
 
 
 def solve(layer, h0):
-    """`h(t1)` for `layer` (a `NeuralODE`) from `h0`; updates its counter."""
+    """`(h(t1), kinetic energy)` for `layer` (a `NeuralODE`) from `h0`.
+
+    The kinetic energy is `None` unless the layer regularises it. Updates
+    the layer's forward counter.
+    """
     dynamics = layer.dynamics
     non_trainable = [v.value for v in dynamics.non_trainable_variables]
 
-    def fn(t, h, params):
+    def dynamics_fn(t, h, params):
         kwargs = {"t": t} if layer._time_dependent else {}
         out, _ = dynamics.stateless_call(params, non_trainable, h, **kwargs)
         return out.astype(h.dtype)
 
+    fn, y0, mask = _solver.augment(dormand_prince.tf, dynamics_fn, h0,
+                                   layer.kinetic_energy)
     forward, adjoint = layer._solve_options()
     params = [v.value for v in dynamics.trainable_variables]
 
     def record_backward(num_evals):
         layer._backward_evals_host = float(num_evals)
 
-    h1, num_forward = _odeint_adjoint(
-        fn, layer.t0, layer.t1, forward, adjoint,
-        layer.adjoint_norm == "seminorm", record_backward, h0, params)
+    y1, num_forward = _odeint_adjoint(
+        fn, layer.t0, layer.t1, forward, adjoint, mask,
+        layer.adjoint_norm == "seminorm", record_backward, y0, params)
     try:
         evals = int(num_forward)
     except jax.errors.ConcretizationTypeError:
@@ -52,27 +58,30 @@ def solve(layer, h0):
         raise RuntimeError(_solver.budget_message(forward["what"],
                                                   layer.max_num_steps))
     layer._forward_evals.assign(num_forward.astype("float32"))
-    return h1
+    return y1 if layer.kinetic_energy else (y1, None)
 
 
 def _freeze(options):
     return tuple(sorted(options.items()))
 
 
-def _odeint_adjoint(fn, t0, t1, forward, adjoint, seminorm, record_backward,
-                    y0, params):
+def _odeint_adjoint(fn, t0, t1, forward, adjoint, state_mask, seminorm,
+                    record_backward, y0, params):
+    if state_mask is None:
+        state_mask = jax.tree.map(lambda _: True, y0)
     return _make_solve(fn, t0, t1, _freeze(forward), _freeze(adjoint),
-                       seminorm, record_backward)(y0, params)
+                       state_mask, seminorm, record_backward)(y0, params)
 
 
-def _make_solve(fn, t0, t1, forward, adjoint, seminorm, record_backward):
+def _make_solve(fn, t0, t1, forward, adjoint, state_mask, seminorm,
+                record_backward):
     forward, adjoint = dict(forward), dict(adjoint)
 
     @jax.custom_vjp
     def solve(y0, params):
         return _solver.integrate(
             dormand_prince, lambda t, y: fn(t, y, params), t0, t1, y0,
-            **forward)
+            error_mask=state_mask, **forward)
 
     def solve_fwd(y0, params):
         y1, num_evals = solve(y0, params)
@@ -86,11 +95,11 @@ def _make_solve(fn, t0, t1, forward, adjoint, seminorm, record_backward):
             y, a, _ = state
             f, vjp = jax.vjp(functools.partial(fn, t), y, params)
             dy, dparams = vjp(a)
-            return f, -dy, jax.tree.map(jnp.negative, dparams)
+            return f, *jax.tree.map(jnp.negative, (dy, dparams))
 
-        mask = (True, True, [not seminorm] * len(params))
-        state1 = (y1, dy1.astype(y1.dtype), jax.tree.map(jnp.zeros_like,
-                                                         params))
+        mask = (state_mask, state_mask, [not seminorm] * len(params))
+        dy1 = jax.tree.map(lambda d, y: d.astype(y.dtype), dy1, y1)
+        state1 = (y1, dy1, jax.tree.map(jnp.zeros_like, params))
         (_, dy0, dparams), num_evals = _solver.integrate(
             dormand_prince, adjoint_fn, t1, t0, state1, error_mask=mask,
             **adjoint)

@@ -176,6 +176,29 @@ def _initial_step_size(tf, fn, t0, y0, f0, rtol, atol, max_step, mask):
     return tf.minimum(tf.minimum(100.0 * h0, h1), max_step)
 
 
+def augment(tf, fn, y0, kinetic_energy):
+    """`(fn, y0, error_mask)` of the solve, with the kinetic energy if asked.
+
+    With `kinetic_energy` zero, `fn` and `y0` unchanged and no mask. Else the
+    state is `(y, r)`, `r' = |f(t, y)|^2` per example (summed over all axes
+    but the batch axis) and `r(t0) = 0`, so that `r(t1)` is Finlay et al.'s
+    (2020) kinetic energy of each example's path. `r` feeds back into
+    nothing, so the error control leaves it out: the regulariser adds no
+    steps. Extra arguments of `fn` (JAX's weights) pass through.
+    """
+    if not kinetic_energy:
+        return fn, y0, None
+
+    axes = list(range(1, len(y0.shape)))
+
+    def augmented(t, state, *args):
+        f = fn(t, state[0], *args)
+        return f, tf.reduce_sum(tf.square(f), axis=axes)
+
+    r0 = tf.zeros_like(tf.reduce_sum(y0, axis=axes))
+    return augmented, (y0, r0), (True, False)
+
+
 def integrate(dp, fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
               max_num_steps, what, error_mask=None):
     """Solves `dy/dt = fn(t, y)` from `t_start` to `t_end` (either order).

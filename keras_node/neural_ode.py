@@ -84,6 +84,15 @@ class NeuralODE(keras.layers.Layer):
         max_num_steps: the most steps, accepted and rejected, that one solve
             (forward or backward) may take before it fails with an error.
             Defaults to `1000`.
+        kinetic_energy: weight of the kinetic-energy regulariser of Finlay
+            et al. (2020), "How to train your neural ODE", a non-negative
+            float. When positive, the layer adds to the model's losses this
+            times the batch mean of `integral from t0 to t1 of |f(t, h)|^2`
+            (the squares summed over each example's state), which favours
+            straight, slow paths and so fewer solver steps. The integral is
+            solved beside `h` in the same solve and its gradient comes from
+            the same adjoint solve; it adds no steps (its error does not
+            control the step size). Defaults to `0.0`, off.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -120,6 +129,7 @@ class NeuralODE(keras.layers.Layer):
         adjoint_norm="seminorm",
         first_step_size=None,
         max_num_steps=1000,
+        kinetic_energy=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -158,6 +168,10 @@ class NeuralODE(keras.layers.Layer):
             else _positive_float("first_step_size", first_step_size)
         )
         self.max_num_steps = _positive_int("max_num_steps", max_num_steps)
+        self.kinetic_energy = _finite_float("kinetic_energy", kinetic_energy)
+        if self.kinetic_energy < 0:
+            raise _invalid(ValueError, "kinetic_energy",
+                           "a non-negative float", kinetic_energy)
         self._time_dependent = "t" in inspect.signature(
             dynamics.call
         ).parameters
@@ -229,7 +243,11 @@ class NeuralODE(keras.layers.Layer):
     def call(self, inputs):
         _check_floating(inputs)
         h0 = keras.ops.cast(inputs, self._state_dtype(inputs.dtype))
-        h1 = _backend().solve(self, h0)
+        h1, kinetic = _backend().solve(self, h0)
+        if kinetic is not None:
+            # r(t1) integrates |f|^2 from t0 to t1: negative when t1 < t0.
+            sign = 1.0 if self.t1 > self.t0 else -1.0
+            self.add_loss(sign * self.kinetic_energy * keras.ops.mean(kinetic))
         return keras.ops.cast(h1, inputs.dtype)
 
     def _solve_options(self):
@@ -260,6 +278,7 @@ class NeuralODE(keras.layers.Layer):
             "adjoint_norm": self.adjoint_norm,
             "first_step_size": self.first_step_size,
             "max_num_steps": self.max_num_steps,
+            "kinetic_energy": self.kinetic_energy,
         }
         return {**super().get_config(), **config}
 

@@ -46,6 +46,12 @@ def dynamics():
         (dict(max_num_steps=10.5), TypeError,
          r"argument `max_num_steps`, expected a positive integer. "
          r"Received: max_num_steps=10.5"),
+        (dict(kinetic_energy=-0.01), ValueError,
+         r"argument `kinetic_energy`, expected a non-negative float. "
+         r"Received: kinetic_energy=-0.01"),
+        (dict(kinetic_energy=None), TypeError,
+         r"argument `kinetic_energy`, expected a finite float. "
+         r"Received: kinetic_energy=None"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import scipy.integrate
 import scipy.linalg
 import tensorflow as tf
 
@@ -183,3 +184,45 @@ def test_full_norm_weighs_each_parameter_gradient_like_the_state():
 
     assert ratio((True, True, [True])) > 1  # full: rejected
     assert ratio((True, True, [False])) == 0  # seminorm: the state is exact
+
+
+@pytest.mark.parametrize("t1", [1.5, -1.0])
+def test_kinetic_energy_is_the_path_integral_of_the_squared_speed(t1):
+    ode = NeuralODE(Linear(A, dtype="float64"), t1=t1, dtype="float64",
+                    kinetic_energy=0.3, **TIGHT)
+    h1 = ode(tf.constant(H0))
+    # f(t) = h0 expm(A t)^T A^T along each example's path.
+    speed2 = lambda t, h: np.sum((h @ scipy.linalg.expm(A * t).T @ A.T) ** 2)
+    energy = [scipy.integrate.quad(speed2, min(0, t1), max(0, t1), args=(h,),
+                                   epsabs=1e-12, epsrel=1e-12)[0] for h in H0]
+    [loss] = ode.losses
+    np.testing.assert_allclose(loss, 0.3 * np.mean(energy), rtol=1e-7)
+    # The state is solved as without the regulariser.
+    np.testing.assert_allclose(h1, H0 @ scipy.linalg.expm(A * t1).T,
+                               rtol=GRAD_TOL, atol=GRAD_TOL)
+
+
+def test_kinetic_energy_gradients_match_finite_differences():
+    keras.utils.set_random_seed(6)
+    ode = NeuralODE(mlp_dynamics(8, 3, dtype="float64"), t1=1.0,
+                    dtype="float64", kinetic_energy=0.5, **TIGHT)
+    h0 = np.random.default_rng(6).normal(size=(4, 3))
+    # Both cotangents at once: the state's and the energy's.
+    finite_difference_check(
+        ode, h0, lambda h: tf.reduce_sum(tf.sin(h)) + tf.add_n(ode.losses))
+
+
+def test_kinetic_energy_adds_no_steps():
+    keras.utils.set_random_seed(7)
+    dynamics = mlp_dynamics(16, 3)
+    h0 = np.random.default_rng(7).normal(size=(8, 3)).astype("float32")
+    counts, states = [], []
+    for weight in (0.0, 1.0):
+        ode = NeuralODE(dynamics, t1=2.0, kinetic_energy=weight)
+        loss_fn = lambda h: tf.reduce_sum(h ** 2) + sum(ode.losses)
+        gradients(ode, h0, loss_fn)
+        counts.append((float(ode.num_forward_evals),
+                       float(ode.num_backward_evals)))
+        states.append(ode(h0))
+    assert counts[0] == counts[1]
+    np.testing.assert_array_equal(states[0], states[1])

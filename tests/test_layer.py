@@ -49,13 +49,15 @@ def test_config_round_trip():
     ode = NeuralODE(mlp_dynamics(5, 3), t0=0.5, t1=-2.0, rtol=1e-4,
                     atol=1e-5, adjoint_rtol=1e-2, adjoint_atol=1e-3,
                     adjoint_norm="seminorm",
-                    first_step_size=0.1, max_num_steps=77, name="ode")
+                    first_step_size=0.1, max_num_steps=77,
+                    kinetic_energy=0.01, name="ode")
     config = ode.get_config()
     json.dumps(config)  # serializable as JSON
     restored = NeuralODE.from_config(config)
     assert restored.get_config() == config
     for key in ("t0", "t1", "rtol", "atol", "adjoint_rtol", "adjoint_atol",
-                "adjoint_norm", "first_step_size", "max_num_steps"):
+                "adjoint_norm", "first_step_size", "max_num_steps",
+                "kinetic_energy"):
         assert getattr(restored, key) == getattr(ode, key)
     assert isinstance(restored.dynamics, keras.Sequential)
 
@@ -187,14 +189,16 @@ def test_jit_compile_auto_trains_without_xla():
     assert model.jit_compile is False
 
 
-def test_mirrored_training_matches_single_device():
+@pytest.mark.parametrize("kinetic_energy", [0.0, 0.1])
+def test_mirrored_training_matches_single_device(kinetic_energy):
     """Two replicas on half-batches vs one device on the whole batch.
 
     Each replica's adaptive solver chooses its own steps for its sub-batch
     (the error norm is over the solver's own state), so the solutions, and
     the gradients, differ from the single-device ones by up to the solver
     tolerance. At rtol = atol = 1e-7 that is far below what three Adam
-    steps of 1e-2 move the weights (about 3e-2), hence the 1e-4 bound.
+    steps of 1e-2 move the weights (about 3e-2), hence the 1e-4 bound. The
+    kinetic-energy loss, added by each replica, must count once.
     """
     x, y = data(32, seed=3)
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
@@ -206,7 +210,8 @@ def test_mirrored_training_matches_single_device():
         with strategy.scope():
             inputs = keras.Input((6, 6, 2))
             h = keras.layers.Conv2D(4, 1)(inputs)
-            h = NeuralODE(small_conv_dynamics(4), rtol=1e-7, atol=1e-7)(h)
+            h = NeuralODE(small_conv_dynamics(4), rtol=1e-7, atol=1e-7,
+                          kinetic_energy=kinetic_energy)(h)
             h = keras.layers.GlobalAveragePooling2D()(h)
             model = keras.Model(inputs, keras.layers.Dense(3)(h))
             model.compile(
@@ -220,3 +225,21 @@ def test_mirrored_training_matches_single_device():
     assert moved > 1e-2  # training moved the weights far beyond the bound
     for a, b in zip(weights["single"], weights["mirrored"]):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_fit_with_kinetic_energy_straightens_the_dynamics():
+    x = np.random.default_rng(8).normal(size=(64, 3)).astype("float32")
+    energy = {}
+    for weight in (0.0, 0.1):
+        keras.utils.set_random_seed(8)
+        ode = NeuralODE(mlp_dynamics(16, 3), t1=1.0, kinetic_energy=weight)
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, ode(inputs))
+        # The data term asks for h(1) = 2 h(0); the straight path there has
+        # kinetic energy |h0|^2, the least possible.
+        model.compile(keras.optimizers.Adam(1e-2), "mse")
+        model.fit(x, 2 * x, batch_size=16, epochs=20, verbose=0)
+        probe = NeuralODE(ode.dynamics, t1=1.0, kinetic_energy=1.0)
+        probe(x)
+        energy[weight] = float(probe.losses[0])
+    assert energy[0.1] < 0.9 * energy[0.0]

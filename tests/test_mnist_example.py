@@ -159,6 +159,8 @@ def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
     (["--ema", "1"], "--ema must be in [0, 1), got 1.0"),
     (["--shift", "14"], "--shift must be in [0, 13] pixels, got 14"),
     (["--weight-decay", "-1"], "--weight-decay must be at least 0, got -1.0"),
+    (["--kinetic-energy", "nan"],
+     "--kinetic-energy must be at least 0, got nan"),
     (["--rotate", "-5"], "--rotate must be in [0, 180] degrees, got -5.0"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):

@@ -15,6 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import scipy.integrate  # noqa: E402
 import scipy.linalg  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
@@ -93,6 +94,58 @@ def test_mlp_gradients_match_finite_differences(adjoint_norm):
             np.testing.assert_allclose(np.asarray(grad).reshape(-1)[index],
                                        (up - down) / (2 * eps), atol=2e-3,
                                        rtol=2e-2)
+
+
+def test_kinetic_energy_and_its_gradients():
+    ode = NeuralODE(Linear(A), t1=1.0, rtol=1e-6, atol=1e-6,
+                    kinetic_energy=0.3)
+    ode(H0)
+    others = [v.value for v in ode.non_trainable_variables]
+
+    def energy_jax(trainable, h0):
+        _, _, [loss] = ode.stateless_call(trainable, others, h0,
+                                          return_losses=True)
+        return loss
+
+    def energy(h0, a):  # by quadrature, in float64
+        speed2 = lambda t, h: np.sum((h @ scipy.linalg.expm(a * t).T @ a.T)
+                                     ** 2)
+        return 0.3 * np.mean([scipy.integrate.quad(speed2, 0, 1, args=(h,))[0]
+                              for h in h0])
+
+    trainable = [v.value for v in ode.trainable_variables]
+    np.testing.assert_allclose(energy_jax(trainable, H0), energy(H0, A),
+                               rtol=1e-5)
+    (da_t,), dh0 = jax.jit(jax.grad(energy_jax, argnums=(0, 1)))(
+        trainable, jnp.asarray(H0))
+    eps = 1e-5
+    for i in range(2):
+        for j in range(2):
+            unit = np.zeros((2, 2))
+            unit[i, j] = eps
+            np.testing.assert_allclose(
+                dh0[i, j], (energy(H0 + unit, A) - energy(H0 - unit, A))
+                / (2 * eps), rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(
+                da_t[j, i], (energy(H0, A + unit) - energy(H0, A - unit))
+                / (2 * eps), rtol=1e-3, atol=1e-4)
+
+
+def test_fit_with_kinetic_energy_straightens_the_dynamics():
+    # As tests/test_layer.py: Keras' JAX trainer adds the layer's loss.
+    x = np.random.default_rng(8).normal(size=(64, 3)).astype("float32")
+    energy = {}
+    for weight in (0.0, 0.1):
+        keras.utils.set_random_seed(8)
+        ode = NeuralODE(mlp_dynamics(16, 3), t1=1.0, kinetic_energy=weight)
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, ode(inputs))
+        model.compile(keras.optimizers.Adam(1e-2), "mse")
+        model.fit(x, 2 * x, batch_size=16, epochs=20, verbose=0)
+        probe = NeuralODE(ode.dynamics, t1=1.0, kinetic_energy=1.0)
+        probe(x)
+        energy[weight] = float(probe.losses[0])
+    assert energy[0.1] < 0.9 * energy[0.0]
 
 
 def test_loads_a_model_saved_with_tensorflow():
