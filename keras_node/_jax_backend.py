@@ -25,10 +25,10 @@ from keras_node import _solver
 
 
 def solve(layer, h0):
-    """`(h(t1), kinetic energy)` for `layer` (a `NeuralODE`) from `h0`.
+    """The states at `layer.output_times` (stacked first) from `h0`.
 
-    The kinetic energy is `None` unless the layer regularises it. Updates
-    the layer's forward counter.
+    Returns `(hs, kinetic)` as the TensorFlow backend's `solve`. Updates the
+    layer's forward counter.
     """
     dynamics = layer.dynamics
     non_trainable = [v.value for v in dynamics.non_trainable_variables]
@@ -46,8 +46,8 @@ def solve(layer, h0):
     def record_backward(num_evals):
         layer._backward_evals_host = float(num_evals)
 
-    y1, num_forward = _odeint_adjoint(
-        fn, layer.t0, layer.t1, forward, adjoint, mask,
+    ys, num_forward = _odeint_adjoint(
+        fn, layer.t0, layer.output_times, forward, adjoint, mask,
         layer.adjoint_norm == "seminorm", record_backward, y0, params)
     try:
         evals = int(num_forward)
@@ -58,38 +58,40 @@ def solve(layer, h0):
         raise RuntimeError(_solver.budget_message(forward["what"],
                                                   layer.max_num_steps))
     layer._forward_evals.assign(num_forward.astype("float32"))
-    return y1 if layer.kinetic_energy else (y1, None)
+    return ys if layer.kinetic_energy else (ys, None)
 
 
 def _freeze(options):
     return tuple(sorted(options.items()))
 
 
-def _odeint_adjoint(fn, t0, t1, forward, adjoint, state_mask, seminorm,
+def _odeint_adjoint(fn, t0, times, forward, adjoint, state_mask, seminorm,
                     record_backward, y0, params):
+    """As the TensorFlow backend's `odeint_adjoint`, `fn` taking `params`."""
     if state_mask is None:
         state_mask = jax.tree.map(lambda _: True, y0)
-    return _make_solve(fn, t0, t1, _freeze(forward), _freeze(adjoint),
+    return _make_solve(fn, t0, times, _freeze(forward), _freeze(adjoint),
                        state_mask, seminorm, record_backward)(y0, params)
 
 
-def _make_solve(fn, t0, t1, forward, adjoint, state_mask, seminorm,
+def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
                 record_backward):
     forward, adjoint = dict(forward), dict(adjoint)
+    at = lambda nest, i: jax.tree.map(lambda x: x[i], nest)
 
     @jax.custom_vjp
     def solve(y0, params):
         return _solver.integrate(
-            dormand_prince, lambda t, y: fn(t, y, params), t0, t1, y0,
-            error_mask=state_mask, **forward)
+            dormand_prince, lambda t, y: fn(t, y, params), t0, times[-1], y0,
+            error_mask=state_mask, save_at=times, **forward)
 
     def solve_fwd(y0, params):
-        y1, num_evals = solve(y0, params)
-        return (y1, num_evals), (y1, params)
+        ys, num_evals = solve(y0, params)
+        return (ys, num_evals), (ys, params)
 
     def solve_bwd(residuals, cotangents):
-        y1, params = residuals
-        dy1 = cotangents[0]
+        ys, params = residuals
+        dys = jax.tree.map(lambda d, y: d.astype(y.dtype), cotangents[0], ys)
 
         def adjoint_fn(t, state):
             y, a, _ = state
@@ -98,12 +100,23 @@ def _make_solve(fn, t0, t1, forward, adjoint, state_mask, seminorm,
             return f, *jax.tree.map(jnp.negative, (dy, dparams))
 
         mask = (state_mask, state_mask, [not seminorm] * len(params))
-        dy1 = jax.tree.map(lambda d, y: d.astype(y.dtype), dy1, y1)
-        state1 = (y1, dy1, jax.tree.map(jnp.zeros_like, params))
-        (_, dy0, dparams), num_evals = _solver.integrate(
-            dormand_prince, adjoint_fn, t1, t0, state1, error_mask=mask,
-            **adjoint)
+        last = len(times) - 1
+        state = (at(ys, last), at(dys, last),
+                 jax.tree.map(jnp.zeros_like, params))
+        num_evals = 0
+        for i in range(last, -1, -1):
+            start, end = times[i], times[i - 1] if i else t0
+            if start != end:
+                state, evals = _solver.integrate(
+                    dormand_prince, adjoint_fn, start, end, state,
+                    error_mask=mask, **adjoint)
+                num_evals += evals
+            if i:
+                _, a, g = state
+                state = (at(ys, i - 1),
+                         jax.tree.map(jnp.add, a, at(dys, i - 1)), g)
         jax.debug.callback(record_backward, num_evals)
+        _, dy0, dparams = state
         return dy0, dparams
 
     solve.defvjp(solve_fwd, solve_bwd)

@@ -200,7 +200,7 @@ def augment(tf, fn, y0, kinetic_energy):
 
 
 def integrate(dp, fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
-              max_num_steps, what, error_mask=None):
+              max_num_steps, what, error_mask=None, save_at=None):
     """Solves `dy/dt = fn(t, y)` from `t_start` to `t_end` (either order).
 
     Args:
@@ -214,11 +214,15 @@ def integrate(dp, fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
         what: how error messages name this solve.
         error_mask: a nest of bools like `y0`: the components whose error
             the step-size control sees. Defaults to all.
+        save_at: None, or Python floats from `t_start` towards `t_end`,
+            strictly monotone, the last `t_end`: the times whose states to
+            return (interpolated by TFP between steps).
 
     Returns:
-        `(y(t_end), num_evals)`: `num_evals` is an int32 scalar counting
-        every evaluation of `fn`, including the first derivative and the
-        initial step heuristic.
+        `(y(t_end), num_evals)`, or with `save_at` `(ys, num_evals)`, `ys`
+        the states at those times stacked on a new leading axis.
+        `num_evals` is an int32 scalar counting every evaluation of `fn`,
+        including the first derivative and the initial step heuristic.
     """
     tf = dp.tf
     dtype = tf.nest.flatten(y0)[0].dtype
@@ -254,14 +258,18 @@ def integrate(dp, fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
     )
     # `_solve`, not `solve`: TFP's public entry wraps the solve in its own
     # adjoint, a custom gradient that we neither use nor want exported.
+    times = tf.reshape(s1, [1]) if save_at is None else tf.constant(
+        [sign * t for t in save_at], dtype)
     results = solver._solve(
-        fn_s, s0, y0, solution_times=tf.reshape(s1, [1]),
+        fn_s, s0, y0, solution_times=times,
         previous_solver_internal_state=initial,
     )
     evals = results.diagnostics.num_ode_fn_evaluations
     finished = evals <= solver._max_evals()
+    pick = (lambda y: y[-1]) if save_at is None else (lambda y: y)
     y1 = tf.nest.map_structure(
-        lambda y: tf.where(finished, y[-1], tf.constant(float("nan"), y.dtype)),
+        lambda y: tf.where(finished, pick(y), tf.constant(float("nan"),
+                                                          y.dtype)),
         results.states)
     # TFP counts the evaluations of its steps only; ours came before them.
     num_evals = evals + setup_evals

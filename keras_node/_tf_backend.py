@@ -7,10 +7,12 @@ from keras_node import _solver
 
 
 def solve(layer, h0):
-    """`(h(t1), kinetic energy)` for `layer` (a `NeuralODE`) from `h0`.
+    """The states at `layer.output_times` (stacked first) from `h0`.
 
-    The kinetic energy is `None` unless the layer regularises it. Updates
-    the layer's evaluation counters.
+    Returns `(hs, kinetic)` for `layer` (a `NeuralODE`): `hs` has a leading
+    axis of the output times, `kinetic` the kinetic energy accumulated up to
+    each of them, or None unless the layer regularises it. Updates the
+    layer's evaluation counters.
     """
 
     def dynamics(t, h):
@@ -19,27 +21,33 @@ def solve(layer, h0):
 
     forward, adjoint = layer._solve_options()
     fn, y0, mask = _solver.augment(tf, dynamics, h0, layer.kinetic_energy)
-    y1, num_forward = odeint_adjoint(
-        fn, y0, layer.t0, layer.t1,
+    ys, num_forward = odeint_adjoint(
+        fn, y0, layer.t0, layer.output_times,
         forward_options=forward, adjoint_options=adjoint, state_mask=mask,
         seminorm=layer.adjoint_norm == "seminorm",
         on_backward_evals=lambda n: layer._backward_evals.assign(
             tf.cast(n, "float32")),
     )
     layer._forward_evals.assign(tf.cast(num_forward, "float32"))
-    return y1 if layer.kinetic_energy else (y1, None)
+    return ys if layer.kinetic_energy else (ys, None)
 
 
-def odeint_adjoint(fn, y0, t0, t1, *, forward_options, adjoint_options,
+def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
                    state_mask, seminorm, on_backward_evals):
-    """`y(t1)` and the forward evaluation count; gradients by the adjoint.
+    """`y` at `times` and the forward evaluation count; adjoint gradients.
 
     Gradients flow to `y0` and to every floating variable that `fn` reads.
+    As torchdiffeq's `odeint_adjoint`, the backward pass solves the adjoint
+    system from each output time back to the one before, adding that time's
+    cotangent to the adjoint and restarting the state from the forward
+    solution there.
 
     Args:
         fn: `fn(t, y) -> dy/dt` for a nest of tensors `y`.
         y0: the initial state, a nest of floating tensors.
-        t0, t1: Python floats.
+        t0: the initial time, a Python float.
+        times: the output times, Python floats, strictly monotone away from
+            `t0` (the first may be `t0`); the solve ends at the last.
         forward_options, adjoint_options: keyword arguments of `integrate`
             (`rtol`, `atol`, `first_step_size`, `max_num_steps`, `what`)
             for the forward and the backward solve.
@@ -54,24 +62,27 @@ def odeint_adjoint(fn, y0, t0, t1, *, forward_options, adjoint_options,
             of evaluations of the adjoint system.
 
     Returns:
-        `(y(t1), num_forward_evals)`.
+        `(ys, num_forward_evals)`, `ys` like `y0` with a new leading axis,
+        one entry per output time.
     """
     if state_mask is None:
         state_mask = tf.nest.map_structure(lambda _: True, y0)
+    at = lambda nest, i: tf.nest.map_structure(lambda x: x[i], nest)
 
     @tf.custom_gradient
     def solve(*flat_y0):
         y0_ = tf.nest.pack_sequence_as(y0, flat_y0)
-        y1, num_evals = _solver.integrate(
-            dormand_prince, fn, t0, t1, y0_, error_mask=state_mask,
-            **forward_options)
-        flat_y1 = tf.nest.flatten(y1)
+        ys, num_evals = _solver.integrate(
+            dormand_prince, fn, t0, times[-1], y0_, error_mask=state_mask,
+            save_at=times, **forward_options)
+        flat_ys = tf.nest.flatten(ys)
 
         def grad(*cotangents, variables=None):
             variables = list(variables or [])
             params = [v for v in variables if v.dtype.is_floating]
-            dy1 = [tf.zeros_like(y) if dy is None else tf.cast(dy, y.dtype)
-                   for y, dy in zip(flat_y1, cotangents)]
+            dys = tf.nest.pack_sequence_as(ys, [
+                tf.zeros_like(y) if dy is None else tf.cast(dy, y.dtype)
+                for y, dy in zip(flat_ys, cotangents)])
 
             def adjoint_fn(t, state):
                 y, a, _ = state
@@ -87,18 +98,29 @@ def odeint_adjoint(fn, y0, t0, t1, *, forward_options, adjoint_options,
                 return (f, tf.nest.map_structure(tf.negative, vjp[0]),
                         [-g for g in vjp[1:]])
 
-            state1 = (y1, tf.nest.pack_sequence_as(y1, dy1),
-                      [tf.zeros(p.shape, p.dtype) for p in params])
             mask = (state_mask, state_mask, [not seminorm] * len(params))
-            (_, dy0, dparams), num_backward = _solver.integrate(
-                dormand_prince, adjoint_fn, t1, t0, state1, error_mask=mask,
-                **adjoint_options)
+            last = len(times) - 1
+            state = (at(ys, last), at(dys, last),
+                     [tf.zeros(p.shape, p.dtype) for p in params])
+            num_backward = 0
+            for i in range(last, -1, -1):
+                start, end = times[i], times[i - 1] if i else t0
+                if start != end:
+                    state, evals = _solver.integrate(
+                        dormand_prince, adjoint_fn, start, end, state,
+                        error_mask=mask, **adjoint_options)
+                    num_backward += evals
+                if i:
+                    _, a, g = state
+                    state = (at(ys, i - 1), tf.nest.map_structure(
+                        tf.add, a, at(dys, i - 1)), g)
             on_backward_evals(num_backward)
+            _, dy0, dparams = state
             by_ref = {p.ref(): g for p, g in zip(params, dparams)}
             return tf.nest.flatten(dy0), [by_ref.get(v.ref())
                                           for v in variables]
 
-        return (*flat_y1, num_evals), grad
+        return (*flat_ys, num_evals), grad
 
-    *flat_y1, num_evals = solve(*tf.nest.flatten(y0))
-    return tf.nest.pack_sequence_as(y0, flat_y1), num_evals
+    *flat_ys, num_evals = solve(*tf.nest.flatten(y0))
+    return tf.nest.pack_sequence_as(y0, flat_ys), num_evals

@@ -14,8 +14,8 @@ class NeuralODE(keras.layers.Layer):
     """Integrates `dh/dt = dynamics(h)` from `t0` to `t1`; returns `h(t1)`.
 
     The solve uses TensorFlow Probability's adaptive Dormand-Prince 5(4)
-    method (`tfp.math.ode.DormandPrince`), and only the final state is
-    returned. Gradients come from the adjoint method: the backward pass solves
+    method (`tfp.math.ode.DormandPrince`). Only the final state is returned,
+    unless `save_at` asks for the states at several times. Gradients come from the adjoint method: the backward pass solves
     the adjoint equation from `t1` back to `t0` instead of recording the
     forward solve, so memory does not grow with the number of solver steps.
 
@@ -93,6 +93,14 @@ class NeuralODE(keras.layers.Layer):
             solved beside `h` in the same solve and its gradient comes from
             the same adjoint solve; it adds no steps (its error does not
             control the step size). Defaults to `0.0`, off.
+        save_at: `None`, or the times at which to return the state: a
+            sequence of floats from `t0` towards `t1`, strictly monotone,
+            each within `[t0, t1]`. The solve ends at the last of them, and
+            the output gains a time axis: `(batch, len(save_at),
+            *state_shape)`, as torchdiffeq's `odeint(f, h0, t)` or
+            diffrax's `SaveAt(ts=...)`. Loss terms on any of the states
+            get their gradients from one adjoint solve, restarted at each
+            time. Defaults to `None`: only `h(t1)`, no time axis.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -102,7 +110,8 @@ class NeuralODE(keras.layers.Layer):
         `(batch, *state_shape)`, any number of state dimensions.
 
     Output shape:
-        The input's shape and dtype: `h(t1)`.
+        The input's shape and dtype, `h(t1)`; with `save_at`,
+        `(batch, len(save_at), *state_shape)`.
 
     Example:
 
@@ -130,6 +139,7 @@ class NeuralODE(keras.layers.Layer):
         first_step_size=None,
         max_num_steps=1000,
         kinetic_energy=0.0,
+        save_at=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -172,6 +182,8 @@ class NeuralODE(keras.layers.Layer):
         if self.kinetic_energy < 0:
             raise _invalid(ValueError, "kinetic_energy",
                            "a non-negative float", kinetic_energy)
+        self.save_at = (None if save_at is None
+                        else _save_times(save_at, self.t0, self.t1))
         self._time_dependent = "t" in inspect.signature(
             dynamics.call
         ).parameters
@@ -233,22 +245,32 @@ class NeuralODE(keras.layers.Layer):
         dtype = keras.backend.standardize_dtype(input_dtype)
         return "float64" if dtype == "float64" else "float32"
 
+    @property
+    def output_times(self):
+        """The times whose states the layer returns: `save_at` or `(t1,)`."""
+        return (self.t1,) if self.save_at is None else self.save_at
+
     def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
+        if self.save_at is None:
+            return tuple(input_shape)
+        return (input_shape[0], len(self.save_at), *input_shape[1:])
 
     def compute_output_spec(self, inputs):
         _check_floating(inputs)
-        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
+        return keras.KerasTensor(self.compute_output_shape(inputs.shape),
+                                 dtype=inputs.dtype)
 
     def call(self, inputs):
         _check_floating(inputs)
         h0 = keras.ops.cast(inputs, self._state_dtype(inputs.dtype))
-        h1, kinetic = _backend().solve(self, h0)
+        hs, kinetic = _backend().solve(self, h0)
         if kinetic is not None:
-            # r(t1) integrates |f|^2 from t0 to t1: negative when t1 < t0.
+            # r integrates |f|^2 from t0 on: negative when t1 < t0.
             sign = 1.0 if self.t1 > self.t0 else -1.0
-            self.add_loss(sign * self.kinetic_energy * keras.ops.mean(kinetic))
-        return keras.ops.cast(h1, inputs.dtype)
+            self.add_loss(sign * self.kinetic_energy
+                          * keras.ops.mean(kinetic[-1]))
+        hs = hs[0] if self.save_at is None else keras.ops.moveaxis(hs, 0, 1)
+        return keras.ops.cast(hs, inputs.dtype)
 
     def _solve_options(self):
         """Keyword arguments of the forward and the backward solve."""
@@ -279,6 +301,7 @@ class NeuralODE(keras.layers.Layer):
             "first_step_size": self.first_step_size,
             "max_num_steps": self.max_num_steps,
             "kinetic_energy": self.kinetic_energy,
+            "save_at": None if self.save_at is None else list(self.save_at),
         }
         return {**super().get_config(), **config}
 
@@ -337,6 +360,26 @@ def _positive_int(name, value):
     if value < 1:
         raise _invalid(ValueError, name, "a positive integer", value)
     return int(value)
+
+
+def _save_times(save_at, t0, t1):
+    """`save_at` as a tuple of floats, checked against `t0` and `t1`."""
+    expected = (f"a non-empty sequence of finite floats from t0={t0} towards "
+                f"t1={t1}, strictly monotone and within [t0, t1]")
+    if isinstance(save_at, (str, bytes)) or not hasattr(save_at, "__len__"):
+        raise _invalid(TypeError, "save_at", expected, save_at)
+    times = []
+    for time in save_at:
+        if isinstance(time, bool) or not isinstance(time, numbers.Real):
+            raise _invalid(TypeError, "save_at", expected, save_at)
+        times.append(float(time))
+    sign = 1.0 if t1 > t0 else -1.0
+    steps = [sign * (b - a) for a, b in zip([t0] + times, times)]
+    if not times or not all(math.isfinite(t) for t in times) \
+            or steps[0] < 0 or any(step <= 0 for step in steps[1:]) \
+            or sign * (times[-1] - t1) > 0:
+        raise _invalid(ValueError, "save_at", expected, save_at)
+    return tuple(times)
 
 
 def _check_floating(inputs):

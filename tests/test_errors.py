@@ -49,6 +49,19 @@ def dynamics():
         (dict(kinetic_energy=-0.01), ValueError,
          r"argument `kinetic_energy`, expected a non-negative float. "
          r"Received: kinetic_energy=-0.01"),
+        (dict(save_at=[0.5, 0.5, 1.0]), ValueError,
+         r"argument `save_at`, expected a non-empty sequence of finite "
+         r"floats from t0=0.0 towards t1=1.0, strictly monotone and within "
+         r"\[t0, t1\]. Received: save_at=\[0.5, 0.5, 1.0\]"),
+        (dict(save_at=[0.5, 2.0]), ValueError,
+         r"argument `save_at`, .* Received: save_at=\[0.5, 2.0\]"),
+        (dict(t1=-1.0, save_at=[0.5]), ValueError,
+         r"argument `save_at`, expected .* from t0=0.0 towards t1=-1.0"),
+        (dict(save_at=[]), ValueError, r"Received: save_at=\[\]"),
+        (dict(save_at=[0.5, float("nan")]), ValueError,
+         r"Received: save_at=\[0.5, nan\]"),
+        (dict(save_at=1.0), TypeError, r"Received: save_at=1.0"),
+        (dict(save_at=["1"]), TypeError, r"Received: save_at=\['1'\]"),
         (dict(kinetic_energy=None), TypeError,
          r"argument `kinetic_energy`, expected a finite float. "
          r"Received: kinetic_energy=None"),

@@ -50,16 +50,35 @@ def test_config_round_trip():
                     atol=1e-5, adjoint_rtol=1e-2, adjoint_atol=1e-3,
                     adjoint_norm="seminorm",
                     first_step_size=0.1, max_num_steps=77,
-                    kinetic_energy=0.01, name="ode")
+                    kinetic_energy=0.01, save_at=[0.0, -1.0, -2.0],
+                    name="ode")
     config = ode.get_config()
     json.dumps(config)  # serializable as JSON
     restored = NeuralODE.from_config(config)
     assert restored.get_config() == config
     for key in ("t0", "t1", "rtol", "atol", "adjoint_rtol", "adjoint_atol",
                 "adjoint_norm", "first_step_size", "max_num_steps",
-                "kinetic_energy"):
+                "kinetic_energy", "save_at"):
         assert getattr(restored, key) == getattr(ode, key)
     assert isinstance(restored.dynamics, keras.Sequential)
+
+
+def test_save_at_adds_a_time_axis_and_saves(tmp_path):
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(4, 1)(inputs)
+    hs = NeuralODE(small_conv_dynamics(4), save_at=[0.5, 1.0])(h)
+    assert hs.shape == (None, 2, 6, 6, 4)
+    # A per-time head, as a latent ODE or a time-series model would use.
+    outputs = keras.layers.Dense(3)(keras.layers.Reshape((2, 144))(hs))
+    model = keras.Model(inputs, outputs)
+    model.compile("adam", "mse")
+    x, _ = data(8)
+    model.fit(x, np.zeros((8, 2, 3), "float32"), verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0),
+                               model.predict(x, verbose=0), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_adjoint_tolerances_default_to_forward():

@@ -90,3 +90,23 @@ def test_automatic_first_step_saves_evaluations():
         ode(H0)
         counts[first_step_size] = ode.num_forward_evals.numpy()
     assert counts[None] < counts[1e-3]
+
+
+@pytest.mark.parametrize("t0, t1, save_at", [
+    (0.0, 1.5, [0.0, 0.4, 1.5]),   # t0 itself, then two times
+    (0.5, 3.0, [1.0, 2.0]),        # the solve ends at 2.0, before t1
+    (1.0, -1.0, [0.5, -0.2, -1.0]),  # backward in time
+])
+def test_save_at_returns_the_state_at_each_time(t0, t1, save_at):
+    ode = NeuralODE(Linear(A, dtype="float64"), t0=t0, t1=t1, rtol=1e-9,
+                    atol=1e-9, save_at=save_at, dtype="float64")
+    hs = ode(tf.constant(H0))
+    assert hs.shape == (len(H0), len(save_at), 2)
+    expected = np.stack([linear_solution(t0, t) for t in save_at], axis=1)
+    np.testing.assert_allclose(hs, expected, rtol=SOLUTION_TOL,
+                               atol=SOLUTION_TOL)
+    # One solve: as many evaluations as a solve to the last time alone.
+    alone = NeuralODE(ode.dynamics, t0=t0, t1=save_at[-1], rtol=1e-9,
+                      atol=1e-9, dtype="float64")
+    alone(tf.constant(H0))
+    assert float(ode.num_forward_evals) == float(alone.num_forward_evals)

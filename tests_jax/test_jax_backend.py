@@ -131,6 +131,21 @@ def test_kinetic_energy_and_its_gradients():
                 / (2 * eps), rtol=1e-3, atol=1e-4)
 
 
+def test_save_at_states_and_gradients():
+    save_at = [0.0, 0.5, 1.5]
+    ode = NeuralODE(Linear(A), t1=1.5, rtol=1e-6, atol=1e-6, save_at=save_at)
+    hs = np.asarray(ode(H0))
+    e = [scipy.linalg.expm(A * t) for t in save_at]
+    np.testing.assert_allclose(hs, np.stack([H0 @ m.T for m in e], 1),
+                               atol=1e-5)
+    # loss = sum_k w_k sum(W * h(t_k)): dL/dh0 = sum_k w_k W expm(A t_k).
+    weights = np.array([1.0, -2.0, 0.5], "float32")
+    _, dh0 = grads(ode, H0, lambda hs: jnp.sum(
+        hs * weights[None, :, None] * W[:, None, :]))
+    np.testing.assert_allclose(
+        dh0, sum(w * W @ m for w, m in zip(weights, e)), atol=1e-4)
+
+
 def test_fit_with_kinetic_energy_straightens_the_dynamics():
     # As tests/test_layer.py: Keras' JAX trainer adds the layer's loss.
     x = np.random.default_rng(8).normal(size=(64, 3)).astype("float32")
