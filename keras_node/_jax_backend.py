@@ -77,7 +77,6 @@ def _odeint_adjoint(fn, t0, times, forward, adjoint, state_mask, seminorm,
 def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
                 record_backward):
     forward, adjoint = dict(forward), dict(adjoint)
-    at = lambda nest, i: jax.tree.map(lambda x: x[i], nest)
 
     @jax.custom_vjp
     def solve(y0, params):
@@ -100,21 +99,9 @@ def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
             return f, *jax.tree.map(jnp.negative, (dy, dparams))
 
         mask = (state_mask, state_mask, [not seminorm] * len(params))
-        last = len(times) - 1
-        state = (at(ys, last), at(dys, last),
-                 jax.tree.map(jnp.zeros_like, params))
-        num_evals = 0
-        for i in range(last, -1, -1):
-            start, end = times[i], times[i - 1] if i else t0
-            if start != end:
-                state, evals = _solver.integrate(
-                    dormand_prince, adjoint_fn, start, end, state,
-                    error_mask=mask, **adjoint)
-                num_evals += evals
-            if i:
-                _, a, g = state
-                state = (at(ys, i - 1),
-                         jax.tree.map(jnp.add, a, at(dys, i - 1)), g)
+        state, num_evals = _solver.integrate_adjoint(
+            dormand_prince, adjoint_fn, t0, times, ys, dys,
+            jax.tree.map(jnp.zeros_like, params), mask=mask, **adjoint)
         jax.debug.callback(record_backward, num_evals)
         _, dy0, dparams = state
         return dy0, dparams

@@ -276,3 +276,34 @@ def integrate(dp, fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
     return y1, tf.cast(num_evals, tf.int32)
 
 
+
+
+def integrate_adjoint(dp, adjoint_fn, t0, times, ys, dys, g0, *, mask,
+                      **options):
+    """The backward pass of a solve saved at `times`, as torchdiffeq's.
+
+    Solves the adjoint system `adjoint_fn` (state `(y, a, g)`) from the last
+    output time back to `t0`, one segment per output time: at each time
+    the state restarts from the forward solution `ys` there and that time's
+    cotangent from `dys` joins the adjoint `a`. `g0` starts the parameter
+    integrals; `options` go to `integrate`.
+
+    Returns:
+        `((y0, a0, g), num_evals)`, the evaluations of all segments.
+    """
+    tf = dp.tf
+    at = lambda nest, i: tf.nest.map_structure(lambda x: x[i], nest)
+    last = len(times) - 1
+    state = (at(ys, last), at(dys, last), g0)
+    num_evals = 0
+    for i in range(last, -1, -1):
+        start, end = times[i], times[i - 1] if i else t0
+        if start != end:
+            state, evals = integrate(dp, adjoint_fn, start, end, state,
+                                     error_mask=mask, **options)
+            num_evals += evals
+        if i:
+            _, a, g = state
+            state = (at(ys, i - 1),
+                     tf.nest.map_structure(tf.add, a, at(dys, i - 1)), g)
+    return state, num_evals

@@ -67,7 +67,6 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
     """
     if state_mask is None:
         state_mask = tf.nest.map_structure(lambda _: True, y0)
-    at = lambda nest, i: tf.nest.map_structure(lambda x: x[i], nest)
 
     @tf.custom_gradient
     def solve(*flat_y0):
@@ -99,21 +98,10 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
                         [-g for g in vjp[1:]])
 
             mask = (state_mask, state_mask, [not seminorm] * len(params))
-            last = len(times) - 1
-            state = (at(ys, last), at(dys, last),
-                     [tf.zeros(p.shape, p.dtype) for p in params])
-            num_backward = 0
-            for i in range(last, -1, -1):
-                start, end = times[i], times[i - 1] if i else t0
-                if start != end:
-                    state, evals = _solver.integrate(
-                        dormand_prince, adjoint_fn, start, end, state,
-                        error_mask=mask, **adjoint_options)
-                    num_backward += evals
-                if i:
-                    _, a, g = state
-                    state = (at(ys, i - 1), tf.nest.map_structure(
-                        tf.add, a, at(dys, i - 1)), g)
+            state, num_backward = _solver.integrate_adjoint(
+                dormand_prince, adjoint_fn, t0, times, ys, dys,
+                [tf.zeros(p.shape, p.dtype) for p in params], mask=mask,
+                **adjoint_options)
             on_backward_evals(num_backward)
             _, dy0, dparams = state
             by_ref = {p.ref(): g for p, g in zip(params, dparams)}

@@ -15,9 +15,10 @@ class NeuralODE(keras.layers.Layer):
 
     The solve uses TensorFlow Probability's adaptive Dormand-Prince 5(4)
     method (`tfp.math.ode.DormandPrince`). Only the final state is returned,
-    unless `save_at` asks for the states at several times. Gradients come from the adjoint method: the backward pass solves
-    the adjoint equation from `t1` back to `t0` instead of recording the
-    forward solve, so memory does not grow with the number of solver steps.
+    unless `save_at` asks for the states at several times. Gradients come
+    from the adjoint method: the backward pass solves the adjoint equation
+    from `t1` back to `t0` instead of recording the forward solve, so memory
+    does not grow with the number of solver steps.
 
     What gets gradients: the initial state `h0` and every floating weight
     that the dynamics read (the dynamics' own weights and any weight of this
@@ -88,11 +89,13 @@ class NeuralODE(keras.layers.Layer):
             et al. (2020), "How to train your neural ODE", a non-negative
             float. When positive, the layer adds to the model's losses this
             times the batch mean of `integral from t0 to t1 of |f(t, h)|^2`
-            (the squares summed over each example's state), which favours
-            straight, slow paths and so fewer solver steps. The integral is
-            solved beside `h` in the same solve and its gradient comes from
-            the same adjoint solve; it adds no steps (its error does not
-            control the step size). Defaults to `0.0`, off.
+            (the squares summed over each example's state; up to the last
+            of `save_at` if given), which favours straight, slow paths. The
+            integral is solved beside `h` in the same solve and its gradient
+            comes from the same adjoint solve; it adds no steps (its error
+            does not control the step size). Whether it lowers the steps of
+            a trained model depends on the model: see the benchmarks'
+            README. Defaults to `0.0`, off.
         save_at: `None`, or the times at which to return the state: a
             sequence of floats from `t0` towards `t1`, strictly monotone,
             each within `[t0, t1]`. The solve ends at the last of them, and
