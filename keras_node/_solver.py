@@ -12,11 +12,12 @@ What is ours and what is TFP's:
 - Every step is taken by `tfp.math.ode.DormandPrince`. We hand it a
   prepared initial state (the first derivative and the first step size, the
   latter from Hairer's heuristic) so that no evaluation is wasted. Our
-  subclass keeps TFP's step and changes three things around it: a step
-  budget whose error says what to do, a budget that also ends the solve
-  where XLA compiles assertions away, and an error norm that is the largest
-  over the state's components, restricted to chosen ones (torchdiffeq's
-  mixed norm for the adjoint system, and its seminorm).
+  subclass keeps TFP's Runge-Kutta step and changes what is around it: a
+  step budget whose error says what to do, a budget that also ends the
+  solve where XLA compiles assertions away, and the error control of
+  Hairer's DOPRI5, scipy and torchdiffeq (the RMS norm of the scaled error,
+  the largest over chosen components: torchdiffeq's mixed norm for the
+  adjoint system, and its seminorm) in place of TFP's stricter one.
 - The gradient (in the backend modules) is our own custom gradient: the
   forward solve records nothing, and the backward pass integrates the
   adjoint system `(y, a, g)' = (f, -a^T df/dy, -a^T df/dtheta)` from `t1`
@@ -36,19 +37,31 @@ _EVALS_PER_STEP = 6  # new evaluations per step (first same as last)
 @functools.lru_cache(maxsize=None)
 def _solver_class(dp):
     """Our `DormandPrince` subclass for the TFP substrate module `dp`."""
-    tf, rk_util, ode_util = dp.tf, dp.rk_util, dp.util
+    tf, rk_util = dp.tf, dp.rk_util
 
     class DormandPrince(dp.DormandPrince):
-        """TFP's solver with a step budget and a norm over chosen parts.
+        """TFP's solver with a step budget and the usual error control.
 
-        `_step` is TFP's own step (its tableau, Runge-Kutta step,
-        interpolation and step-size update, unchanged) with two
-        differences: the step budget fails with a message that says what to
-        do (TFP's own check says only "max_num_steps exceeded"), and the
-        error ratio is the largest of TFP's ratios of the state's components
-        where `error_mask` is True (all by default; for a single tensor,
-        TFP's norm exactly). The seminorm adjoint uses the mask to leave the
-        parameter gradients out of the error control.
+        `_step` is TFP's own step (its tableau, Runge-Kutta step and
+        interpolation, unchanged) with three differences:
+
+        - The step budget fails with a message that says what to do (TFP's
+          own check says only "max_num_steps exceeded").
+        - The error norm is the root mean square of the scaled error
+          `e / (atol + rtol * max(|y0|, |y1|))`, as in Hairer's DOPRI5,
+          scipy, torchdiffeq and DifferentialEquations.jl, so `rtol` and
+          `atol` mean what they mean there. TFP's own ratio (despite its
+          comment citing scipy) is the root mean square of the squared
+          scaled errors, the square of an L4 norm: stricter than the RMS
+          norm wherever the error is uneven over the state, which costs
+          steps (on the README's MNIST model after training, 32 forward
+          evaluations a batch instead of 26 at the same test accuracy).
+          Over a nest of tensors (the adjoint system) the norm is the
+          largest of the components' norms where `error_mask` is True:
+          torchdiffeq's mixed norm, and with the mask its seminorm.
+        - The next step is `dt * clip(0.9 * norm^(-1/5), 0.1, 10)`, the
+          controller of those codes for a 5(4) pair, where TFP raises its
+          squared ratio to the power -1/6.
         """
 
         def __init__(self, *, max_num_steps, what, error_mask=None, **kwargs):
@@ -82,8 +95,10 @@ def _solver_class(dp):
                     diagnostics.num_ode_fn_evaluations < self._max_evals(),
                     tf.where(accept, t0 + dt, t0),
                     tf.constant(float("inf"), t0.dtype)),
-                step_size=ode_util.next_step_size(
-                    dt, self.ORDER, error_ratio, safety, dfactor, ifactor),
+                # A zero error gives an infinite factor, clipped to ifactor.
+                step_size=dt * tf.clip_by_value(
+                    safety * error_ratio ** (-1.0 / _ORDER), dfactor,
+                    ifactor),
                 interpolating_coefficients=rk_util.nest_where(
                     accept, new_interpolation, interpolation),
             )
@@ -96,22 +111,17 @@ def _solver_class(dp):
             return self._step_budget * _EVALS_PER_STEP
 
         def _error_ratio(self, y0, y1, error, atol, rtol):
-            """TFP's error ratio per component, the largest over the kept ones.
+            """The RMS scaled error, the largest over the kept components.
 
-            For a single tensor this is TFP's ratio exactly. For the adjoint
-            system it is torchdiffeq's mixed norm: the state, the adjoint and
-            every parameter gradient each count as much as the others, however
-            few elements they have.
+            For the adjoint system this is torchdiffeq's mixed norm: the
+            state, the adjoint and every parameter gradient each count as
+            much as the others, however few elements they have.
             """
-            mask = _mask(tf, self._error_mask, y0)
-            ratios = []
-            for keep, a, b, e in zip(mask, *(tf.nest.flatten(x)
-                                              for x in (y0, y1, error))):
-                if keep:
-                    tol = atol + rtol * tf.maximum(tf.abs(a), tf.abs(b))
-                    ratios.append(rk_util.nest_rms_norm(
-                        tf.square(e) / tf.square(tol)))
-            return functools.reduce(tf.maximum, ratios)
+            scaled = tf.nest.map_structure(
+                lambda a, b, e: e / (atol + rtol * tf.maximum(tf.abs(a),
+                                                              tf.abs(b))),
+                y0, y1, error)
+            return _norm(tf, scaled, _mask(tf, self._error_mask, y0))
 
     return DormandPrince
 
