@@ -1,0 +1,66 @@
+"""A trained MNIST model under today's solver: NFE and accuracy. Prints JSON.
+
+    python benchmarks/trained_nfe.py --manual-dir ../shared/data/mnist \
+        --model runs/long/model.keras [--first-step-size 0.3]
+
+Solves the trained model's ODE again with the layer as it is now (its
+error control, first step and tolerances; `--first-step-size` overrides the
+automatic first step) over the official 10,000-image test split in batches
+of 128, and reports the test accuracy, the forward NFE per batch (mean and
+largest) and the backward NFE of one cross-entropy gradient on the first
+batch. A model trained by an older version of the package thus shows what
+the current solver makes of it.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import mnist  # noqa: E402
+
+from keras_node import NeuralODE  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--manual-dir", type=pathlib.Path, default=None)
+    parser.add_argument("--model", type=pathlib.Path, required=True)
+    parser.add_argument("--first-step-size", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args(argv)
+    x, y = mnist.load_mnist(args.manual_dir)["test"]
+    model = keras.models.load_model(args.model)
+    ode = next(l for l in model.layers if isinstance(l, NeuralODE))
+    # Read at each (eager) call, so this changes the solves below.
+    ode.first_step_size = args.first_step_size
+    forward, correct = [], 0
+    for start in range(0, len(x), args.batch_size):
+        logits = model(x[start:start + args.batch_size])
+        forward.append(float(ode.num_forward_evals))
+        correct += int(np.sum(np.argmax(logits, -1)
+                              == y[start:start + args.batch_size]))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            y[:args.batch_size], model(x[:args.batch_size]), from_logits=True))
+    tape.gradient(loss, model.trainable_variables)
+    result = {
+        "benchmark": "trained_nfe", "model": str(args.model),
+        "first_step_size": args.first_step_size,
+        "test_accuracy": 100.0 * correct / len(x),
+        "nfe_forward_mean": float(np.mean(forward)),
+        "nfe_forward_max": max(forward),
+        "nfe_backward_first_batch": float(ode.num_backward_evals),
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
