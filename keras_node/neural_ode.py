@@ -98,12 +98,13 @@ class NeuralODE(keras.layers.Layer):
             README. Defaults to `0.0`, off.
         save_at: `None`, or the times at which to return the state: a
             sequence of floats from `t0` towards `t1`, strictly monotone,
-            each within `[t0, t1]`. The solve ends at the last of them, and
-            the output gains a time axis: `(batch, len(save_at),
-            *state_shape)`, as torchdiffeq's `odeint(f, h0, t)` or
-            diffrax's `SaveAt(ts=...)`. Loss terms on any of the states
-            get their gradients from one adjoint solve, restarted at each
-            time. Defaults to `None`: only `h(t1)`, no time axis.
+            each within `[t0, t1]`, the last not `t0`. The solve ends at
+            the last of them, and the output gains a time axis: `(batch,
+            len(save_at), *state_shape)`, as torchdiffeq's
+            `odeint(f, h0, t)` or diffrax's `SaveAt(ts=...)`. Loss terms on
+            any of the states get their gradients from one adjoint solve,
+            restarted at each time. Defaults to `None`: only `h(t1)`, no
+            time axis.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -368,7 +369,8 @@ def _positive_int(name, value):
 def _save_times(save_at, t0, t1):
     """`save_at` as a tuple of floats, checked against `t0` and `t1`."""
     expected = (f"a non-empty sequence of finite floats from t0={t0} towards "
-                f"t1={t1}, strictly monotone and within [t0, t1]")
+                f"t1={t1}, strictly monotone and within [t0, t1], not "
+                "ending at t0")
     if isinstance(save_at, (str, bytes)) or not hasattr(save_at, "__len__"):
         raise _invalid(TypeError, "save_at", expected, save_at)
     times = []
@@ -380,7 +382,7 @@ def _save_times(save_at, t0, t1):
     steps = [sign * (b - a) for a, b in zip([t0] + times, times)]
     if not times or not all(math.isfinite(t) for t in times) \
             or steps[0] < 0 or any(step <= 0 for step in steps[1:]) \
-            or sign * (times[-1] - t1) > 0:
+            or sign * (times[-1] - t1) > 0 or times[-1] == t0:
         raise _invalid(ValueError, "save_at", expected, save_at)
     return tuple(times)
 

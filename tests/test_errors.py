@@ -52,7 +52,9 @@ def dynamics():
         (dict(save_at=[0.5, 0.5, 1.0]), ValueError,
          r"argument `save_at`, expected a non-empty sequence of finite "
          r"floats from t0=0.0 towards t1=1.0, strictly monotone and within "
-         r"\[t0, t1\]. Received: save_at=\[0.5, 0.5, 1.0\]"),
+         r"\[t0, t1\], not ending at t0. "
+         r"Received: save_at=\[0.5, 0.5, 1.0\]"),
+        (dict(save_at=[0.0]), ValueError, r"Received: save_at=\[0.0\]"),
         (dict(save_at=[0.5, 2.0]), ValueError,
          r"argument `save_at`, .* Received: save_at=\[0.5, 2.0\]"),
         (dict(t1=-1.0, save_at=[0.5]), ValueError,
