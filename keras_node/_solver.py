@@ -286,8 +286,6 @@ def integrate(dp, fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
     return y1, tf.cast(num_evals, tf.int32)
 
 
-
-
 def integrate_adjoint(dp, adjoint_fn, t0, times, ys, dys, g0, *, mask,
                       **options):
     """The backward pass of a solve saved at `times`, as torchdiffeq's.
