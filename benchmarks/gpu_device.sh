@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The GPU run of benchmarks/gpu_jax.py on a borrowed machine (JAX with CUDA,
-# no TensorFlow, no network). Prepare here with `bash tools/device-wheels.sh`,
-# then run through the device tool with carry [".whl", ".mnist"]:
+# The GPU runs on a borrowed machine (JAX with CUDA, PyTorch, torchdiffeq and
+# diffrax, no TensorFlow, no network). Prepare here with
+# `bash tools/device-wheels.sh`, then run through the device tool with carry
+# [".whl", ".mnist"]:
 #     bash benchmarks/gpu_device.sh
-# Everything it learns goes to $OUT, also when the time limit kills it:
-# pip's log, JAX's compile log (each compilation and its duration), the
-# per-10-iteration progress and the final JSON.
+# 1. benchmarks/peers/run.py --gpu: ours (Keras' JAX backend), torchdiffeq
+#    (CUDA) and diffrax (JAX), the same train step on the same GPU;
+# 2. benchmarks/gpu_jax.py: one epoch of the MNIST classifier on the GPU.
+# Everything goes to $OUT as it comes, also when a time limit kills a part:
+# pip's log, each peer's JSON line, JAX's compile log (each compilation and
+# its duration), the per-10-iteration progress and the final JSONs.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -14,12 +18,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
 python3 -m pip install --quiet --no-index --find-links .whl \
     keras tfp-nightly > "$OUT/pip.txt" 2>&1
 export KERAS_BACKEND=jax PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export JAX_LOG_COMPILES=1
-timeout "${GPU_TIMEOUT:-420}" python3 benchmarks/gpu_jax.py \
+export TF_CPP_MIN_LOG_LEVEL=2
+timeout "${PEERS_TIMEOUT:-240}" python3 benchmarks/peers/run.py --gpu \
+    --rounds 1 --steps 20 --warmup 3 \
+    --peers torchdiffeq diffrax-backsolve-stock diffrax-recursive-stock \
+    --json-out "$OUT/peers.json" > /dev/null 2> "$OUT/peers.txt"
+echo "peers exit $?" >> "$OUT/peers.txt"
+JAX_LOG_COMPILES=1 timeout "${GPU_TIMEOUT:-200}" python3 benchmarks/gpu_jax.py \
     --manual-dir .mnist --json-out "$OUT/gpu_jax.json" \
     --progress-file "$OUT/progress.txt" > "$OUT/stdout.txt" \
     2> "$OUT/stderr.txt"
-echo "exit $?" >> "$OUT/progress.txt"
+echo "epoch exit $?" >> "$OUT/progress.txt"
+grep -v "^[IWE]0000" "$OUT/peers.txt" | cut -c1-400
 tail -n 30 "$OUT/progress.txt" "$OUT/stdout.txt"
 # The compilations that took over half a second.
 grep -h "Finished XLA compilation" "$OUT/stderr.txt" | awk '$(NF-1) > 0.5'

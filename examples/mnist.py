@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from mnist_common import (build_model, learning_rate_schedule,
+from mnist_common import (build_model, make_optimizer,
                           stratified_split)
 
 from keras_node.callbacks import AccuracyMonitor, LogEvaluationCounts
@@ -345,15 +345,9 @@ def main(argv=None):
         else:
             model = build_model(adjoint_norm=args.adjoint_norm,
                                 kinetic_energy=args.kinetic_energy)
-            optimizer = keras.optimizers.Adam(
-                learning_rate_schedule(args.learning_rate, total_steps),
-                weight_decay=args.weight_decay or None,
-                use_ema=args.ema > 0, ema_momentum=args.ema or 0.99)
-            # Decay the kernels only, not the biases or GroupNorm's scales.
-            optimizer.exclude_from_weight_decay(
-                var_names=["bias", "gamma", "beta"])
             model.compile(
-                optimizer=optimizer,
+                optimizer=make_optimizer(args.learning_rate, total_steps,
+                                         args.weight_decay, args.ema),
                 loss=keras.losses.SparseCategoricalCrossentropy(
                     from_logits=True),
                 metrics=["accuracy"],

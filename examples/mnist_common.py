@@ -51,6 +51,21 @@ def learning_rate_schedule(peak, total_steps):
     )
 
 
+def make_optimizer(learning_rate, total_steps, weight_decay=0.0, ema=0.0):
+    """Adam on `learning_rate_schedule`, with optional weight decay and EMA.
+
+    Weight decay (decoupled, as AdamW) applies to the kernels only, not to
+    the biases or GroupNorm's scales; `ema` is the momentum of an
+    exponential moving average of the weights (0: none).
+    """
+    optimizer = keras.optimizers.Adam(
+        learning_rate_schedule(learning_rate, total_steps),
+        weight_decay=weight_decay or None,
+        use_ema=ema > 0, ema_momentum=ema or 0.99)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
 def stratified_split(labels, fraction, seed):
     """Indices `(kept, held_out)`, held out `fraction` of each class.
 

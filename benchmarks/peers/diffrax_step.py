@@ -37,7 +37,8 @@ it uses its defaults (all cores the process may run on). One host device is
 forced (`--xla_force_host_platform_device_count=1`).
 
 Prints one JSON line: library ("diffrax-<adjoint>-<conv>"), median_step_s,
-min_step_s, nfe_forward, nfe_backward, peak_rss_mib, versions, plus
+min_step_s, nfe_forward, nfe_backward, peak_rss_mib, peak_device_mib (JAX's
+`peak_bytes_in_use`, null on the CPU), versions, plus
 solver_steps_forward (diffrax's `num_steps`, accepted and rejected), compile_s
 (the first call, compile included) and the losses of all steps.
 
@@ -208,6 +209,8 @@ def measure(adjoint, conv_mode, steps, warmup, batch_size):
             times.append(elapsed)
         losses.append(float(loss))
     num_steps = int(num_steps)
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
     return {
         "library": f"diffrax-{adjoint}-{conv_mode}",
         "median_step_s": float(np.median(times)),
@@ -219,6 +222,9 @@ def measure(adjoint, conv_mode, steps, warmup, batch_size):
         # ru_maxrss is in KiB on Linux; it includes XLA's compilation.
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         / 1024,
+        "peak_device_mib": (stats["peak_bytes_in_use"] / 2**20
+                            if stats else None),
+        "device": device.device_kind,
         "compile_s": compile_s,
         "losses": losses,
         "versions": {
@@ -245,7 +251,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first step compiles)")
-    # Before JAX starts: CPU only, one host device.
+    # Before JAX starts: CPU unless JAX_PLATFORMS says otherwise (cuda on a
+    # GPU machine), one host device.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [
         os.environ.get("XLA_FLAGS"),

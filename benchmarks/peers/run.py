@@ -31,39 +31,59 @@ PEERS = ["torchdiffeq", "diffrax-backsolve-slices", "diffrax-recursive-slices",
          "diffrax-backsolve-stock", "diffrax-recursive-stock"]
 DEFAULT_PEERS = PEERS[:4]
 FIELDS = ["median_step_s", "min_step_s", "nfe_forward", "nfe_backward",
-          "peak_rss_mib"]
+          "peak_rss_mib", "peak_device_mib"]
 
 
-def command(library, steps, warmup, batch_size):
-    """The argv that runs `library` once and prints its JSON line."""
+def command(library, steps, warmup, batch_size, gpu=False):
+    """The argv that runs `library` once and prints its JSON line.
+
+    With `gpu`, every library runs with this Python (a GPU machine's one
+    environment holding JAX, PyTorch and diffrax), ours on Keras' JAX
+    backend and torchdiffeq on CUDA.
+    """
     common = ["--steps", str(steps), "--warmup", str(warmup),
               "--batch-size", str(batch_size)]
     if library == OURS:
+        if gpu:
+            return [sys.executable, str(HERE / "keras_jax_step.py"), *common]
         return [sys.executable, str(ROOT / "benchmarks/train_step.py"),
                 "--child", "1e-3", *common]
     if library == "torchdiffeq":
+        if gpu:
+            return [sys.executable, str(HERE / "torchdiffeq_step.py"),
+                    "--device", "cuda", *common]
         return [str(ROOT / ".venv-torch/bin/python"),
                 str(HERE / "torchdiffeq_step.py"), *common]
     _, adjoint, conv = library.split("-")
-    return [str(ROOT / ".venv-jax/bin/python"), str(HERE / "diffrax_step.py"),
+    python = sys.executable if gpu else str(ROOT / ".venv-jax/bin/python")
+    return [python, str(HERE / "diffrax_step.py"),
             "--adjoint", adjoint, "--conv", conv, *common]
 
 
-def run_once(library, steps, warmup, batch_size):
-    """The run's JSON result, or None (reported on stderr) if it failed."""
-    argv = command(library, steps, warmup, batch_size)
+def run_once(library, steps, warmup, batch_size, gpu=False):
+    """The run's JSON result, or None (reported on stderr) if it failed.
+
+    The result also goes to stderr at once, so that a run killed by a time
+    limit leaves what it had measured.
+    """
+    argv = command(library, steps, warmup, batch_size, gpu)
     if not pathlib.Path(argv[0]).exists():
         sys.exit(f"{argv[0]} is missing: run `bash benchmarks/peers/setup.sh`"
                  " first.")
     process = subprocess.run(
         argv, capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+             # JAX may take the GPU (diffrax_step.py defaults to the CPU).
+             **({"KERAS_BACKEND": "jax",
+                 "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "")}
+                if gpu else {})},
     )
     lines = process.stdout.strip().splitlines()
     if process.returncode != 0 or not lines:
         print(f"{library} failed (exit {process.returncode}):\n"
               f"{process.stderr[-3000:]}", file=sys.stderr)
         return None
+    print(lines[-1], file=sys.stderr, flush=True)
     return json.loads(lines[-1])
 
 
@@ -93,7 +113,7 @@ def table(summary):
         return "-" if value is None else format(value, spec)
 
     header = (f"{'library':<26}{'median s':>10}{'min s':>10}{'NFE fwd':>9}"
-              f"{'NFE bwd':>9}{'RSS MiB':>9}{'x ours':>8}")
+              f"{'NFE bwd':>9}{'RSS MiB':>9}{'GPU MiB':>9}{'x ours':>8}")
     rows = [header, "-" * len(header)]
     for library, e in summary.items():
         rows.append(
@@ -102,6 +122,7 @@ def table(summary):
             f"{cell(e['nfe_forward'], '.0f'):>9}"
             f"{cell(e['nfe_backward'], '.0f'):>9}"
             f"{cell(e['peak_rss_mib'], '.0f'):>9}"
+            f"{cell(e['peak_device_mib'], '.0f'):>9}"
             f"{cell(e['ratio_to_ours'], '.2f'):>8}")
     return "\n".join(rows)
 
@@ -116,6 +137,10 @@ def main(argv=None):
     parser.add_argument("--peers", nargs="+", choices=PEERS,
                         default=DEFAULT_PEERS,
                         help="peers to time besides ours (default: %(default)s)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="run all on the GPU with this Python: ours on "
+                             "Keras' JAX backend, torchdiffeq on CUDA, "
+                             "diffrax on JAX's CUDA")
     parser.add_argument("--json-out", type=pathlib.Path,
                         help="also write the JSON object to this file")
     args = parser.parse_args(argv)
@@ -130,7 +155,8 @@ def main(argv=None):
             print(f"round {round_index + 1}/{args.rounds}: {library}",
                   file=sys.stderr, flush=True)
             runs[library].append(
-                run_once(library, args.steps, args.warmup, args.batch_size))
+                run_once(library, args.steps, args.warmup, args.batch_size,
+                         args.gpu))
     summary = summarize(runs)
     result = {
         "benchmark": "peers",
@@ -139,6 +165,7 @@ def main(argv=None):
         "warmup": args.warmup,
         "rounds": args.rounds,
         "tolerance": 1e-3,
+        "gpu": args.gpu,
         "summary": summary,
         "runs": runs,
         "machine": {"platform": platform.platform(),

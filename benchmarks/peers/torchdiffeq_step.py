@@ -1,7 +1,7 @@
 """Times a training step of the MNIST neural-ODE model in PyTorch + torchdiffeq.
 
     .venv-torch/bin/python benchmarks/peers/torchdiffeq_step.py \
-        [--steps 10] [--warmup 3] [--batch-size 128]
+        [--steps 10] [--warmup 3] [--batch-size 128] [--device cuda]
 
 The model of `examples/mnist.py: build_model`, layer for layer: Conv 3x3
 1->64 relu, GroupNorm(64, 64), ZeroPad 1 + Conv 4x4 stride 2 relu,
@@ -21,8 +21,9 @@ Prints one JSON line: library, median_step_s, min_step_s, nfe_forward and
 nfe_backward (dynamics evaluations of the last step, counted in the dynamics'
 `forward`: during the model's forward pass, and during `loss.backward()`
 where each evaluation of the adjoint system calls the dynamics once),
-peak_rss_mib, versions, and the losses of all steps (a check that training
-moves).
+peak_rss_mib, peak_device_mib (`torch.cuda.max_memory_allocated`, null on
+the CPU), versions, and the losses of all steps (a check that training
+moves). `--device cuda` runs it on the GPU.
 """
 
 import argparse
@@ -91,17 +92,18 @@ def build_model():
     return model
 
 
-def measure(steps, warmup, batch_size, threads):
+def measure(steps, warmup, batch_size, threads, device="cpu"):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model()
+    model = build_model().to(device)
     dynamics = next(m for m in model.modules() if isinstance(m, Dynamics))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=ADAM_EPSILON)
     rng = np.random.default_rng(0)
     # The same numbers as benchmarks/train_step.py, channels first.
     x = rng.random((batch_size, 28, 28, 1), dtype="float32")
-    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(rng.integers(0, 10, batch_size))
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(rng.integers(0, 10, batch_size)).to(device)
+    cuda = device.startswith("cuda")
     times, losses = [], []
     for step in range(warmup + steps):
         start = time.perf_counter()
@@ -113,6 +115,8 @@ def measure(steps, warmup, batch_size, threads):
         loss.backward()
         nfe_backward = dynamics.evals
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - start)
         losses.append(loss.item())
@@ -125,6 +129,9 @@ def measure(steps, warmup, batch_size, threads):
         # ru_maxrss is in KiB on Linux.
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         / 1024,
+        "peak_device_mib": (torch.cuda.max_memory_allocated() / 2**20
+                            if cuda else None),
+        "device": device,
         "threads": torch.get_num_threads(),
         "losses": losses,
         "versions": {
@@ -143,9 +150,11 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2,
                         help="torch.set_num_threads (default: %(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device, e.g. cuda (default: %(default)s)")
     args = parser.parse_args(argv)
     print(json.dumps(measure(args.steps, args.warmup, args.batch_size,
-                             args.threads)))
+                             args.threads, args.device)))
 
 
 if __name__ == "__main__":
