@@ -136,12 +136,14 @@ def main(argv=None):
     encoder = keras.Model(model.input, ode.input)
     trainer = model
     if args.shift:  # as examples/mnist.py's pipeline, here in the step
-        trainer = keras.Sequential([
-            keras.Input((28, 28, 1)),
-            keras.layers.RandomTranslation(
-                args.shift / 28, args.shift / 28, fill_mode="constant",
-                seed=args.seed),
-            model])
+        shift = keras.layers.RandomTranslation(
+            args.shift / 28, args.shift / 28, fill_mode="constant",
+            seed=args.seed)
+        # It declares `supports_jit = False` (it may run in tf.data), which
+        # makes Keras train eagerly, op by op: 3 s a step on an H200 instead
+        # of 0.01. It compiles fine on JAX.
+        shift.supports_jit = True
+        trainer = keras.Sequential([keras.Input((28, 28, 1)), shift, model])
     trainer.compile(
         optimizer=make_optimizer(args.learning_rate, steps * args.epochs,
                                  args.weight_decay),
@@ -168,6 +170,7 @@ def main(argv=None):
         "options": {name: getattr(args, name) for name in
                     ["epochs", "learning_rate", "shift", "weight_decay",
                      "kinetic_energy", "seed", "batch_size"]},
+        "jit_compile": trainer.jit_compile,
         "train_s": train_time,
         "nfe_forward_test_batch": float(ode.num_forward_evals),
         "nfe_forward_last_step": timer.last_logs.get("nfe_forward"),

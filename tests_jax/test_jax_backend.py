@@ -238,6 +238,29 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     assert 0.0 <= result["test_accuracy"] <= 100.0
     assert result["nfe_forward_test_batch"] >= 8
     assert (tmp_path / "out.json").exists()
+    assert result["jit_compile"]
+
+
+def test_gpu_benchmark_long_recipe_compiles_its_step(tmp_path):
+    """gpu_jax.py --long: augmentation in the step, still compiled by XLA.
+
+    RandomTranslation declares that it does not support XLA; left so, Keras
+    trains eagerly, 300 times slower on a GPU.
+    """
+    manual_dir = os.environ.get("KERAS_NODE_MNIST_DIR")
+    if not manual_dir:
+        pytest.skip("set KERAS_NODE_MNIST_DIR to the MNIST files")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
+                           / "benchmarks"))
+    import gpu_jax
+
+    result = gpu_jax.main(["--manual-dir", manual_dir, "--long", "--epochs",
+                           "2", "--max-steps", "2", "--batch-size", "16"])
+    assert result["jit_compile"]
+    assert result["options"]["shift"] == 2
+    assert result["options"]["weight_decay"] == 0.05
+    assert result["iterations"] == 4
+    assert len(result["test_accuracy_per_epoch"]) == 2
 
 
 def test_mnist_example_runs_on_jax(tmp_path, capsys):
