@@ -11,7 +11,8 @@ stratified split of `examples/mnist.py` (same seed, same split). One epoch
 by default; `--long` is `benchmarks/mnist_recipes.py`'s long recipe (30
 epochs, shifts of up to 2 pixels, learning rate 4e-3, weight decay 0.05),
 and the options below change any part of it. Prints JSON: the device, the
-median step time, the training time, the forward NFE of a test batch after
+median step time, the training time (with the per-epoch test evaluations
+of a run of several epochs), the forward NFE of a test batch after
 training, the accuracy on the official test split and, per epoch, the test
 accuracy (also written, as it comes, to `--progress-file`).
 """
