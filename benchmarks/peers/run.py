@@ -13,6 +13,9 @@ median over rounds of the median step time, of the minimum step time, of the
 forward and backward evaluations and of the peak resident memory, and
 `ratio_to_ours` (its median step time over ours); plus every round's raw
 result. A failed run is reported on stderr and left out.
+
+`--gpu` runs them all on a GPU with this one Python (see the README here,
+"On a GPU"): ours through `keras_jax_step.py` on Keras' JAX backend.
 """
 
 import argparse
