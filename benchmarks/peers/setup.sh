@@ -5,8 +5,9 @@
 #   .venv-jax    jax (CPU) + diffrax + optax, whatever versions pip gives
 #
 # at the repository root (gitignored by `/.venv*/`). A venv that already
-# exists is left as it is; delete it to rebuild. Prints the installed
-# versions at the end.
+# exists is kept and only gets what it lacks: `tools/jax-venv.sh` (which CI
+# runs) makes a .venv-jax of its own for the JAX backend's tests, without
+# diffrax. Prints the installed versions at the end.
 #
 # torch is pinned to exactly 2.13.0: an unpinned `pip install torch` from
 # PyPI fetches the multi-GB CUDA build. Point pip at the CPU wheel, e.g.
@@ -21,12 +22,10 @@ PYTHON="${PYTHON:-python3}"
 make_venv() {  # make_venv DIR PACKAGE...
     local dir="$ROOT/$1"
     shift
-    if [[ -x "$dir/bin/python" ]]; then
-        echo "$dir exists; skipping (delete it to rebuild)"
-        return
+    if [[ ! -x "$dir/bin/python" ]]; then
+        "$PYTHON" -m venv "$dir"
+        "$dir/bin/python" -m pip install --upgrade pip
     fi
-    "$PYTHON" -m venv "$dir"
-    "$dir/bin/python" -m pip install --upgrade pip
     "$dir/bin/python" -m pip install "$@"
 }
 
