@@ -38,6 +38,17 @@ def test_split_is_stratified_90_10(full_mnist):
     assert 0.0 <= x.min() and x.max() == 1.0
 
 
+def test_final_run_trains_on_all_60000(data_args, full_mnist):
+    every = mnist.load_mnist(data_args[1], data_args[3], hold_out=False)
+    assert set(every) == {"train", "test"}
+    labels = every["train"][1]
+    assert len(labels) == 60000
+    split = np.concatenate([full_mnist["train"][1], full_mnist["held_out"][1]])
+    np.testing.assert_array_equal(np.bincount(labels), np.bincount(split))
+    data = mnist.make_datasets(every, 128, seed=0)
+    assert set(data) == {"train", "train_eval", "test"}
+
+
 def test_split_is_reproducible_and_disjoint():
     labels = np.arange(1000) % 10
     kept, held = mnist.stratified_split(labels, 0.1, seed=3)
@@ -117,6 +128,19 @@ def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
     assert "holds a finished run (12 iterations)" in capsys.readouterr().out
     assert again["iterations"] == 12
     assert again["test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_final_run_watches_the_test_split(data_args, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = mnist.main(data_args + QUICK + [
+        "--max-steps", "1", "--train-on-held-out", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "MNIST: 600 train, 0 held out, 600 test images" in printed
+    assert metrics["held_out_accuracy"] is None
+    # Printed after the one step, on the weights that are then tested.
+    (point,) = json.loads((out / "history.json").read_text())["accuracy"]
+    assert point["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert (out / "accuracy.png").is_file()
 
 
 def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
