@@ -233,6 +233,7 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
                            str(tmp_path / "out.json"), "--progress-file",
                            str(tmp_path / "progress.txt")])
     assert result["iterations"] == 3
+    assert result["train_images"] == 54000
     assert result["nfe_backward_last_step"] >= 7
     assert "iteration 1: " in (tmp_path / "progress.txt").read_text()
     assert 0.0 <= result["test_accuracy"] <= 100.0
@@ -255,8 +256,10 @@ def test_gpu_benchmark_long_recipe_compiles_its_step(tmp_path):
     import gpu_jax
 
     result = gpu_jax.main(["--manual-dir", manual_dir, "--long", "--epochs",
-                           "2", "--max-steps", "2", "--batch-size", "16"])
+                           "2", "--max-steps", "2", "--batch-size", "16",
+                           "--train-on-held-out"])
     assert result["jit_compile"]
+    assert result["train_images"] == 60000
     assert result["options"]["shift"] == 2
     assert result["options"]["weight_decay"] == 0.05
     assert result["iterations"] == 4
