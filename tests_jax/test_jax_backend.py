@@ -18,7 +18,9 @@ import pytest  # noqa: E402
 import scipy.integrate  # noqa: E402
 import scipy.linalg  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples"),
+                str(ROOT / "benchmarks")]
 from helpers import (CosineRate, Linear, kinetic_energy_after_fit,  # noqa: E402
                      mlp_dynamics)
 
@@ -219,13 +221,17 @@ def test_fit_trains_and_logs_counts_through_the_callback():
         assert batch_logs["nfe_backward"] >= 7
 
 
-def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
-    """benchmarks/gpu_jax.py, three iterations on the CPU."""
-    manual_dir = os.environ.get("KERAS_NODE_MNIST_DIR")
-    if not manual_dir:
+@pytest.fixture
+def manual_dir():
+    """The folder of the four MNIST files, from $KERAS_NODE_MNIST_DIR."""
+    path = os.environ.get("KERAS_NODE_MNIST_DIR")
+    if not path:
         pytest.skip("set KERAS_NODE_MNIST_DIR to the MNIST files")
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
-                           / "benchmarks"))
+    return path
+
+
+def test_gpu_benchmark_script_runs_on_cpu(manual_dir, tmp_path):
+    """benchmarks/gpu_jax.py, three iterations on the CPU."""
     import gpu_jax
 
     result = gpu_jax.main(["--manual-dir", manual_dir, "--max-steps", "3",
@@ -242,17 +248,12 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     assert result["jit_compile"]
 
 
-def test_gpu_benchmark_long_recipe_compiles_its_step(tmp_path):
+def test_gpu_benchmark_long_recipe_compiles_its_step(manual_dir, tmp_path):
     """gpu_jax.py --long: augmentation in the step, still compiled by XLA.
 
     RandomTranslation declares that it does not support XLA; left so, Keras
     trains eagerly, 300 times slower on a GPU.
     """
-    manual_dir = os.environ.get("KERAS_NODE_MNIST_DIR")
-    if not manual_dir:
-        pytest.skip("set KERAS_NODE_MNIST_DIR to the MNIST files")
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
-                           / "benchmarks"))
     import gpu_jax
 
     result = gpu_jax.main(["--manual-dir", manual_dir, "--long", "--epochs",
@@ -266,13 +267,8 @@ def test_gpu_benchmark_long_recipe_compiles_its_step(tmp_path):
     assert len(result["test_accuracy_per_epoch"]) == 2
 
 
-def test_mnist_example_runs_on_jax(tmp_path, capsys):
+def test_mnist_example_runs_on_jax(manual_dir, tmp_path, capsys):
     """examples/mnist.py unchanged under KERAS_BACKEND=jax: tf.data feeds it."""
-    manual_dir = os.environ.get("KERAS_NODE_MNIST_DIR")
-    if not manual_dir:
-        pytest.skip("set KERAS_NODE_MNIST_DIR to the MNIST files")
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
-                           / "examples"))
     import mnist
 
     out = tmp_path / "run"
