@@ -176,6 +176,17 @@ def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
         range(1, 41))
 
 
+def test_benchmark_recipes_are_valid_options():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mnist_recipes import RECIPES
+
+    final = mnist.parse_args(RECIPES["final"])
+    assert (final.epochs, final.shift, final.learning_rate) == (30, 2, 4e-3)
+    assert final.kinetic_energy == 1e-4 and final.train_on_held_out
+    for options in RECIPES.values():
+        mnist.parse_args(options)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--limit", "0"], "--limit must be a positive integer, got 0"),
     (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
