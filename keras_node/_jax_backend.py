@@ -2,17 +2,16 @@
 
 On JAX there are no variables to close over: the dynamics run through
 `dynamics.stateless_call` with their trainable weights passed in explicitly,
-so that the adjoint can return their gradients. Steps are taken by TFP's
-Dormand-Prince of its JAX substrate (`tfp-nightly`), through `_solver`.
+so that the adjoint can return their gradients. Steps are taken by the same
+`_solver` code as on TensorFlow, on TFP's JAX substrate (`tfp-nightly`).
 
 What differs from TensorFlow: assertions cannot run inside JAX's loops, so
 an exhausted `max_num_steps` makes the solve return NaN; an eager call (not
 under `jax.jit` or `fit`) then raises the same error as on TensorFlow. A
-`custom_vjp` backward pass cannot update layer state, so the backward solve
-hands its count to the host (`jax.debug.callback`), where
-`num_backward_evals` reads it. Keras' JAX trainer builds `fit`'s logs from
-metric variables alone, so the counts reach them through the
-`keras_node.callbacks.LogEvaluationCounts` callback.
+backward pass cannot update layer state, so it hands its count to the host
+(`jax.debug.callback`). JAX cannot reverse-differentiate the adaptive
+solvers' unbounded loop, so `"backprop"` needs a fixed-step solver (the
+layer checks).
 """
 
 import functools
@@ -24,60 +23,76 @@ from tensorflow_probability.substrates.jax.math.ode import dormand_prince
 from keras_node import _solver
 
 
-def solve(layer, h0):
-    """The states at `layer.output_times` (stacked first) from `h0`.
-
-    Returns `(hs, kinetic)` as the TensorFlow backend's `solve`. Updates the
-    layer's forward counter.
-    """
-    dynamics = layer.dynamics
+def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
+          gradient, seminorm, kinetic_energy, on_backward_evals):
+    """As the TensorFlow backend's `solve`; `on_backward_evals` runs on the
+    host."""
     non_trainable = [v.value for v in dynamics.non_trainable_variables]
 
     def dynamics_fn(t, h, params):
-        kwargs = {"t": t} if layer._time_dependent else {}
+        kwargs = {"t": t} if time_dependent else {}
         out, _ = dynamics.stateless_call(params, non_trainable, h, **kwargs)
         return out.astype(h.dtype)
 
     fn, y0, mask = _solver.augment(dormand_prince.tf, dynamics_fn, h0,
-                                   layer.kinetic_energy)
-    forward, adjoint = layer._solve_options()
+                                   kinetic_energy)
     params = [v.value for v in dynamics.trainable_variables]
+    if gradient == "backprop":
+        ys, counts = _solver.integrate(
+            dormand_prince, lambda t, y: fn(t, y, params), t0, times[-1], y0,
+            error_mask=mask, save_at=times, **forward)
+        ys = _on_backward(ys, counts[0], on_backward_evals)
+    else:
+        ys, counts = _odeint_adjoint(
+            fn, t0, tuple(times), forward, adjoint, mask, seminorm,
+            on_backward_evals, y0, params)
+    _raise_if_exhausted(counts, forward)
+    hs, kinetic = ys if kinetic_energy else (ys, None)
+    return hs, kinetic, counts
 
-    def record_backward(num_evals):
-        layer._backward_evals_host = float(num_evals)
 
-    ys, num_forward = _odeint_adjoint(
-        fn, layer.t0, layer.output_times, forward, adjoint, mask,
-        layer.adjoint_norm == "seminorm", record_backward, y0, params)
+def _raise_if_exhausted(counts, forward):
+    """Eagerly, an exhausted step budget raises as on TensorFlow."""
+    if forward.get("max_num_steps") is None:
+        return
     try:
-        evals = int(num_forward)
+        steps = int(counts[1]) + int(counts[2])
     except jax.errors.ConcretizationTypeError:
-        evals = None  # traced (under jit): no Python error can be raised
-    if evals is not None and _solver.exhausted(
-            evals, layer.max_num_steps, layer.first_step_size):
+        return  # traced (under jit): no Python error can be raised
+    if _solver.exhausted(steps, forward["max_num_steps"]):
         raise RuntimeError(_solver.budget_message(forward["what"],
-                                                  layer.max_num_steps))
-    layer._forward_evals.assign(num_forward.astype("float32"))
-    return ys if layer.kinetic_energy else (ys, None)
+                                                  forward["max_num_steps"]))
 
 
-def _freeze(options):
-    return tuple(sorted(options.items()))
+def _on_backward(nest, num_evals, callback):
+    """`nest` unchanged; the host gets `num_evals` when it is differentiated."""
+
+    @jax.custom_vjp
+    def identity(x):
+        return x
+
+    def fwd(x):
+        return x, None
+
+    def bwd(_, cotangent):
+        jax.debug.callback(callback, num_evals)
+        return (cotangent,)
+
+    identity.defvjp(fwd, bwd)
+    return identity(nest)
 
 
 def _odeint_adjoint(fn, t0, times, forward, adjoint, state_mask, seminorm,
-                    record_backward, y0, params):
+                    on_backward_evals, y0, params):
     """As the TensorFlow backend's `odeint_adjoint`, `fn` taking `params`."""
     if state_mask is None:
         state_mask = jax.tree.map(lambda _: True, y0)
-    return _make_solve(fn, t0, times, _freeze(forward), _freeze(adjoint),
-                       state_mask, seminorm, record_backward)(y0, params)
+    return _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
+                       on_backward_evals)(y0, params)
 
 
 def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
-                record_backward):
-    forward, adjoint = dict(forward), dict(adjoint)
-
+                on_backward_evals):
     @jax.custom_vjp
     def solve(y0, params):
         return _solver.integrate(
@@ -85,8 +100,8 @@ def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
             error_mask=state_mask, save_at=times, **forward)
 
     def solve_fwd(y0, params):
-        ys, num_evals = solve(y0, params)
-        return (ys, num_evals), (ys, params)
+        ys, counts = solve(y0, params)
+        return (ys, counts), (ys, params)
 
     def solve_bwd(residuals, cotangents):
         ys, params = residuals
@@ -102,7 +117,7 @@ def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
         state, num_evals = _solver.integrate_adjoint(
             dormand_prince, adjoint_fn, t0, times, ys, dys,
             jax.tree.map(jnp.zeros_like, params), mask=mask, **adjoint)
-        jax.debug.callback(record_backward, num_evals)
+        jax.debug.callback(on_backward_evals, num_evals)
         _, dy0, dparams = state
         return dy0, dparams
 

@@ -6,16 +6,19 @@ import keras
 
 FORWARD = "nfe_forward"
 BACKWARD = "nfe_backward"
+ACCEPTED = "steps_accepted"
+REJECTED = "steps_rejected"
 
 
 class EvaluationCounts(keras.metrics.Metric):
-    """Puts the layer's last forward and backward evaluation counts in the logs.
+    """Puts the layer's last evaluation and step counts in the logs.
 
     The counters themselves are the layer's non-trainable variables (so that
     they are saved with it and captured by exported functions); this metric
     only reports them. Its result is a dict, which Keras puts at the top level
     of `fit`'s logs and progress bar: `{"nfe_forward": ..., "nfe_backward":
-    ...}`, each key prefixed with the layer's name when the layer's functional
+    ..., "steps_accepted": ..., "steps_rejected": ...}` (the last two of the
+    forward solve), each key prefixed with the layer's name when the layer's functional
     graph holds other `NeuralODE` layers. Values are the last solve's counts
     (not a running mean), so a per-batch callback sees each step's own cost.
 
@@ -57,10 +60,13 @@ class EvaluationCounts(keras.metrics.Metric):
 
 
 def named_counts(layer):
-    """`{"nfe_forward": ..., "nfe_backward": ...}`, prefixed if need be."""
+    """`{"nfe_forward": ..., "nfe_backward": ..., "steps_accepted": ...,
+    "steps_rejected": ...}`, prefixed if need be."""
     prefix = layer.name + "_" if _has_sibling(layer) else ""
     return {prefix + FORWARD: layer.num_forward_evals,
-            prefix + BACKWARD: layer.num_backward_evals}
+            prefix + BACKWARD: layer.num_backward_evals,
+            prefix + ACCEPTED: layer.steps_accepted,
+            prefix + REJECTED: layer.steps_rejected}
 
 
 def _replica_maxima(counts):
@@ -72,7 +78,7 @@ def _replica_maxima(counts):
         return {}
     return {key + "_max": tf.reduce_max(
                 context.all_gather(value[None], axis=0))
-            for key, value in counts.items()}
+            for key, value in counts.items() if "nfe_" in key}
 
 
 def _has_sibling(layer):

@@ -1,37 +1,154 @@
-"""TFP's Dormand-Prince with our first step, step budget and error mask.
+"""Runge-Kutta solves for `NeuralODE`, on either TFP substrate.
 
 Backend-neutral: every function takes `dp`, TFP's `dormand_prince` module of
 one substrate (`tensorflow_probability.python.math.ode.dormand_prince` for
 TensorFlow, `tensorflow_probability.substrates.jax.math.ode.dormand_prince`
 for JAX), and computes with that module's own `tf` namespace. The adjoint,
 which needs each framework's autodiff, lives in `_tf_backend` and
-`_jax_backend`.
+`_jax_backend`; this module gives them `integrate` (a forward solve) and
+`integrate_adjoint` (the backward pass over the output times).
 
 What is ours and what is TFP's:
 
-- Every step is taken by `tfp.math.ode.DormandPrince`. We hand it a
-  prepared initial state (the first derivative and the first step size, the
-  latter from Hairer's heuristic) so that no evaluation is wasted. Our
-  subclass keeps TFP's Runge-Kutta step and changes what is around it: a
-  step budget whose error says what to do, a budget that also ends the
-  solve where XLA compiles assertions away, and the error control of
-  Hairer's DOPRI5, scipy and torchdiffeq (the RMS norm of the scaled error,
-  the largest over chosen components: torchdiffeq's mixed norm for the
-  adjoint system, and its seminorm) in place of TFP's stricter one.
-- The gradient (in the backend modules) is our own custom gradient: the
-  forward solve records nothing, and the backward pass integrates the
-  adjoint system `(y, a, g)' = (f, -a^T df/dy, -a^T df/dtheta)` from `t1`
-  back to `t0` with its own tolerances. Memory therefore stays constant in
-  the number of steps, and the backward evaluations can be counted (TFP's
-  own adjoint reports none).
+- Adaptive solvers (`dopri5`, `tsit5`, `bosh3`) run in the loop of
+  `tfp.math.ode.DormandPrince` (`_solve`: stepping to each output time,
+  dense output by TFP's quartic interpolation). Our subclass replaces its
+  `_step`: the Runge-Kutta step of any first-same-as-last tableau, computed
+  in the solve's dtype (TFP casts each coefficient through float32, which
+  stops float64 solves at about 1e-8 relative accuracy), the error control
+  of Hairer's DOPRI5, scipy and torchdiffeq (the RMS norm of the scaled
+  error), and a step budget whose error says what to do. Dormand-Prince's
+  tableau is TFP's own; Tsit5's and Bosh3's are below.
+- Fixed-step solvers (`euler`, `midpoint`, `rk4`) are a loop of ours with a
+  static number of steps (reverse-mode differentiable on both substrates).
 - TFP integrates forward in time only; a solve towards smaller times runs in
   the reversed time `s = -t`.
 """
 
+import collections
 import functools
+import math
 
-_ORDER = 5  # of Dormand-Prince 5(4)
-_EVALS_PER_STEP = 6  # new evaluations per step (first same as last)
+# A Butcher tableau: `nodes` c_2..c_s, `matrix` the rows of A below the
+# diagonal, `weights` b, and for adaptive pairs `error` (b - b_hat) and `mid`
+# (the weights of y(t + dt/2), for the dense output), `order` the order of
+# the solution.
+Tableau = collections.namedtuple(
+    "Tableau", ["nodes", "matrix", "weights", "error", "mid", "order"])
+
+
+def _dopri5(dp):
+    """Dormand-Prince 5(4): TFP's tableau (Shampine 1986), as Python floats."""
+    t = dp._TABLEAU
+    return Tableau(nodes=t.a, matrix=t.b, weights=t.c_sol, error=t.c_error,
+                   mid=t.c_mid, order=5)
+
+
+# Tsitouras (2011), "Runge-Kutta pairs of order 5(4) satisfying only the
+# first column simplifying assumption", Table 1; `mid` is his dense output
+# (Sec. 4) at theta = 1/2.
+_TSIT5_B = [0.09646076681806523, 0.01, 0.4798896504144996,
+            1.379008574103742, -3.290069515436081, 2.324710524099774]
+_TSIT5_B_HAT = [0.09468075576583945, 0.009183565540343254,
+                0.4877705284247616, 1.234297566930479, -2.7077123499835256,
+                1.866628418170587, 1 / 66]
+_TSIT5 = Tableau(
+    nodes=[0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0],
+    matrix=[
+        [0.161],
+        [-0.008480655492356989, 0.335480655492357],
+        [2.8971530571054935, -6.359448489975075, 4.3622954328695815],
+        [5.325864828439257, -11.748883564062828, 7.4955393428898365,
+         -0.09249506636175525],
+        [5.86145544294642, -12.92096931784711, 8.159367898576159,
+         -0.071584973281401, -0.028269050394068383],
+        _TSIT5_B,
+    ],
+    weights=_TSIT5_B + [0.0],
+    error=[b - b_hat for b, b_hat in zip(_TSIT5_B + [0.0], _TSIT5_B_HAT)],
+    mid=[0.10741235230096871, 0.01135625, 0.39560903056045305,
+         -0.34475214352593553, 1.3161853649581645, -1.0170608542936508,
+         0.03125],
+    order=5,
+)
+
+# Bogacki & Shampine (1989), the 3(2) pair of MATLAB's ode23. `mid` is the
+# cubic Hermite interpolant's midpoint, (y0 + y1)/2 + dt (f0 - f1)/8, which
+# makes TFP's quartic dense output that cubic.
+_BOSH3 = Tableau(
+    nodes=[1 / 2, 3 / 4, 1.0],
+    matrix=[[1 / 2], [0.0, 3 / 4], [2 / 9, 1 / 3, 4 / 9]],
+    weights=[2 / 9, 1 / 3, 4 / 9, 0.0],
+    error=[2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8],
+    mid=[17 / 72, 1 / 6, 2 / 9, -1 / 8],
+    order=3,
+)
+
+# Fixed-step methods: no error estimate, no dense output (their steps land
+# on every output time).
+_FIXED = {
+    "euler": Tableau([], [], [1.0], None, None, 1),
+    "midpoint": Tableau([1 / 2], [[1 / 2]], [0.0, 1.0], None, None, 2),
+    "rk4": Tableau([1 / 2, 1 / 2, 1.0], [[1 / 2], [0.0, 1 / 2], [0.0, 0.0, 1.0]],
+                   [1 / 6, 1 / 3, 1 / 3, 1 / 6], None, None, 4),
+}
+ADAPTIVE = ("dopri5", "tsit5", "bosh3")
+FIXED = tuple(_FIXED)
+
+
+def tableau(dp, method):
+    """The tableau of `method`, one of `ADAPTIVE + FIXED`."""
+    if method == "dopri5":
+        return _dopri5(dp)
+    return {"tsit5": _TSIT5, "bosh3": _BOSH3, **_FIXED}[method]
+
+
+def _combine(tf, y, dt, weights, ks):
+    """`y + dt * sum(w * k)` over a nest, or `dt * sum(w * k)` if `y` is None.
+
+    The weights are Python floats, multiplied in each tensor's own dtype (a
+    float64 solve keeps float64 coefficients).
+    """
+    terms = [(w, k) for w, k in zip(weights, ks) if w != 0]
+
+    def component(*xs):
+        y_, parts = (xs[0], xs[1:]) if y is not None else (None, xs)
+        total = functools.reduce(
+            tf.add, [w * x for (w, _), x in zip(terms, parts)])
+        return dt * total if y_ is None else y_ + dt * total
+
+    nests = [k for _, k in terms]
+    if y is not None:
+        nests = [y] + nests
+    return tf.nest.map_structure(component, *nests)
+
+
+def _stages(tf, fn, t0, y0, f0, dt, tab):
+    """The stage derivatives `k` of one step, `k[0] = f0`, and the last `y`."""
+    k = [f0]
+    y = y0
+    for node, row in zip(tab.nodes, tab.matrix):
+        y = _combine(tf, y0, dt, row, k)
+        k.append(fn(t0 + node * dt, y))
+    return k, y
+
+
+def _quartic(tf, y0, y1, y_mid, f0, f1, dt):
+    """TFP's dense output: the quartic through y0, y_mid, y1 with slopes f0,
+    f1, as coefficients `[a, b, c, d, e]` of `a x^4 + ... + e`, x in [0, 1].
+    """
+    def coefficients(y0, y1, ym, f0, f1):
+        return [2 * dt * (f1 - f0) - 8 * (y0 + y1) + 16 * ym,
+                dt * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * ym,
+                dt * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * ym,
+                dt * f0,
+                y0]
+
+    nests = [tf.nest.flatten(n) for n in (y0, y1, y_mid, f0, f1)]
+    flat = [coefficients(*xs) for xs in zip(*nests)]
+    # TFP wants a list of five nests like the state.
+    return [tf.nest.pack_sequence_as(y0, [c[i] for c in flat])
+            for i in range(5)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,14 +156,16 @@ def _solver_class(dp):
     """Our `DormandPrince` subclass for the TFP substrate module `dp`."""
     tf, rk_util = dp.tf, dp.rk_util
 
-    class DormandPrince(dp.DormandPrince):
-        """TFP's solver with a step budget and the usual error control.
+    class AdaptiveRungeKutta(dp.DormandPrince):
+        """TFP's adaptive loop with our step, for any FSAL tableau.
 
-        `_step` is TFP's own step (its tableau, Runge-Kutta step and
-        interpolation, unchanged) with three differences:
+        `_step` differs from TFP's in four ways:
 
+        - The stages, the solution, the error estimate and the dense output
+          of the tableau `tab` are computed in the solve's dtype.
         - The step budget fails with a message that says what to do (TFP's
-          own check says only "max_num_steps exceeded").
+          own check says only "max_num_steps exceeded"), and where XLA or
+          JAX cannot raise, ends the solve (the result is then NaN).
         - The error norm is the root mean square of the scaled error
           `e / (atol + rtol * max(|y0|, |y1|))`, as in Hairer's DOPRI5,
           scipy, torchdiffeq and DifferentialEquations.jl, so `rtol` and
@@ -54,18 +173,24 @@ def _solver_class(dp):
           comment citing scipy) is the root mean square of the squared
           scaled errors, the square of an L4 norm: stricter than the RMS
           norm wherever the error is uneven over the state, which costs
-          steps (on the README's MNIST model after training, 32 forward
-          evaluations a batch instead of 26 at the same test accuracy).
-          Over a nest of tensors (the adjoint system) the norm is the
+          steps. Over a nest of tensors (the adjoint system) the norm is the
           largest of the components' norms where `error_mask` is True:
           torchdiffeq's mixed norm, and with the mask its seminorm.
-        - The next step is `dt * clip(0.9 * norm^(-1/5), 0.1, 10)`, the
-          controller of those codes for a 5(4) pair, where TFP raises its
-          squared ratio to the power -1/6.
+        - The next step is `dt * clip(0.9 * norm^(-1/order), 0.1, 10)`, the
+          controller of those codes, where TFP raises its squared ratio to
+          the power -1/6. The step sizes are not differentiated (as in
+          diffrax): backpropagation through the solve differentiates its
+          arithmetic for the steps it took.
+
+        Accepted steps are counted in the diagnostics' field
+        `num_matrix_factorizations`, which an explicit method never uses.
         """
 
-        def __init__(self, *, max_num_steps, what, error_mask=None, **kwargs):
+        def __init__(self, *, tab, max_num_steps, what, error_mask=None,
+                     **kwargs):
             super().__init__(max_num_steps=None, **kwargs)
+            self._tab = tab
+            self._evals_per_step = len(tab.nodes)
             self._step_budget = max_num_steps
             self._what = what
             self._error_mask = error_mask
@@ -79,36 +204,42 @@ def _solver_class(dp):
                 message=budget_message(self._what, self._step_budget),
             )
             with tf.control_dependencies([within_budget]):
-                y1, f1, y1_error, k = rk_util.runge_kutta_step(
-                    ode_fn, y0, f0, t0, dt, dp._TABLEAU)
-            error_ratio = self._error_ratio(y0, y1, y1_error, atol, rtol)
-            accept = error_ratio <= 1
-            new_interpolation = rk_util.rk_fourth_order_interpolation_coefficients(
-                y0, y1, k, dt, dp._TABLEAU)
+                k, y1 = _stages(tf, ode_fn, t0, y0, f0, dt, self._tab)
+            f1 = k[-1]
+            error = _combine(tf, None, dt, self._tab.error, k)
+            error_ratio = tf.stop_gradient(
+                self._error_ratio(y0, y1, error, atol, rtol))
+            in_budget = diagnostics.num_ode_fn_evaluations < self._max_evals()
+            accept = (error_ratio <= 1) & in_budget
+            y_mid = _combine(tf, y0, dt, self._tab.mid, k)
+            new_interpolation = _quartic(tf, y0, y1, y_mid, f0, f1, dt)
             solver_state = dp._RungeKuttaSolverInternalState(
                 current_state=rk_util.nest_where(accept, y1, y0),
                 current_derivative=rk_util.nest_where(accept, f1, f0),
                 last_step_start=t0,
-                # XLA drops assertions: there an exhausted budget ends the solve
-                # (time jumps to infinity) and `integrate` returns NaN.
+                # An exhausted budget ends the solve (time jumps to infinity)
+                # and `integrate` returns NaN.
                 current_time=tf.where(
-                    diagnostics.num_ode_fn_evaluations < self._max_evals(),
-                    tf.where(accept, t0 + dt, t0),
+                    in_budget, tf.where(accept, t0 + dt, t0),
                     tf.constant(float("inf"), t0.dtype)),
                 # A zero error gives an infinite factor, clipped to ifactor.
                 step_size=dt * tf.clip_by_value(
-                    safety * error_ratio ** (-1.0 / _ORDER), dfactor,
-                    ifactor),
+                    safety * error_ratio ** (-1.0 / self._tab.order),
+                    dfactor, ifactor),
                 interpolating_coefficients=rk_util.nest_where(
                     accept, new_interpolation, interpolation),
             )
             diagnostics = diagnostics._replace(
                 num_ode_fn_evaluations=diagnostics.num_ode_fn_evaluations
-                + _EVALS_PER_STEP)
+                + self._evals_per_step,
+                num_matrix_factorizations=(
+                    diagnostics.num_matrix_factorizations
+                    + tf.cast(accept, tf.int32)),
+            )
             return solver_state, diagnostics
 
         def _max_evals(self):
-            return self._step_budget * _EVALS_PER_STEP
+            return self._step_budget * self._evals_per_step
 
         def _error_ratio(self, y0, y1, error, atol, rtol):
             """The RMS scaled error, the largest over the kept components.
@@ -123,22 +254,21 @@ def _solver_class(dp):
                 y0, y1, error)
             return _norm(tf, scaled, _mask(tf, self._error_mask, y0))
 
-    return DormandPrince
+    return AdaptiveRungeKutta
 
 
 def budget_message(what, max_num_steps):
     """The error of a solve that ran out of steps."""
     return (f"{what} did not finish within max_num_steps={max_num_steps} "
-            "Dormand-Prince steps (accepted and rejected). The dynamics are "
-            "stiff, exploding or not finite for this input. Raise "
-            "`max_num_steps`, loosen `rtol`/`atol`, lower the learning rate "
+            "steps (accepted and rejected). The dynamics are stiff, exploding "
+            "or not finite for this input. Raise `max_num_steps`, loosen "
+            "`rtol`/`atol`, use a fixed-step solver, lower the learning rate "
             "or regularise the dynamics.")
 
 
-def exhausted(num_evals, max_num_steps, first_step_size):
-    """Whether a solve that made `num_evals` evaluations ran out of steps."""
-    setup_evals = 2 if first_step_size is None else 1
-    return num_evals > max_num_steps * _EVALS_PER_STEP + setup_evals
+def exhausted(steps, max_num_steps):
+    """Whether a solve that took `steps` steps ran out of its budget."""
+    return steps > max_num_steps
 
 
 def _mask(tf, error_mask, nest):
@@ -148,19 +278,25 @@ def _mask(tf, error_mask, nest):
     return tf.nest.flatten(error_mask)
 
 
+def _rms(tf, x):
+    """Root mean square of `x`; 0 for an empty tensor (a state of size 0)."""
+    size = tf.cast(tf.maximum(tf.size(x), 1), x.dtype)
+    return tf.sqrt(tf.reduce_sum(tf.square(x)) / size)
+
+
 def _norm(tf, nest, mask):
     """The largest root mean square over the components that `mask` keeps."""
     return functools.reduce(tf.maximum, [
-        tf.sqrt(tf.reduce_mean(tf.square(x)))
-        for keep, x in zip(mask, tf.nest.flatten(nest)) if keep])
+        _rms(tf, x) for keep, x in zip(mask, tf.nest.flatten(nest)) if keep])
 
 
-def _initial_step_size(tf, fn, t0, y0, f0, rtol, atol, max_step, mask):
+def _initial_step_size(tf, fn, t0, y0, f0, rtol, atol, max_step, mask,
+                       order):
     """Hairer, Norsett & Wanner (1993), Solving ODEs I, Sec. II.4.
 
     The same heuristic as Hairer's DOPRI5 code, torchdiffeq and
     DifferentialEquations.jl, in the solve's own norm. Costs one evaluation
-    of `fn`.
+    of `fn`. Not differentiated.
     """
     dtype = t0.dtype
     norm = functools.partial(_norm, tf, mask=mask)
@@ -181,9 +317,9 @@ def _initial_step_size(tf, fn, t0, y0, f0, rtol, atol, max_step, mask):
     h1 = tf.where(
         d12 <= 1e-15,
         tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
-        (0.01 / tf.maximum(d12, tf.constant(1e-30, dtype))) ** (1.0 / (_ORDER)),
+        (0.01 / tf.maximum(d12, tf.constant(1e-30, dtype))) ** (1.0 / order),
     )
-    return tf.minimum(tf.minimum(100.0 * h0, h1), max_step)
+    return tf.stop_gradient(tf.minimum(tf.minimum(100.0 * h0, h1), max_step))
 
 
 def augment(tf, fn, y0, kinetic_energy):
@@ -209,8 +345,27 @@ def augment(tf, fn, y0, kinetic_energy):
     return augmented, (y0, r0), (True, False)
 
 
-def integrate(dp, fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
-              max_num_steps, what, error_mask=None, save_at=None):
+def fixed_grid(t_start, times, num_steps=None, step_size=None):
+    """The steps of a fixed-step solve: `[(start, end, n), ...]` per interval.
+
+    Every output time is a step boundary: each interval between `t_start`
+    and the output times is split into the fewest equal steps no longer than
+    `step_size` (with `num_steps`, `step_size` is the whole span divided by
+    it, so a solve to one time takes exactly `num_steps` steps).
+    """
+    if step_size is None:
+        step_size = abs(times[-1] - t_start) / num_steps
+    grid = []
+    for start, end in zip([t_start, *times[:-1]], times):
+        if start != end:
+            steps = max(1, math.ceil(abs(end - start) / step_size - 1e-9))
+            grid.append((start, end, steps))
+    return grid
+
+
+def integrate(dp, fn, t_start, t_end, y0, *, method, what, rtol=None,
+              atol=None, first_step_size=None, max_num_steps=None,
+              num_steps=None, step_size=None, error_mask=None, save_at=None):
     """Solves `dy/dt = fn(t, y)` from `t_start` to `t_end` (either order).
 
     Args:
@@ -218,72 +373,116 @@ def integrate(dp, fn, t_start, t_end, y0, *, rtol, atol, first_step_size,
         fn: `fn(t, y) -> dy/dt`, `y` any nest of floating tensors.
         t_start, t_end: Python floats, `t_start != t_end`.
         y0: the state at `t_start`.
-        rtol, atol: Python floats, the tolerances.
-        first_step_size: Python float or None for Hairer's heuristic.
-        max_num_steps: the step budget.
+        method: one of `ADAPTIVE` or `FIXED`.
         what: how error messages name this solve.
+        rtol, atol, first_step_size, max_num_steps: adaptive methods'
+            options (Python numbers; `first_step_size` None for Hairer's
+            heuristic).
+        num_steps, step_size: fixed-step methods' options, one of them set.
         error_mask: a nest of bools like `y0`: the components whose error
             the step-size control sees. Defaults to all.
         save_at: None, or Python floats from `t_start` towards `t_end`,
             strictly monotone, the last `t_end`: the times whose states to
-            return (interpolated by TFP between steps).
+            return.
 
     Returns:
-        `(y(t_end), num_evals)`, or with `save_at` `(ys, num_evals)`, `ys`
-        the states at those times stacked on a new leading axis.
-        `num_evals` is an int32 scalar counting every evaluation of `fn`,
-        including the first derivative and the initial step heuristic.
+        `(y(t_end), counts)`, or with `save_at` `(ys, counts)`, `ys` the
+        states at those times stacked on a new leading axis. `counts` is an
+        int32 vector: evaluations of `fn` (including the first derivative
+        and the initial step heuristic), accepted steps, rejected steps.
     """
     tf = dp.tf
-    dtype = tf.nest.flatten(y0)[0].dtype
     sign = 1.0 if t_end > t_start else -1.0
     if sign > 0:
         fn_s = fn
     else:
         def fn_s(s, y):
             return tf.nest.map_structure(tf.negative, fn(-s, y))
-    s0 = tf.constant(sign * t_start, dtype)
-    s1 = tf.constant(sign * t_end, dtype)
-    span = tf.constant(abs(t_end - t_start), dtype)
+    times = [t_end] if save_at is None else list(save_at)
+    if method in _FIXED:
+        ys, counts = _integrate_fixed(
+            tf, fn_s, sign * t_start, [sign * t for t in times], y0,
+            _FIXED[method], num_steps, step_size)
+    else:
+        ys, counts = _integrate_adaptive(
+            dp, fn_s, sign * t_start, [sign * t for t in times], y0,
+            tableau(dp, method), rtol=rtol, atol=atol,
+            first_step_size=first_step_size, max_num_steps=max_num_steps,
+            what=what, error_mask=error_mask)
+    if save_at is None:
+        ys = tf.nest.map_structure(lambda y: y[-1], ys)
+    return ys, counts
 
-    f0 = fn_s(s0, y0)
+
+def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
+    """A fixed-step solve in increasing time `s`; states at `times`."""
+    dtype = tf.nest.flatten(y0)[0].dtype
+    grid = fixed_grid(s0, times, num_steps, step_size)
+    y = y0
+    outputs = [y0] if times[0] == s0 else []
+    for start, end, steps in grid:
+        dt = tf.constant((end - start) / steps, dtype)
+        start_ = tf.constant(start, dtype)
+
+        def body(i, y, dt=dt, start_=start_):
+            t = start_ + tf.cast(i, dtype) * dt
+            k, _ = _stages(tf, fn, t, y, fn(t, y), dt, tab)
+            return i + 1, _combine(tf, y, dt, tab.weights, k)
+
+        _, y = tf.while_loop(lambda i, y: i < steps, body, (0, y),
+                             maximum_iterations=steps)
+        outputs.append(y)
+    ys = tf.nest.map_structure(lambda *y: tf.stack(y), *outputs)
+    total = sum(steps for _, _, steps in grid)
+    evals = total * (len(tab.nodes) + 1)
+    return ys, tf.constant([evals, total, 0], tf.int32)
+
+
+def _integrate_adaptive(dp, fn, s0, times, y0, tab, *, rtol, atol,
+                        first_step_size, max_num_steps, what, error_mask):
+    """An adaptive solve in increasing time `s`; states at `times`."""
+    tf = dp.tf
+    dtype = tf.nest.flatten(y0)[0].dtype
+    s0_ = tf.constant(s0, dtype)
+    span = tf.constant(times[-1] - s0, dtype)
+    f0 = fn(s0_, y0)
     if first_step_size is None:
-        step = _initial_step_size(tf, fn_s, s0, y0, f0, rtol, atol, span,
-                                  _mask(tf, error_mask, y0))
+        step = _initial_step_size(tf, fn, s0_, y0, f0, rtol, atol, span,
+                                  _mask(tf, error_mask, y0), tab.order)
         setup_evals = 2
     else:
         step = tf.minimum(tf.constant(first_step_size, dtype), span)
         setup_evals = 1
 
-    solver = _solver_class(dp)(rtol=rtol, atol=atol, what=what,
+    solver = _solver_class(dp)(tab=tab, rtol=rtol, atol=atol, what=what,
                                max_num_steps=max_num_steps,
                                error_mask=error_mask)
     initial = dp._RungeKuttaSolverInternalState(
         current_state=y0,
         current_derivative=f0,
-        last_step_start=s0,
-        current_time=s0,
+        last_step_start=s0_,
+        current_time=s0_,
         step_size=step,
-        interpolating_coefficients=[y0] * _ORDER,
+        interpolating_coefficients=[y0] * 5,
     )
     # `_solve`, not `solve`: TFP's public entry wraps the solve in its own
-    # adjoint, a custom gradient that we neither use nor want exported.
-    times = tf.reshape(s1, [1]) if save_at is None else tf.constant(
-        [sign * t for t in save_at], dtype)
+    # adjoint, a custom gradient that we neither use nor want.
     results = solver._solve(
-        fn_s, s0, y0, solution_times=times,
+        fn, s0_, y0, solution_times=tf.constant(times, dtype),
         previous_solver_internal_state=initial,
     )
-    evals = results.diagnostics.num_ode_fn_evaluations
+    diagnostics = results.diagnostics
+    evals = diagnostics.num_ode_fn_evaluations
     finished = evals <= solver._max_evals()
-    pick = (lambda y: y[-1]) if save_at is None else (lambda y: y)
-    y1 = tf.nest.map_structure(
-        lambda y: tf.where(finished, pick(y), tf.constant(float("nan"),
-                                                          y.dtype)),
+    ys = tf.nest.map_structure(
+        lambda y: tf.where(finished, y, tf.constant(float("nan"), y.dtype)),
         results.states)
+    steps = evals // len(tab.nodes)
+    accepted = tf.cast(diagnostics.num_matrix_factorizations, tf.int32)
     # TFP counts the evaluations of its steps only; ours came before them.
-    num_evals = evals + setup_evals
-    return y1, tf.cast(num_evals, tf.int32)
+    counts = tf.stack([tf.cast(evals + setup_evals, tf.int32), accepted,
+                       tf.cast(steps, tf.int32) - accepted])
+    return ys, counts
 
 
 def integrate_adjoint(dp, adjoint_fn, t0, times, ys, dys, g0, *, mask,
@@ -294,7 +493,8 @@ def integrate_adjoint(dp, adjoint_fn, t0, times, ys, dys, g0, *, mask,
     output time back to `t0`, one segment per output time: at each time
     the state restarts from the forward solution `ys` there and that time's
     cotangent from `dys` joins the adjoint `a`. `g0` starts the parameter
-    integrals; `options` go to `integrate`.
+    integrals; `options` go to `integrate` (a fixed-step method takes the
+    forward solve's steps, in reverse).
 
     Returns:
         `((y0, a0, g), num_evals)`, the evaluations of all segments.
@@ -304,12 +504,16 @@ def integrate_adjoint(dp, adjoint_fn, t0, times, ys, dys, g0, *, mask,
     last = len(times) - 1
     state = (at(ys, last), at(dys, last), g0)
     num_evals = 0
+    if options.get("num_steps") is not None:
+        # The forward grid's step size, so that the segments step alike.
+        options = dict(options, num_steps=None, step_size=abs(
+            times[-1] - t0) / options["num_steps"])
     for i in range(last, -1, -1):
         start, end = times[i], times[i - 1] if i else t0
         if start != end:
-            state, evals = integrate(dp, adjoint_fn, start, end, state,
-                                     error_mask=mask, **options)
-            num_evals += evals
+            state, counts = integrate(dp, adjoint_fn, start, end, state,
+                                      error_mask=mask, **options)
+            num_evals += counts[0]
         if i:
             _, a, g = state
             state = (at(ys, i - 1),

@@ -6,35 +6,69 @@ from tensorflow_probability.python.math.ode import dormand_prince
 from keras_node import _solver
 
 
-def solve(layer, h0):
-    """The states at `layer.output_times` (stacked first) from `h0`.
+def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
+          gradient, seminorm, kinetic_energy, on_backward_evals):
+    """The states at `times` (stacked first) from `h0`, and the counts.
 
-    Returns `(hs, kinetic)` for `layer` (a `NeuralODE`): `hs` has a leading
-    axis of the output times, `kinetic` the kinetic energy accumulated up to
-    each of them, or None unless the layer regularises it. Updates the
-    layer's evaluation counters.
+    Args:
+        dynamics: the Keras layer computing `dh/dt`.
+        h0: the initial state, float32 or float64.
+        time_dependent: whether `dynamics` takes the time as `t`.
+        t0: the initial time; `times` the output times (Python floats).
+        forward, adjoint: keyword arguments of `_solver.integrate` for the
+            forward and the backward solve.
+        gradient: `"adjoint"` or `"backprop"`.
+        seminorm: whether the adjoint's error norm leaves out the parameter
+            gradients.
+        kinetic_energy: the regulariser's weight; if zero, no integral.
+        on_backward_evals: called in the backward pass with the number of
+            evaluations it made.
+
+    Returns:
+        `(hs, kinetic, counts)`: `hs` with a leading axis of the output
+        times, `kinetic` the kinetic energy accumulated up to each of them
+        (None if `kinetic_energy` is zero), `counts` the int32 vector of the
+        forward solve's evaluations, accepted and rejected steps.
     """
 
-    def dynamics(t, h):
-        kwargs = {"t": t} if layer._time_dependent else {}
-        return tf.cast(layer.dynamics(h, **kwargs), h.dtype)
+    def fn(t, h):
+        kwargs = {"t": t} if time_dependent else {}
+        return tf.cast(dynamics(h, **kwargs), h.dtype)
 
-    forward, adjoint = layer._solve_options()
-    fn, y0, mask = _solver.augment(tf, dynamics, h0, layer.kinetic_energy)
-    ys, num_forward = odeint_adjoint(
-        fn, y0, layer.t0, layer.output_times,
-        forward_options=forward, adjoint_options=adjoint, state_mask=mask,
-        seminorm=layer.adjoint_norm == "seminorm",
-        on_backward_evals=lambda n: layer._backward_evals.assign(
-            tf.cast(n, "float32")),
-    )
-    layer._forward_evals.assign(tf.cast(num_forward, "float32"))
-    return ys if layer.kinetic_energy else (ys, None)
+    fn, y0, mask = _solver.augment(tf, fn, h0, kinetic_energy)
+    if gradient == "backprop":
+        ys, counts = _solver.integrate(
+            dormand_prince, fn, t0, times[-1], y0, error_mask=mask,
+            save_at=times, **forward)
+        # Every evaluation recorded is differentiated once.
+        ys = _on_backward(ys, lambda: on_backward_evals(counts[0]))
+    else:
+        ys, counts = odeint_adjoint(
+            fn, y0, t0, times, forward_options=forward,
+            adjoint_options=adjoint, state_mask=mask, seminorm=seminorm,
+            on_backward_evals=on_backward_evals)
+    hs, kinetic = ys if kinetic_energy else (ys, None)
+    return hs, kinetic, counts
+
+
+def _on_backward(nest, callback):
+    """`nest` unchanged; `callback()` runs when its gradient is computed."""
+
+    @tf.custom_gradient
+    def identity(*flat):
+        def grad(*cotangents):
+            callback()
+            return list(cotangents)
+
+        return list(flat), grad
+
+    flat = tf.nest.flatten(nest)
+    return tf.nest.pack_sequence_as(nest, identity(*flat))
 
 
 def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
                    state_mask, seminorm, on_backward_evals):
-    """`y` at `times` and the forward evaluation count; adjoint gradients.
+    """`y` at `times` and the forward counts; adjoint gradients.
 
     Gradients flow to `y0` and to every floating variable that `fn` reads.
     As torchdiffeq's `odeint_adjoint`, the backward pass solves the adjoint
@@ -49,7 +83,6 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
         times: the output times, Python floats, strictly monotone away from
             `t0` (the first may be `t0`); the solve ends at the last.
         forward_options, adjoint_options: keyword arguments of `integrate`
-            (`rtol`, `atol`, `first_step_size`, `max_num_steps`, `what`)
             for the forward and the backward solve.
         state_mask: a nest of bools like `y0`, the components whose error
             controls the step size (those left out are integrals that feed
@@ -62,8 +95,8 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
             of evaluations of the adjoint system.
 
     Returns:
-        `(ys, num_forward_evals)`, `ys` like `y0` with a new leading axis,
-        one entry per output time.
+        `(ys, counts)`, `ys` like `y0` with a new leading axis, one entry
+        per output time, `counts` as `integrate`'s.
     """
     if state_mask is None:
         state_mask = tf.nest.map_structure(lambda _: True, y0)
@@ -71,7 +104,7 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
     @tf.custom_gradient
     def solve(*flat_y0):
         y0_ = tf.nest.pack_sequence_as(y0, flat_y0)
-        ys, num_evals = _solver.integrate(
+        ys, counts = _solver.integrate(
             dormand_prince, fn, t0, times[-1], y0_, error_mask=state_mask,
             save_at=times, **forward_options)
         flat_ys = tf.nest.flatten(ys)
@@ -108,7 +141,7 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
             return tf.nest.flatten(dy0), [by_ref.get(v.ref())
                                           for v in variables]
 
-        return (*flat_ys, num_evals), grad
+        return (*flat_ys, counts), grad
 
-    *flat_ys, num_evals = solve(*tf.nest.flatten(y0))
-    return tf.nest.pack_sequence_as(y0, flat_ys), num_evals
+    *flat_ys, counts = solve(*tf.nest.flatten(y0))
+    return tf.nest.pack_sequence_as(y0, flat_ys), counts

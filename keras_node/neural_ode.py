@@ -6,7 +6,15 @@ import numbers
 
 import keras
 
-from keras_node import _nfe_metric
+from keras_node import _nfe_metric, gradients, solvers
+from keras_node.solvers import _invalid, finite_float, positive_float
+
+# keras-node 0.1.0's flat arguments, now options of the solver or gradient.
+_MOVED = {"adjoint_rtol": "gradients.Adjoint(rtol=...)",
+          "adjoint_atol": "gradients.Adjoint(atol=...)",
+          "adjoint_norm": "gradients.Adjoint(norm=...)",
+          "first_step_size": "solvers.DormandPrince(first_step_size=...)",
+          "max_num_steps": "solvers.DormandPrince(max_num_steps=...)"}
 
 
 @keras.saving.register_keras_serializable(package="keras_node")
@@ -135,17 +143,20 @@ class NeuralODE(keras.layers.Layer):
         dynamics,
         t0=0.0,
         t1=1.0,
-        rtol=1e-3,
-        atol=1e-3,
-        adjoint_rtol=None,
-        adjoint_atol=None,
-        adjoint_norm="seminorm",
-        first_step_size=None,
-        max_num_steps=1000,
+        rtol=None,
+        atol=None,
+        solver="dopri5",
+        gradient="adjoint",
         kinetic_energy=0.0,
         save_at=None,
         **kwargs,
     ):
+        moved = sorted(set(kwargs) & set(_MOVED))
+        if moved:
+            raise TypeError(
+                f"NeuralODE no longer takes `{moved[0]}`: use "
+                f"{_MOVED[moved[0]]} (keras-node 0.2). "
+                f"Received: {moved[0]}={kwargs[moved[0]]!r}")
         super().__init__(**kwargs)
         if not isinstance(dynamics, keras.layers.Layer):
             raise TypeError(
@@ -155,34 +166,17 @@ class NeuralODE(keras.layers.Layer):
                 f"{type(dynamics).__name__}"
             )
         self.dynamics = dynamics
-        self.t0 = _finite_float("t0", t0)
-        self.t1 = _finite_float("t1", t1)
+        self.t0 = finite_float("t0", t0)
+        self.t1 = finite_float("t1", t1)
         if self.t1 == self.t0:
             raise ValueError(
                 "Received an invalid value for argument `t1`, expected a time "
                 f"other than t0={self.t0}. Received: t1={t1}"
             )
-        self.rtol = _positive_float("rtol", rtol)
-        self.atol = _positive_float("atol", atol)
-        self.adjoint_rtol = _positive_float(
-            "adjoint_rtol", self.rtol if adjoint_rtol is None else adjoint_rtol
-        )
-        self.adjoint_atol = _positive_float(
-            "adjoint_atol", self.atol if adjoint_atol is None else adjoint_atol
-        )
-        if adjoint_norm not in ("full", "seminorm"):
-            raise ValueError(
-                "Received an invalid value for argument `adjoint_norm`, "
-                'expected "full" or "seminorm". Received: '
-                f"adjoint_norm={adjoint_norm!r}"
-            )
-        self.adjoint_norm = adjoint_norm
-        self.first_step_size = (
-            None if first_step_size is None
-            else _positive_float("first_step_size", first_step_size)
-        )
-        self.max_num_steps = _positive_int("max_num_steps", max_num_steps)
-        self.kinetic_energy = _finite_float("kinetic_energy", kinetic_energy)
+        self.solver = solvers.get(solver)
+        self.gradient = gradients.get(gradient)
+        self.rtol, self.atol = self._tolerances(rtol, atol)
+        self.kinetic_energy = finite_float("kinetic_energy", kinetic_energy)
         if self.kinetic_energy < 0:
             raise _invalid(ValueError, "kinetic_energy",
                            "a non-negative float", kinetic_energy)
@@ -194,18 +188,64 @@ class NeuralODE(keras.layers.Layer):
         # TFP's solver runs in float32 or float64, never in half precision.
         self.autocast = False
         # XLA compiles the step-budget assertion away (an exhausted budget
-        # then gives NaN, not an error): `jit_compile="auto"` keeps to plain
-        # TensorFlow; `jit_compile=True` works, about as fast. JAX cannot
-        # raise inside a loop at all, and without jit its `fit` would run
-        # every operation eagerly, recompiling the solver's loops each step.
-        self.supports_jit = keras.backend.backend() != "tensorflow"
+        # then gives NaN, not an error): on TensorFlow `jit_compile="auto"`
+        # keeps adaptive solvers to plain TensorFlow (`jit_compile=True`
+        # works, about as fast); fixed-step solvers have no budget to lose.
+        # JAX cannot raise inside a loop at all, and without jit its `fit`
+        # would run every operation eagerly, recompiling the solver's loops
+        # at each step.
+        self.supports_jit = (keras.backend.backend() != "tensorflow"
+                             or not self.solver.adaptive)
         self.evaluation_counts = _nfe_metric.EvaluationCounts(self)
         self._backward_evals_host = 0.0
+
+    def _tolerances(self, rtol, atol):
+        """`(rtol, atol)` checked against the solver and gradient method."""
+        if not self.solver.adaptive:
+            for name, value in (("rtol", rtol), ("atol", atol)):
+                if value is not None:
+                    raise ValueError(
+                        f"Received an invalid value for argument `{name}`, "
+                        f"expected None: the fixed-step solver "
+                        f"{self.solver!r} has no tolerances (choose its "
+                        f"`num_steps` or `step_size`). Received: "
+                        f"{name}={value!r}")
+            adjoint = self.gradient
+            if isinstance(adjoint, gradients.Adjoint) and (
+                    adjoint.rtol is not None or adjoint.atol is not None
+                    or adjoint.norm != "seminorm"):
+                raise ValueError(
+                    "Received an invalid value for argument `gradient`, "
+                    "expected an adjoint without tolerances or norm: the "
+                    "backward solve takes the fixed-step solver's steps. "
+                    f"Received: gradient={adjoint!r}")
+            return None, None
+        if isinstance(self.gradient, gradients.Backprop) and \
+                keras.backend.backend() == "jax":
+            raise ValueError(
+                "Received an invalid value for argument `gradient`, expected "
+                '"adjoint" with the adaptive solver '
+                f"{self.solver!r} on the JAX backend: JAX cannot "
+                "reverse-differentiate an unbounded loop. Use a fixed-step "
+                'solver ("rk4", "midpoint", "euler") for backprop, or the '
+                f"adjoint. Received: gradient={self.gradient!r}")
+        return (positive_float("rtol", 1e-3 if rtol is None else rtol),
+                positive_float("atol", 1e-3 if atol is None else atol))
 
     @property
     def num_forward_evals(self):
         """Dynamics evaluations of the last forward solve (a float tensor)."""
         return self._forward_evals.value
+
+    @property
+    def steps_accepted(self):
+        """Accepted steps of the last forward solve (a float tensor)."""
+        return self._steps_accepted.value
+
+    @property
+    def steps_rejected(self):
+        """Rejected steps of the last forward solve (0 for fixed steps)."""
+        return self._steps_rejected.value
 
     @property
     def num_backward_evals(self):
@@ -225,6 +265,8 @@ class NeuralODE(keras.layers.Layer):
         )
         self._forward_evals = counter("num_forward_evals")
         self._backward_evals = counter("num_backward_evals")
+        self._steps_accepted = counter("steps_accepted")
+        self._steps_rejected = counter("steps_rejected")
         # A symbolic call builds the dynamics (also those without `build`).
         spec = self._dynamics_output_spec(input_shape)
         if tuple(spec.shape[1:]) != tuple(input_shape[1:]):
@@ -235,6 +277,12 @@ class NeuralODE(keras.layers.Layer):
                 f"dynamics={self.dynamics.name} with output shape "
                 f"{tuple(spec.shape)}"
             )
+
+    def load_own_variables(self, store):
+        # keras-node 0.1.0 saved two counters; the step counts start at 0.
+        if len(store.keys()) == 2:
+            store = {"0": store["0"], "1": store["1"], "2": 0.0, "3": 0.0}
+        super().load_own_variables(store)
 
     def _dynamics_output_spec(self, input_shape):
         state = keras.KerasTensor(
@@ -267,7 +315,18 @@ class NeuralODE(keras.layers.Layer):
     def call(self, inputs):
         _check_floating(inputs)
         h0 = keras.ops.cast(inputs, self._state_dtype(inputs.dtype))
-        hs, kinetic = _backend().solve(self, h0)
+        forward, adjoint = self._solve_options()
+        hs, kinetic, counts = _backend().solve(
+            self.dynamics, h0, time_dependent=self._time_dependent,
+            t0=self.t0, times=self.output_times, forward=forward,
+            adjoint=adjoint, gradient=self.gradient.name,
+            seminorm=getattr(self.gradient, "norm", None) == "seminorm",
+            kinetic_energy=self.kinetic_energy,
+            on_backward_evals=self._record_backward_evals)
+        counts = keras.ops.cast(counts, "float32")
+        for i, counter in enumerate((self._forward_evals, self._steps_accepted,
+                                     self._steps_rejected)):
+            counter.assign(counts[i])
         if kinetic is not None:
             # r integrates |f|^2 from t0 on: negative when t1 < t0.
             sign = 1.0 if self.t1 > self.t0 else -1.0
@@ -276,20 +335,29 @@ class NeuralODE(keras.layers.Layer):
         hs = hs[0] if self.save_at is None else keras.ops.moveaxis(hs, 0, 1)
         return keras.ops.cast(hs, inputs.dtype)
 
+    def _record_backward_evals(self, num_evals):
+        """Called by the backward pass (on JAX, on the host)."""
+        if keras.backend.backend() == "jax":
+            self._backward_evals_host = float(num_evals)
+        else:
+            self._backward_evals.assign(keras.ops.cast(num_evals, "float32"))
+
     def _solve_options(self):
         """Keyword arguments of the forward and the backward solve."""
         forward = dict(
-            rtol=self.rtol, atol=self.atol,
-            first_step_size=self.first_step_size,
-            max_num_steps=self.max_num_steps,
+            self.solver.options(), rtol=self.rtol, atol=self.atol,
             what=f"NeuralODE '{self.name}' (forward solve from t0={self.t0} "
                  f"to t1={self.t1})",
         )
         adjoint = dict(
-            forward, rtol=self.adjoint_rtol, atol=self.adjoint_atol,
-            what=f"NeuralODE '{self.name}' (adjoint solve from t1={self.t1} "
-                 f"back to t0={self.t0})",
+            forward, what=f"NeuralODE '{self.name}' (adjoint solve from "
+                          f"t1={self.t1} back to t0={self.t0})",
         )
+        if isinstance(self.gradient, gradients.Adjoint) and \
+                self.solver.adaptive:
+            adjoint.update(
+                rtol=self.gradient.rtol or self.rtol,
+                atol=self.gradient.atol or self.atol)
         return forward, adjoint
 
     def get_config(self):
@@ -299,11 +367,8 @@ class NeuralODE(keras.layers.Layer):
             "t1": self.t1,
             "rtol": self.rtol,
             "atol": self.atol,
-            "adjoint_rtol": self.adjoint_rtol,
-            "adjoint_atol": self.adjoint_atol,
-            "adjoint_norm": self.adjoint_norm,
-            "first_step_size": self.first_step_size,
-            "max_num_steps": self.max_num_steps,
+            "solver": keras.saving.serialize_keras_object(self.solver),
+            "gradient": keras.saving.serialize_keras_object(self.gradient),
             "kinetic_energy": self.kinetic_energy,
             "save_at": None if self.save_at is None else list(self.save_at),
         }
@@ -311,11 +376,30 @@ class NeuralODE(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = _upgrade_config(config)
         config["dynamics"] = keras.saving.deserialize_keras_object(
             config["dynamics"]
         )
+        for key, module in (("solver", solvers), ("gradient", gradients)):
+            if isinstance(config.get(key), dict):
+                config[key] = module.get(config[key])
         return cls(**config)
+
+
+def _upgrade_config(config):
+    """A config of keras-node 0.1.0 (flat solver and adjoint options) in
+    today's form; today's configs pass unchanged."""
+    config = dict(config)
+    if not set(config) & set(_MOVED):
+        return config
+    config["solver"] = solvers.DormandPrince(
+        first_step_size=config.pop("first_step_size", None),
+        max_num_steps=config.pop("max_num_steps", 1000))
+    config["gradient"] = gradients.Adjoint(
+        rtol=config.pop("adjoint_rtol", None),
+        atol=config.pop("adjoint_atol", None),
+        norm=config.pop("adjoint_norm", "seminorm"))
+    return config
 
 
 def _backend():
@@ -336,34 +420,6 @@ def _backend():
             f"NeuralODE on Keras' {backend} backend needs {needs[backend]} "
             f"({error}). Install them with: pip install "
             f"'keras-node[{backend}]'") from error
-
-
-def _invalid(error, name, expected, value):
-    return error(f"Received an invalid value for argument `{name}`, expected "
-                 f"{expected}. Received: {name}={value!r}")
-
-
-def _finite_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _invalid(TypeError, name, "a finite float", value)
-    if not math.isfinite(value):
-        raise _invalid(ValueError, name, "a finite float", value)
-    return float(value)
-
-
-def _positive_float(name, value):
-    value = _finite_float(name, value)
-    if value <= 0:
-        raise _invalid(ValueError, name, "a positive float", value)
-    return value
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _invalid(TypeError, name, "a positive integer", value)
-    if value < 1:
-        raise _invalid(ValueError, name, "a positive integer", value)
-    return int(value)
 
 
 def _save_times(save_at, t0, t1):

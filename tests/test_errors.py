@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from helpers import Linear, mlp_dynamics
-from keras_node import NeuralODE
+from keras_node import NeuralODE, gradients, solvers
 
 
 def dynamics():
@@ -28,24 +28,37 @@ def dynamics():
          r"argument `rtol`, expected a positive float. Received: rtol=0.0"),
         (dict(atol=-1e-3), ValueError,
          r"argument `atol`, expected a positive float. Received: atol=-0.001"),
-        (dict(adjoint_rtol=0), ValueError,
-         r"argument `adjoint_rtol`, expected a positive float. "
-         r"Received: adjoint_rtol=0.0"),
-        (dict(adjoint_atol=float("nan")), ValueError,
-         r"argument `adjoint_atol`, expected a finite float. "
-         r"Received: adjoint_atol=nan"),
-        (dict(adjoint_norm="L2"), ValueError,
-         r'argument `adjoint_norm`, expected "full" or "seminorm". '
-         r"Received: adjoint_norm='L2'"),
-        (dict(first_step_size=-0.1), ValueError,
-         r"argument `first_step_size`, expected a positive float. "
-         r"Received: first_step_size=-0.1"),
-        (dict(max_num_steps=0), ValueError,
-         r"argument `max_num_steps`, expected a positive integer. "
-         r"Received: max_num_steps=0"),
-        (dict(max_num_steps=10.5), TypeError,
-         r"argument `max_num_steps`, expected a positive integer. "
-         r"Received: max_num_steps=10.5"),
+        (dict(solver="rk45"), ValueError,
+         r'argument `solver`, expected one of "dopri5", "tsit5", "bosh3", '
+         r'"euler", "midpoint", "rk4" or a `keras_node.solvers.Solver`. '
+         r"Received: solver='rk45'"),
+        (dict(solver=3), TypeError, r"argument `solver`, .* Received: "
+         r"solver=3"),
+        (dict(gradient="checkpoint"), ValueError,
+         r'argument `gradient`, expected "adjoint", "backprop" or a '
+         r"`keras_node.gradients.Gradient`. Received: gradient='checkpoint'"),
+        (dict(gradient=None), TypeError, r"Received: gradient=None"),
+        (dict(solver="rk4", rtol=1e-3), ValueError,
+         r"argument `rtol`, expected None: the fixed-step solver "
+         r"RK4\(num_steps=10, step_size=None\) has no tolerances \(choose "
+         r"its `num_steps` or `step_size`\). Received: rtol=0.001"),
+        (dict(solver=solvers.Euler(step_size=0.1), atol=1e-6), ValueError,
+         r"argument `atol`, expected None: the fixed-step solver "
+         r"Euler\(num_steps=None, step_size=0.1\)"),
+        (dict(solver="midpoint", gradient=gradients.Adjoint(rtol=1e-6)),
+         ValueError, r"argument `gradient`, expected an adjoint without "
+         r"tolerances or norm: the backward solve takes the fixed-step "
+         r"solver's steps. Received: gradient=Adjoint\(rtol=1e-06, "
+         r"atol=None, norm='seminorm'\)"),
+        (dict(solver="rk4", gradient=gradients.Adjoint(norm="full")),
+         ValueError, r"argument `gradient`, .* Received: gradient=Adjoint"),
+        (dict(adjoint_rtol=1e-4), TypeError,
+         r"NeuralODE no longer takes `adjoint_rtol`: use "
+         r"gradients.Adjoint\(rtol=...\) \(keras-node 0.2\). "
+         r"Received: adjoint_rtol=0.0001"),
+        (dict(max_num_steps=10), TypeError,
+         r"NeuralODE no longer takes `max_num_steps`: use "
+         r"solvers.DormandPrince\(max_num_steps=...\)"),
         (dict(kinetic_energy=-0.01), ValueError,
          r"argument `kinetic_energy`, expected a non-negative float. "
          r"Received: kinetic_energy=-0.01"),
@@ -100,12 +113,16 @@ def test_input_must_be_floating(symbolic):
 
 def test_stiff_solve_stops_at_max_num_steps():
     stiff = Linear([[-1e5, 0.0], [0.0, -1.0]], dtype="float64")
-    ode = NeuralODE(stiff, rtol=1e-8, atol=1e-8, max_num_steps=20,
-                    dtype="float64")
+    ode = NeuralODE(stiff, rtol=1e-8, atol=1e-8, dtype="float64",
+                    solver=solvers.DormandPrince(max_num_steps=20))
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"NeuralODE 'neural_ode.*' \(forward solve from "
                        r"t0=0.0 to t1=1.0\) did not finish within "
-                       r"max_num_steps=20 Dormand-Prince steps"):
+                       r"max_num_steps=20 steps \(accepted and rejected\)\. "
+                       r"The dynamics are stiff, exploding or not finite for "
+                       r"this input. Raise `max_num_steps`, loosen "
+                       r"`rtol`/`atol`, use a fixed-step solver, lower the "
+                       r"learning rate or regularise the dynamics."):
         ode(np.ones((1, 2)))
 
 
@@ -116,7 +133,7 @@ class _Square(keras.layers.Layer):
 
 def test_exploding_solve_fails_instead_of_hanging():
     # h' = h^2 from h0 = 10 blows up at t = 0.1.
-    ode = NeuralODE(_Square(), max_num_steps=200)
+    ode = NeuralODE(_Square(), solver=solvers.Tsit5(max_num_steps=200))
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"did not finish within max_num_steps=200 "
                        r".* stiff, exploding or not finite"):
@@ -125,8 +142,9 @@ def test_exploding_solve_fails_instead_of_hanging():
 
 def test_backward_solve_has_its_own_message():
     ode = NeuralODE(Linear([[-3.0, 0.0], [0.0, -1.0]], dtype="float64"),
-                    rtol=1e-3, atol=1e-3, adjoint_rtol=1e-12,
-                    adjoint_atol=1e-12, max_num_steps=30, dtype="float64")
+                    rtol=1e-3, atol=1e-3, dtype="float64",
+                    solver=solvers.Bosh3(max_num_steps=30),
+                    gradient=gradients.Adjoint(rtol=1e-12, atol=1e-12))
     h0 = tf.ones((1, 2), tf.float64)
     with tf.GradientTape() as tape:
         tape.watch(h0)
@@ -155,7 +173,7 @@ def test_other_keras_backend_is_refused():
 
 def test_exhausted_budget_under_xla_ends_in_nan_not_a_hang():
     # XLA compiles assertions away; the solve must still stop.
-    ode = NeuralODE(_Square(), max_num_steps=50)
+    ode = NeuralODE(_Square(), solver=solvers.DormandPrince(max_num_steps=50))
     solve = tf.function(ode, jit_compile=True)
     assert np.all(np.isnan(solve(tf.fill((2, 2), 10.0))))
     assert np.all(np.isfinite(solve(tf.fill((2, 2), 0.1))))
@@ -171,3 +189,48 @@ def test_accuracy_monitor_arguments(kwargs, name):
     with pytest.raises(ValueError, match=rf"argument `{name}`, expected a "
                        rf"positive integer. Received: {name}="):
         AccuracyMonitor(data, data, **kwargs)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: solvers.DormandPrince(first_step_size=-0.1), ValueError,
+     r"argument `first_step_size`, expected a positive float. "
+     r"Received: first_step_size=-0.1"),
+    (lambda: solvers.Tsit5(max_num_steps=0), ValueError,
+     r"argument `max_num_steps`, expected a positive integer of at most "
+     r"268435456. Received: max_num_steps=0"),
+    (lambda: solvers.Bosh3(max_num_steps=10.5), TypeError,
+     r"argument `max_num_steps`, expected a positive integer .* "
+     r"Received: max_num_steps=10.5"),
+    (lambda: solvers.DormandPrince(max_num_steps=10**12), ValueError,
+     r"argument `max_num_steps`, expected a positive integer of at most "
+     r"268435456. Received: max_num_steps=1000000000000"),
+    (lambda: solvers.RK4(num_steps=4, step_size=0.1), ValueError,
+     r"RK4 takes `num_steps` or `step_size`, not both. "
+     r"Received: num_steps=4, step_size=0.1"),
+    (lambda: solvers.Euler(num_steps=0), ValueError,
+     r"argument `num_steps`, expected a positive integer of at most "
+     r"10000000. Received: num_steps=0"),
+    (lambda: solvers.Midpoint(step_size=float("inf")), ValueError,
+     r"argument `step_size`, expected a finite float. "
+     r"Received: step_size=inf"),
+    (lambda: gradients.Adjoint(rtol=0), ValueError,
+     r"argument `rtol`, expected a positive float. Received: rtol=0.0"),
+    (lambda: gradients.Adjoint(atol=float("nan")), ValueError,
+     r"argument `atol`, expected a finite float. Received: atol=nan"),
+    (lambda: gradients.Adjoint(norm="L2"), ValueError,
+     r'argument `norm`, expected "full" or "seminorm". Received: '
+     r"norm='L2'"),
+])
+def test_bad_solver_and_gradient_options(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax",
+                    reason="TensorFlow differentiates the adaptive loop")
+def test_backprop_through_adaptive_solver_is_refused_on_jax():
+    with pytest.raises(ValueError, match=r"argument `gradient`, expected "
+                       r'"adjoint" with the adaptive solver DormandPrince.* '
+                       r"on the JAX backend: JAX cannot reverse-differentiate "
+                       r"an unbounded loop. Use a fixed-step solver"):
+        NeuralODE(dynamics(), gradient="backprop")

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from helpers import CosineRate, Linear, mlp_dynamics, small_conv_dynamics
 from keras_node import NeuralODE
+from keras_node.gradients import Adjoint
 
 A = np.array([[-0.5, 2.0], [-2.0, -0.5]])
 H0 = np.array([[1.0, 0.0], [0.5, -2.0]])
@@ -95,7 +96,8 @@ def finite_difference_check(ode, h0, loss_fn, eps=1e-6, samples=6, seed=0):
 def test_mlp_gradients_match_finite_differences(adjoint_norm):
     keras.utils.set_random_seed(1)
     ode = NeuralODE(mlp_dynamics(8, 3, dtype="float64"), t1=1.0,
-                    dtype="float64", adjoint_norm=adjoint_norm, **TIGHT)
+                    dtype="float64", gradient=Adjoint(
+                        norm=adjoint_norm), **TIGHT)
     h0 = np.random.default_rng(1).normal(size=(4, 3))
     finite_difference_check(ode, h0, lambda h: tf.reduce_sum(tf.sin(h)))
 
@@ -104,7 +106,8 @@ def test_mlp_gradients_match_finite_differences(adjoint_norm):
 def test_conv_gradients_match_finite_differences(adjoint_norm):
     keras.utils.set_random_seed(2)
     ode = NeuralODE(small_conv_dynamics(3, dtype="float64"), t1=1.0,
-                    dtype="float64", adjoint_norm=adjoint_norm, **TIGHT)
+                    dtype="float64", gradient=Adjoint(
+                        norm=adjoint_norm), **TIGHT)
     h0 = np.random.default_rng(2).normal(size=(2, 5, 5, 3))
     finite_difference_check(ode, h0, lambda h: tf.reduce_sum(h ** 2))
 
@@ -134,8 +137,9 @@ def test_adjoint_tolerances_are_separate():
     backward = {}
     for adjoint_tol in (1e-3, 1e-8):
         ode = NeuralODE(Linear(A, dtype="float64"), t1=2.0, rtol=1e-8,
-                        atol=1e-8, adjoint_rtol=adjoint_tol,
-                        adjoint_atol=adjoint_tol, dtype="float64")
+                        atol=1e-8, dtype="float64",
+                        gradient=Adjoint(rtol=adjoint_tol,
+                                                   atol=adjoint_tol))
         gradients(ode, H0, tf.reduce_sum)
         backward[adjoint_tol] = ode.num_backward_evals.numpy()
     assert backward[1e-3] < backward[1e-8]
@@ -158,7 +162,7 @@ def test_seminorm_takes_fewer_backward_steps():
     for norm in ("full", "seminorm"):
         keras.utils.set_random_seed(5)
         ode = NeuralODE(mlp_dynamics(64, 4), t1=3.0, rtol=1e-5, atol=1e-5,
-                        adjoint_norm=norm)
+                        gradient=Adjoint(norm=norm))
         gradients(ode, h0, lambda h: tf.reduce_sum(h ** 2))
         backward[norm] = ode.num_backward_evals.numpy()
     assert backward["seminorm"] < backward["full"]
@@ -174,11 +178,13 @@ def test_full_norm_weighs_each_parameter_gradient_like_the_state():
     from keras_node import _solver
 
     solver = _solver._solver_class(dormand_prince)
+    tab = _solver.tableau(dormand_prince, "dopri5")
     state = (tf.ones([1000]), tf.ones([1000]), [tf.zeros([1])])
     error = (tf.zeros([1000]), tf.zeros([1000]), [tf.fill([1], 2e-3)])
 
     def ratio(mask):
-        dp = solver(rtol=1e-3, atol=1e-3, max_num_steps=10, what="test",
+        dp = solver(tab=tab, rtol=1e-3, atol=1e-3, max_num_steps=10,
+                    what="test",
                     error_mask=mask)
         return float(dp._error_ratio(state, state, error, 1e-3, 1e-3))
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from helpers import (kinetic_energy_after_fit, mlp_dynamics,
                      small_conv_dynamics)
-from keras_node import NeuralODE
+from keras_node import NeuralODE, gradients, solvers
 
 
 def conv_model(name_a="neural_ode", two_odes=False):
@@ -48,19 +48,22 @@ def test_output_shape_and_unknown_batch():
 
 def test_config_round_trip():
     ode = NeuralODE(mlp_dynamics(5, 3), t0=0.5, t1=-2.0, rtol=1e-4,
-                    atol=1e-5, adjoint_rtol=1e-2, adjoint_atol=1e-3,
-                    adjoint_norm="seminorm",
-                    first_step_size=0.1, max_num_steps=77,
+                    atol=1e-5,
+                    solver=solvers.Tsit5(first_step_size=0.1,
+                                         max_num_steps=77),
+                    gradient=gradients.Adjoint(rtol=1e-2, atol=1e-3,
+                                               norm="full"),
                     kinetic_energy=0.01, save_at=[0.0, -1.0, -2.0],
                     name="ode")
     config = ode.get_config()
     json.dumps(config)  # serializable as JSON
     restored = NeuralODE.from_config(config)
     assert restored.get_config() == config
-    for key in ("t0", "t1", "rtol", "atol", "adjoint_rtol", "adjoint_atol",
-                "adjoint_norm", "first_step_size", "max_num_steps",
+    for key in ("t0", "t1", "rtol", "atol", "solver", "gradient",
                 "kinetic_energy", "save_at"):
         assert getattr(restored, key) == getattr(ode, key)
+    assert restored.solver.max_num_steps == 77
+    assert restored.gradient.norm == "full"
     assert isinstance(restored.dynamics, keras.Sequential)
 
 
@@ -84,7 +87,12 @@ def test_save_at_adds_a_time_axis_and_saves(tmp_path):
 
 def test_adjoint_tolerances_default_to_forward():
     ode = NeuralODE(mlp_dynamics(5, 3), rtol=1e-4, atol=1e-6)
-    assert (ode.adjoint_rtol, ode.adjoint_atol) == (1e-4, 1e-6)
+    _, adjoint = ode._solve_options()
+    assert (adjoint["rtol"], adjoint["atol"]) == (1e-4, 1e-6)
+    ode = NeuralODE(mlp_dynamics(5, 3), rtol=1e-4, atol=1e-6,
+                    gradient=gradients.Adjoint(rtol=1e-2))
+    _, adjoint = ode._solve_options()
+    assert (adjoint["rtol"], adjoint["atol"]) == (1e-2, 1e-6)
 
 
 def test_fit_logs_evaluation_counts():

@@ -6,7 +6,7 @@ import scipy.linalg
 import tensorflow as tf
 
 from helpers import CosineRate, Linear
-from keras_node import NeuralODE
+from keras_node import NeuralODE, solvers
 
 A = np.array([[-0.5, 2.0], [-2.0, -0.5]])
 H0 = np.array([[1.0, 0.0], [0.5, -2.0], [3.0, 1.0]])
@@ -65,8 +65,8 @@ class _Counting(Linear):
 def test_evaluation_counts_equal_real_calls(first_step_size):
     """Eagerly, every evaluation is a Python call that we can count."""
     dynamics = _Counting(A, dtype="float64")
-    ode = NeuralODE(dynamics, t1=2.0, first_step_size=first_step_size,
-                    dtype="float64")
+    ode = NeuralODE(dynamics, t1=2.0, dtype="float64",
+                    solver=solvers.DormandPrince(first_step_size))
     h0 = tf.constant(H0)
     ode.build(h0.shape)
     _Counting.calls = 0
@@ -86,7 +86,8 @@ def test_automatic_first_step_saves_evaluations():
     counts = {}
     for first_step_size in (None, 1e-3):
         ode = NeuralODE(Linear(A, dtype="float64"), t1=1.0,
-                        first_step_size=first_step_size, dtype="float64")
+                        solver=solvers.DormandPrince(first_step_size),
+                        dtype="float64")
         ode(H0)
         counts[first_step_size] = ode.num_forward_evals.numpy()
     assert counts[None] < counts[1e-3]

@@ -1,0 +1,114 @@
+"""How `NeuralODE` differentiates its solve, chosen as Keras chooses optimizers.
+
+`NeuralODE(..., gradient="backprop")` takes a method's name with its default
+options; `NeuralODE(..., gradient=gradients.Adjoint(rtol=1e-6))` sets them.
+
+- `"adjoint"` (`Adjoint`, the default): optimise-then-discretise. The
+  backward pass solves the adjoint equation from `t1` back to `t0`; memory
+  does not grow with the number of steps. The gradient is that of the ODE,
+  up to the backward solve's error: it approximates, but is not, the
+  derivative of the forward solver's arithmetic (torchdiffeq's
+  `odeint_adjoint`, diffrax's `BacksolveAdjoint`).
+- `"backprop"` (`Backprop`): discretise-then-optimise. Reverse-mode
+  differentiation through the solver's own operations: the exact gradient of
+  the discrete solve (for the steps it took; step sizes are not
+  differentiated), with memory growing with the number of steps
+  (torchdiffeq's `odeint`, diffrax's `RecursiveCheckpointAdjoint` without
+  checkpointing).
+"""
+
+import keras
+
+from keras_node.solvers import _invalid, positive_float
+
+__all__ = ["Gradient", "Adjoint", "Backprop", "get"]
+
+
+class Gradient:
+    """Base class of the gradient methods."""
+
+    name = None
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and \
+            other.get_config() == self.get_config()
+
+    def __repr__(self):
+        options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({options})"
+
+
+@keras.saving.register_keras_serializable(package="keras_node")
+class Adjoint(Gradient):
+    """The adjoint method: memory constant in the number of solver steps.
+
+    The backward pass integrates the adjoint system
+    `(h, a, g)' = (f, -a^T df/dh, -a^T df/dtheta)` from the last output time
+    back to `t0`, restarting `h` from the forward solution at each output
+    time, with the layer's solver. Gradients reach the initial state and
+    every floating weight that the dynamics read.
+
+    Args:
+        rtol: relative tolerance of the backward solve (adaptive solvers
+            only), a positive float. Defaults to the layer's `rtol`.
+        atol: absolute tolerance of the backward solve. Defaults to the
+            layer's `atol`.
+        norm: the backward solve's error norm (adaptive solvers only).
+            `"full"` is torchdiffeq's default: the largest of the
+            root-mean-square errors of the state, of the adjoint and of each
+            parameter gradient. `"seminorm"` leaves out the parameter
+            gradients (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE"),
+            which feed back into nothing: never more backward steps, often
+            fewer. Defaults to `"seminorm"`.
+    """
+
+    name = "adjoint"
+
+    def __init__(self, rtol=None, atol=None, norm="seminorm"):
+        self.rtol = None if rtol is None else positive_float("rtol", rtol)
+        self.atol = None if atol is None else positive_float("atol", atol)
+        if norm not in ("full", "seminorm"):
+            raise _invalid(ValueError, "norm", '"full" or "seminorm"', norm)
+        self.norm = norm
+
+    def get_config(self):
+        return {"rtol": self.rtol, "atol": self.atol, "norm": self.norm}
+
+
+@keras.saving.register_keras_serializable(package="keras_node")
+class Backprop(Gradient):
+    """Backpropagation through the solver: the discrete solve's gradient.
+
+    Exact for the arithmetic of the steps taken (step sizes are held fixed),
+    so it matches finite differences of the forward solve; memory grows with
+    the number of steps, as every stage is kept for the backward pass. On
+    JAX it needs a fixed-step solver (JAX cannot reverse-differentiate the
+    adaptive solvers' unbounded loop).
+    """
+
+    name = "backprop"
+
+
+_BY_NAME = {cls.name: cls for cls in (Adjoint, Backprop)}
+
+
+def get(identifier):
+    """A gradient method from `"adjoint"`, `"backprop"`, a dict or an object."""
+    if isinstance(identifier, Gradient):
+        return identifier
+    if isinstance(identifier, str) and identifier in _BY_NAME:
+        return _BY_NAME[identifier]()
+    if isinstance(identifier, dict):
+        return keras.saving.deserialize_keras_object(identifier)
+    error = ValueError if isinstance(identifier, str) else TypeError
+    raise error(
+        "Received an invalid value for argument `gradient`, expected "
+        '"adjoint", "backprop" or a `keras_node.gradients.Gradient`. '
+        f"Received: gradient={identifier!r}")

@@ -1,0 +1,231 @@
+"""ODE solvers for `NeuralODE`, chosen as Keras chooses optimizers.
+
+`NeuralODE(..., solver="tsit5")` takes a solver's name with its default
+options; `NeuralODE(..., solver=solvers.Tsit5(max_num_steps=200))` sets
+them. The layer's `rtol` and `atol` apply to the adaptive solvers.
+
+| name         | class           | order | evaluations a step | steps      |
+| ------------ | --------------- | ----- | ------------------ | ---------- |
+| `"dopri5"`   | `DormandPrince` | 5(4)  | 6                  | adaptive   |
+| `"tsit5"`    | `Tsit5`         | 5(4)  | 6                  | adaptive   |
+| `"bosh3"`    | `Bosh3`         | 3(2)  | 3                  | adaptive   |
+| `"euler"`    | `Euler`         | 1     | 1                  | fixed      |
+| `"midpoint"` | `Midpoint`      | 2     | 2                  | fixed      |
+| `"rk4"`      | `RK4`           | 4     | 4                  | fixed      |
+
+The adaptive solvers take each step with an embedded error estimate, accept
+it when the root mean square of the error scaled by `atol + rtol * |y|` is
+at most 1 (the norm of Hairer's DOPRI5, scipy and torchdiffeq), and return
+states between steps by quartic interpolation. They run in the loop of
+`tfp.math.ode.DormandPrince`. Fixed-step solvers take a static number of
+equal steps, landing on every output time: no step budget to exhaust, and
+shapes that XLA compiles well.
+"""
+
+import math
+import numbers
+
+import keras
+
+__all__ = ["Solver", "DormandPrince", "Tsit5", "Bosh3", "Euler", "Midpoint",
+           "RK4", "get"]
+
+
+class Solver:
+    """Base class of the solvers. `name` is the string that selects it."""
+
+    name = None
+    adaptive = False
+
+    def get_config(self):
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def options(self):
+        """Plain keyword arguments of the solve (for the backends)."""
+        return {"method": self.name, **self.get_config()}
+
+    def __eq__(self, other):
+        return type(other) is type(self) and \
+            other.get_config() == self.get_config()
+
+    def __repr__(self):
+        options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({options})"
+
+
+class AdaptiveSolver(Solver):
+    """An embedded Runge-Kutta pair with step-size control.
+
+    Args:
+        first_step_size: the size of the first step, a positive float, or
+            `None` to choose it from the problem with Hairer's heuristic (as
+            torchdiffeq and DifferentialEquations.jl do), which costs one
+            evaluation and saves many. Defaults to `None`.
+        max_num_steps: the most steps, accepted and rejected, that one solve
+            (forward or backward) may take before it fails with an error (on
+            JAX, and under XLA on TensorFlow, the solve returns NaN instead).
+            Defaults to `1000`.
+    """
+
+    adaptive = True
+
+    def __init__(self, first_step_size=None, max_num_steps=1000):
+        self.first_step_size = (
+            None if first_step_size is None
+            else positive_float("first_step_size", first_step_size))
+        self.max_num_steps = positive_int("max_num_steps", max_num_steps,
+                                          upper=2**31 // 8)
+
+    def get_config(self):
+        return {"first_step_size": self.first_step_size,
+                "max_num_steps": self.max_num_steps}
+
+
+@keras.saving.register_keras_serializable(package="keras_node")
+class DormandPrince(AdaptiveSolver):
+    """Dormand-Prince 5(4): `tfp.math.ode.DormandPrince`, the default.
+
+    torchdiffeq's `"dopri5"`, diffrax's `Dopri5`, MATLAB's `ode45`. Six
+    evaluations a step (first same as last).
+    """
+
+    name = "dopri5"
+
+
+@keras.saving.register_keras_serializable(package="keras_node")
+class Tsit5(AdaptiveSolver):
+    """Tsitouras 5(4) (2011), the DiffEqFlux tutorial's solver.
+
+    SciML's default, torchdiffeq's `"tsit5"`, diffrax's `Tsit5`. Six
+    evaluations a step (first same as last), usually a little more accurate
+    than Dormand-Prince for the same steps.
+    """
+
+    name = "tsit5"
+
+
+@keras.saving.register_keras_serializable(package="keras_node")
+class Bosh3(AdaptiveSolver):
+    """Bogacki-Shampine 3(2), MATLAB's `ode23`: cheap, for loose tolerances.
+
+    torchdiffeq's `"bosh3"`, diffrax's `Bosh3`. Three evaluations a step
+    (first same as last).
+    """
+
+    name = "bosh3"
+
+
+class FixedStepSolver(Solver):
+    """A Runge-Kutta method with equal steps.
+
+    Takes `num_steps` or `step_size`, not both. With `save_at`, every output
+    time is a step boundary: each interval between output times takes the
+    fewest equal steps no longer than `step_size` (with `num_steps`, the
+    whole span divided by `num_steps`).
+
+    Args:
+        num_steps: the number of steps from `t0` to `t1`, a positive
+            integer. Defaults to `10` when `step_size` is not given.
+        step_size: the longest step, a positive float. Defaults to `None`.
+    """
+
+    def __init__(self, num_steps=None, step_size=None):
+        if num_steps is not None and step_size is not None:
+            raise ValueError(
+                f"{type(self).__name__} takes `num_steps` or `step_size`, not "
+                f"both. Received: num_steps={num_steps!r}, "
+                f"step_size={step_size!r}")
+        if step_size is None:
+            self.num_steps = positive_int(
+                "num_steps", 10 if num_steps is None else num_steps,
+                upper=10**7)
+            self.step_size = None
+        else:
+            self.num_steps = None
+            self.step_size = positive_float("step_size", step_size)
+
+    def get_config(self):
+        return {"num_steps": self.num_steps, "step_size": self.step_size}
+
+
+@keras.saving.register_keras_serializable(package="keras_node")
+class Euler(FixedStepSolver):
+    """The explicit Euler method: order 1, one evaluation a step.
+    """
+
+    name = "euler"
+
+
+@keras.saving.register_keras_serializable(package="keras_node")
+class Midpoint(FixedStepSolver):
+    """The explicit midpoint method: order 2, two evaluations a step.
+    """
+
+    name = "midpoint"
+
+
+@keras.saving.register_keras_serializable(package="keras_node")
+class RK4(FixedStepSolver):
+    """The classical Runge-Kutta method: order 4, four evaluations a step.
+    """
+
+    name = "rk4"
+
+
+_BY_NAME = {cls.name: cls for cls in
+            (DormandPrince, Tsit5, Bosh3, Euler, Midpoint, RK4)}
+# Each solver's docstring ends with its family's arguments.
+for _cls in _BY_NAME.values():
+    _family = AdaptiveSolver if _cls.adaptive else FixedStepSolver
+    _cls.__doc__ = (_cls.__doc__.rstrip() + "\n\n"
+                    + _family.__doc__.split("\n\n", 1)[1])
+
+
+def get(identifier):
+    """A solver from a name (`"dopri5"`, ...), a config dict or a solver."""
+    if isinstance(identifier, Solver):
+        return identifier
+    if isinstance(identifier, str) and identifier in _BY_NAME:
+        return _BY_NAME[identifier]()
+    if isinstance(identifier, dict):
+        return keras.saving.deserialize_keras_object(identifier)
+    names = ", ".join(f'"{name}"' for name in _BY_NAME)
+    error = ValueError if isinstance(identifier, str) else TypeError
+    raise error(
+        "Received an invalid value for argument `solver`, expected one of "
+        f"{names} or a `keras_node.solvers.Solver`. "
+        f"Received: solver={identifier!r}")
+
+
+def _invalid(error, name, expected, value):
+    return error(f"Received an invalid value for argument `{name}`, expected "
+                 f"{expected}. Received: {name}={value!r}")
+
+
+def finite_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _invalid(TypeError, name, "a finite float", value)
+    if not math.isfinite(value):
+        raise _invalid(ValueError, name, "a finite float", value)
+    return float(value)
+
+
+def positive_float(name, value):
+    value = finite_float(name, value)
+    if value <= 0:
+        raise _invalid(ValueError, name, "a positive float", value)
+    return value
+
+
+def positive_int(name, value, upper=None):
+    expected = "a positive integer" + (
+        f" of at most {upper}" if upper is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _invalid(TypeError, name, expected, value)
+    if value < 1 or (upper is not None and value > upper):
+        raise _invalid(ValueError, name, expected, value)
+    return int(value)
