@@ -25,16 +25,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
-            jit_compile=False):
+            jit_compile=False, solver="dopri5", gradient="adjoint",
+            num_steps=4):
     sys.path.insert(0, str(ROOT / "examples"))
     import keras
     import numpy as np
     import tensorflow as tf
     from mnist import build_model
+    from mnist_common import solver_and_gradient
 
     keras.utils.set_random_seed(0)
-    model = build_model(rtol=tolerance, atol=tolerance,
-                        adjoint_norm=adjoint_norm)
+    solver_, gradient_ = solver_and_gradient(solver, num_steps, gradient,
+                                             adjoint_norm)
+    model = build_model(rtol=tolerance, atol=tolerance, solver=solver_,
+                        gradient=gradient_)
     model.compile(
         keras.optimizers.Adam(1e-3),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -51,13 +55,17 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
         if step >= warmup:
             times.append(time.perf_counter() - start)
     return {
-        "tolerance": tolerance,
+        "solver": repr(solver_),
+        "gradient": repr(gradient_),
+        "tolerance": tolerance if solver_.adaptive else None,
         "adjoint_norm": adjoint_norm,
         "jit_compile": jit_compile,
         "median_step_s": float(np.median(times)),
         "min_step_s": float(np.min(times)),
         "nfe_forward": float(ode.num_forward_evals),
         "nfe_backward": float(ode.num_backward_evals),
+        "steps_accepted": float(ode.steps_accepted),
+        "steps_rejected": float(ode.steps_rejected),
         # ru_maxrss is in KiB on Linux.
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         / 1024,
@@ -88,12 +96,18 @@ def main(argv=None):
                         choices=["full", "seminorm"])
     parser.add_argument("--jit-compile", action="store_true",
                         help="compile the train step with XLA")
+    parser.add_argument("--solver", default="dopri5")
+    parser.add_argument("--gradient", default="adjoint",
+                        choices=["adjoint", "backprop"])
+    parser.add_argument("--num-steps", type=int, default=4,
+                        help="steps of a fixed-step solver")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(measure(args.child, args.steps, args.warmup,
                                  args.batch_size, args.adjoint_norm,
-                                 args.jit_compile)))
+                                 args.jit_compile, args.solver,
+                                 args.gradient, args.num_steps)))
         return
     runs = []
     for tolerance in args.tolerances:
@@ -101,7 +115,8 @@ def main(argv=None):
             [sys.executable, __file__, "--child", str(tolerance),
              "--steps", str(args.steps), "--warmup", str(args.warmup),
              "--batch-size", str(args.batch_size),
-             "--adjoint-norm", args.adjoint_norm]
+             "--adjoint-norm", args.adjoint_norm, "--solver", args.solver,
+             "--gradient", args.gradient, "--num-steps", str(args.num_steps)]
             + ["--jit-compile"] * args.jit_compile,
             check=True, capture_output=True, text=True,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from mnist_common import (build_model, make_optimizer,
+from mnist_common import (build_model, make_optimizer, solver_and_gradient,
                           stratified_split)
 
 from keras_node.callbacks import AccuracyMonitor, LogEvaluationCounts
@@ -62,8 +62,19 @@ def parse_args(argv=None):
     add("--weight-decay", type=float, default=0.0,
         help="Adam's decoupled weight decay: each step shrinks the weights "
         "by this times the learning rate (default: %(default)s, none)")
+    add("--solver", default="dopri5",
+        choices=["dopri5", "tsit5", "bosh3", "euler", "midpoint", "rk4"],
+        help="the ODE solver; tsit5 is the DiffEqFlux tutorial's "
+        "(default: %(default)s)")
+    add("--num-steps", type=int, default=4,
+        help="steps of a fixed-step solver (euler, midpoint, rk4) "
+        "(default: %(default)s)")
+    add("--gradient", default="adjoint", choices=["adjoint", "backprop"],
+        help="adjoint: memory flat in the solver's steps; backprop: the "
+        "exact gradient of the discrete solve (default: %(default)s)")
     add("--adjoint-norm", default="seminorm", choices=["full", "seminorm"],
-        help="error norm of the backward solve (default: %(default)s)")
+        help="error norm of the adjoint's backward solve, for adaptive "
+        "solvers (default: %(default)s)")
     add("--kinetic-energy", type=float, default=0.0,
         help="weight of the kinetic-energy regulariser (Finlay et al. "
         "2020), which keeps the dynamics straight and the solver's steps "
@@ -358,7 +369,9 @@ def main(argv=None):
         if finished:
             model = keras.models.load_model(out / "model.keras")
         else:
-            model = build_model(adjoint_norm=args.adjoint_norm,
+            solver, gradient = solver_and_gradient(
+                args.solver, args.num_steps, args.gradient, args.adjoint_norm)
+            model = build_model(solver=solver, gradient=gradient,
                                 kinetic_energy=args.kinetic_energy)
             model.compile(
                 optimizer=make_optimizer(args.learning_rate, total_steps,

@@ -8,12 +8,18 @@ import keras
 import numpy as np
 from keras import layers
 
-from keras_node import NeuralODE
+from keras_node import NeuralODE, gradients, solvers
 
 
-def build_model(rtol=1e-3, atol=1e-3, adjoint_norm="seminorm",
+def build_model(rtol=1e-3, atol=1e-3, solver="dopri5", gradient="adjoint",
                 kinetic_energy=0.0):
-    """The tutorial's model: 28x28x1 images to 10 logits."""
+    """The tutorial's model: 28x28x1 images to 10 logits.
+
+    `solver` and `gradient` are `NeuralODE`'s; `rtol` and `atol` apply to
+    adaptive solvers only.
+    """
+    solver = solvers.get(solver)
+    tolerances = dict(rtol=rtol, atol=atol) if solver.adaptive else {}
     images = keras.Input((28, 28, 1), name="images")
     x = layers.Conv2D(64, 3, activation="relu")(images)            # 26x26
     x = layers.GroupNormalization(64)(x)
@@ -26,8 +32,9 @@ def build_model(rtol=1e-3, atol=1e-3, adjoint_norm="seminorm",
         layers.Conv2D(64, 3, padding="same", activation="tanh"),
         layers.Conv2D(64, 3, padding="same", activation="tanh"),
     ], name="dynamics")
-    x = NeuralODE(dynamics, t0=0.0, t1=1.0, rtol=rtol, atol=atol,
-                  adjoint_norm=adjoint_norm, kinetic_energy=kinetic_energy)(x)
+    x = NeuralODE(dynamics, t0=0.0, t1=1.0, solver=solver,
+                  gradient=gradients.get(gradient),
+                  kinetic_energy=kinetic_energy, **tolerances)(x)
     # With 64 groups for 64 channels, GroupNorm standardises each channel
     # over its 6x6 positions, so with the usual beta = 0 the mean of
     # relu(.) below barely differs between images, and training idles for
@@ -86,3 +93,14 @@ def stratified_split(labels, fraction, seed):
         kept.append(members[n_held:])
     return (rng.permutation(np.concatenate(kept)),
             np.sort(np.concatenate(held_out)))
+
+
+def solver_and_gradient(solver, num_steps, gradient, adjoint_norm):
+    """`NeuralODE`'s `solver` and `gradient` from the command line's names."""
+    if solvers.get(solver).adaptive:
+        solver = solvers.get(solver)
+    else:
+        solver = type(solvers.get(solver))(num_steps=num_steps)
+    if gradient == "adjoint" and solver.adaptive:
+        return solver, gradients.Adjoint(norm=adjoint_norm)
+    return solver, gradients.get(gradient)

@@ -454,7 +454,9 @@ def _integrate_adaptive(dp, fn, s0, times, y0, tab, *, rtol, atol,
         step = tf.minimum(tf.constant(first_step_size, dtype), span)
         setup_evals = 1
 
-    solver = _solver_class(dp)(tab=tab, rtol=rtol, atol=atol, what=what,
+    # As tensors of the solve's dtype: TFP would round them to float32.
+    solver = _solver_class(dp)(tab=tab, rtol=tf.constant(rtol, dtype),
+                               atol=tf.constant(atol, dtype), what=what,
                                max_num_steps=max_num_steps,
                                error_mask=error_mask)
     initial = dp._RungeKuttaSolverInternalState(

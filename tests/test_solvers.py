@@ -1,0 +1,295 @@
+"""Solvers and gradient methods against ground truth."""
+
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+import scipy.linalg
+import tensorflow as tf
+
+from helpers import Linear, mlp_dynamics
+from keras_node import NeuralODE, gradients, solvers
+
+A = np.array([[-0.5, 2.0], [-2.0, -0.5]])
+H0 = np.array([[1.0, 0.0], [0.5, -2.0]])
+W = np.array([[0.3, -1.0], [2.0, 0.5]])  # loss = sum(W * h(t1))
+ADAPTIVE = ["dopri5", "tsit5", "bosh3"]
+FIXED = {"euler": (solvers.Euler, 1), "midpoint": (solvers.Midpoint, 2),
+         "rk4": (solvers.RK4, 4)}
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def linear_ode(t1=2.0, **kwargs):
+    return NeuralODE(Linear(A, dtype="float64"), t1=t1, dtype="float64",
+                     **kwargs)
+
+
+def exact(t1=2.0, h0=H0):
+    return h0 @ scipy.linalg.expm(A * t1).T
+
+
+def error(ode, t1=2.0):
+    return np.max(np.abs(ode(H0) - exact(t1)))
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_fixed_step_order_of_convergence(name):
+    cls, order = FIXED[name]
+    n = {"euler": 200, "midpoint": 50, "rk4": 20}[name]
+    coarse = error(linear_ode(solver=cls(num_steps=n)))
+    fine = error(linear_ode(solver=cls(num_steps=2 * n)))
+    # Halving the step divides the global error by about 2^order.
+    assert np.log2(coarse / fine) == pytest.approx(order, abs=0.15)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_solvers_converge_and_loosen(name):
+    tol = 1e-8 if name == "bosh3" else 1e-10
+    tight = linear_ode(solver=name, rtol=tol, atol=tol)
+    loose = linear_ode(solver=name, rtol=1e-4, atol=1e-4)
+    tight_error = error(tight)
+    assert tight_error < (1e-8 if name != "bosh3" else 1e-6)
+    assert error(loose) > tight_error
+    assert float(loose.steps_accepted) < float(tight.steps_accepted)
+
+
+class _Constant(keras.layers.Layer):
+    def call(self, h):
+        return keras.ops.ones_like(h) * 0.2
+
+
+@pytest.mark.parametrize("name", ADAPTIVE + list(FIXED))
+def test_float64_solve_is_exact_on_a_constant_rate(name):
+    # Every Runge-Kutta method is exact here; a tableau rounded to float32
+    # (TFP's own cast) is off by about 3e-8.
+    ode = NeuralODE(_Constant(dtype="float64"), t0=1.0, t1=8.0, solver=name,
+                    dtype="float64")
+    out = ode(np.full((1, 3), 3.2))
+    np.testing.assert_allclose(out, 3.2 + 0.2 * 7.0, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["dopri5", "tsit5"])
+def test_float64_error_keeps_falling_with_the_tolerance(name):
+    errors, evals = [], []
+    for tol in (1e-8, 1e-10, 1e-12):
+        ode = linear_ode(solver=name, rtol=tol, atol=tol)
+        errors.append(error(ode))
+        evals.append(float(ode.num_forward_evals))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-10
+    # Float32 coefficients made 1e-12 cost hundreds of thousands.
+    assert evals[2] < 20_000
+
+
+@pytest.mark.parametrize("name", ["dopri5", "bosh3", "rk4"])
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3)])
+def test_empty_state_returns_at_once(name, shape):
+    ode = NeuralODE(mlp_dynamics(4, shape[1] or 1), solver=name,
+                    **({"rtol": 1e-6, "atol": 1e-6} if name != "rk4" else {}))
+    if shape[1] == 0:
+        ode = NeuralODE(_Constant(), solver=name)
+    out = ode(np.zeros(shape, "float32"))
+    assert tuple(out.shape) == shape
+    # The error of an empty state is 0: steps grow tenfold and none fail.
+    assert float(ode.steps_rejected) == 0
+    assert float(ode.steps_accepted) <= 10
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_step_statistics_add_up_to_the_evaluations(name):
+    ode = linear_ode(solver=name, rtol=1e-6, atol=1e-6)
+    ode(H0)
+    per_step = {"dopri5": 6, "tsit5": 6, "bosh3": 3}[name]
+    steps = float(ode.steps_accepted) + float(ode.steps_rejected)
+    # Two set-up evaluations: f(t0) and the first-step heuristic.
+    assert float(ode.num_forward_evals) == 2 + per_step * steps
+    assert float(ode.steps_accepted) > 5
+
+
+def test_rejected_steps_are_counted():
+    # A first step far too long is rejected at least once.
+    ode = linear_ode(solver=solvers.DormandPrince(first_step_size=1.0),
+                     rtol=1e-8, atol=1e-8)
+    ode(H0)
+    assert float(ode.steps_rejected) >= 1
+
+
+@pytest.mark.parametrize("solver, steps", [
+    (solvers.RK4(num_steps=8), 8 + 1),       # 0.3 splits 0.25 into 2 steps
+    (solvers.RK4(step_size=0.1), 3 + 7),
+])
+def test_fixed_steps_land_on_every_output_time(solver, steps):
+    ode = linear_ode(t1=1.0, solver=solver, save_at=[0.3, 1.0])
+    hs = ode(H0)
+    expected = np.stack([exact(0.3), exact(1.0)], axis=1)
+    np.testing.assert_allclose(hs, expected, atol=1e-3)
+    assert float(ode.steps_accepted) == steps
+    assert float(ode.num_forward_evals) == 4 * steps
+    assert float(ode.steps_rejected) == 0
+
+
+def grads(ode, h0, loss_fn):
+    h0 = tf.constant(h0)
+    with tf.GradientTape() as tape:
+        tape.watch(h0)
+        loss = loss_fn(ode(h0))
+    return tape.gradient(loss, [h0] + ode.trainable_variables)
+
+
+def analytic_grads(t1):
+    """dL/dh0 and dL/dA^T of L = sum(W * h0 expm(A t1)^T)."""
+    e = scipy.linalg.expm(A * t1)
+    da = np.zeros((2, 2))
+    for i in range(2):
+        for j in range(2):
+            unit = np.zeros((2, 2))
+            unit[i, j] = t1
+            frechet = scipy.linalg.expm_frechet(A * t1, unit,
+                                                compute_expm=False)
+            da[i, j] = np.sum(W * (H0 @ frechet.T))
+    return W @ e, da.T
+
+
+@pytest.mark.parametrize("name", list(FIXED))
+@pytest.mark.parametrize("save_at", [None, [0.4, 1.0]])
+def test_backprop_equals_finite_differences_of_the_discrete_solve(
+        name, save_at):
+    keras.utils.set_random_seed(11)
+    ode = NeuralODE(mlp_dynamics(6, 3, dtype="float64"), t1=1.0,
+                    dtype="float64", solver=FIXED[name][0](num_steps=5),
+                    gradient="backprop", save_at=save_at)
+    h0 = np.random.default_rng(11).normal(size=(3, 3))
+    loss_fn = lambda h: tf.reduce_sum(tf.sin(h))
+    analytic = grads(ode, h0, loss_fn)
+    loss = lambda: float(loss_fn(ode(tf.constant(h0))))
+    eps = 1e-6
+    for variable, grad in zip(ode.trainable_variables, analytic[1:]):
+        flat = variable.numpy().reshape(-1)
+        for index in range(min(flat.size, 6)):
+            shifted = flat.copy()
+            shifted[index] += eps
+            variable.assign(shifted.reshape(variable.shape))
+            up = loss()
+            shifted[index] -= 2 * eps
+            variable.assign(shifted.reshape(variable.shape))
+            down = loss()
+            variable.assign(flat.reshape(variable.shape))
+            np.testing.assert_allclose(np.reshape(grad, -1)[index],
+                                       (up - down) / (2 * eps), rtol=1e-7,
+                                       atol=1e-8)
+    # The discrete solve's gradient is not the ODE's: at 5 Euler steps
+    # finite differences of the true flow would differ by far more.
+    assert float(ode.num_backward_evals) == float(ode.num_forward_evals)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_gradients_converge_to_the_analytic_gradient(name, gradient):
+    expected = analytic_grads(1.5)
+    errors = []
+    for tol in (1e-4, 1e-9):
+        ode = linear_ode(t1=1.5, solver=name, gradient=gradient, rtol=tol,
+                         atol=tol)
+        got = grads(ode, H0, lambda h: tf.reduce_sum(W * h))
+        errors.append(max(np.max(np.abs(g - e))
+                          for g, e in zip(got, expected)))
+    assert errors[1] < errors[0]
+    assert errors[1] < (1e-6 if name != "bosh3" else 1e-4)
+
+
+@pytest.mark.parametrize("name", list(FIXED))
+def test_fixed_step_adjoint_converges_to_the_analytic_gradient(name):
+    expected = analytic_grads(1.5)
+    cls, _ = FIXED[name]
+    errors = []
+    for n in (20, 80):
+        ode = linear_ode(t1=1.5, solver=cls(num_steps=n))
+        got = grads(ode, H0, lambda h: tf.reduce_sum(W * h))
+        errors.append(max(np.max(np.abs(g - e))
+                          for g, e in zip(got, expected)))
+        # The backward solve takes the forward solve's steps.
+        assert float(ode.num_backward_evals) == float(ode.num_forward_evals)
+    assert errors[1] < errors[0] / 3
+
+
+SOLVER_GRADIENTS = [
+    (solvers.DormandPrince(max_num_steps=300), gradients.Adjoint(norm="full")),
+    (solvers.Tsit5(first_step_size=0.05), "adjoint"),
+    ("bosh3", "backprop"),
+    (solvers.Euler(num_steps=3), "adjoint"),
+    (solvers.Midpoint(step_size=0.3), "backprop"),
+    ("rk4", gradients.Backprop()),
+]
+
+
+@pytest.mark.parametrize("solver, gradient", SOLVER_GRADIENTS)
+def test_every_solver_and_gradient_saves_loads_and_trains(
+        solver, gradient, tmp_path):
+    keras.utils.set_random_seed(13)
+    adaptive = solvers.get(solver).adaptive
+    inputs = keras.Input((3,))
+    ode = NeuralODE(mlp_dynamics(8, 3), solver=solver, gradient=gradient,
+                    name="ode", **({"rtol": 1e-4} if adaptive else {}))
+    model = keras.Model(inputs, keras.layers.Dense(2)(ode(inputs)))
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    x = np.random.default_rng(13).normal(size=(16, 3)).astype("float32")
+    y = np.random.default_rng(14).normal(size=(16, 2)).astype("float32")
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history
+    assert history["loss"][1] < history["loss"][0]
+    assert history["steps_accepted"][-1] >= 1
+    config = ode.get_config()
+    assert NeuralODE.from_config(config).get_config() == config
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    restored = loaded.get_layer("ode")
+    assert restored.solver == ode.solver
+    assert restored.gradient == ode.gradient
+    np.testing.assert_allclose(loaded.predict(x, verbose=0),
+                               model.predict(x, verbose=0), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_keras_node_0_1_0_files_load_and_give_the_same_outputs():
+    # Saved by tests/data/make_legacy_fixture.py with keras-node 0.1.0.
+    model = keras.models.load_model(DATA / "legacy_v0_1_0.keras")
+    data = np.load(DATA / "legacy_v0_1_0.npz")
+    ode = model.get_layer("ode")
+    assert ode.solver == solvers.DormandPrince(first_step_size=0.01,
+                                               max_num_steps=500)
+    assert ode.gradient == gradients.Adjoint(rtol=1e-4, atol=1e-5,
+                                             norm="full")
+    assert (ode.rtol, ode.atol, ode.save_at) == (1e-5, 1e-6, (0.5, 1.5))
+    np.testing.assert_allclose(model.predict(data["x"], verbose=0),
+                               data["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_step_solvers_allow_xla():
+    adaptive = NeuralODE(mlp_dynamics(4, 2))
+    fixed = NeuralODE(mlp_dynamics(4, 2), solver="rk4", gradient="backprop")
+    assert not adaptive.supports_jit and fixed.supports_jit
+    # And the compiled train step computes what the plain one does.
+    losses = []
+    for jit_compile in (False, True):
+        keras.utils.set_random_seed(15)
+        inputs = keras.Input((2,))
+        model = keras.Model(inputs, NeuralODE(
+            mlp_dynamics(4, 2), solver="rk4", gradient="backprop")(inputs))
+        model.compile(keras.optimizers.SGD(0.1), "mse",
+                      jit_compile=jit_compile)
+        x = np.random.default_rng(15).normal(size=(8, 2)).astype("float32")
+        losses.append(model.fit(x, 2 * x, epochs=3, verbose=0)
+                      .history["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_solver_and_gradient_by_name_and_object():
+    assert solvers.get("tsit5") == solvers.Tsit5()
+    assert solvers.get({"module": None, "class_name": "RK4",
+                        "config": {"num_steps": 3, "step_size": None},
+                        "registered_name": "keras_node>RK4"}) \
+        == solvers.RK4(3)
+    assert gradients.get("backprop") == gradients.Backprop()
+    assert solvers.RK4().num_steps == 10
+    ode = NeuralODE(mlp_dynamics(4, 2), solver="rk4")
+    assert (ode.rtol, ode.atol) == (None, None)
