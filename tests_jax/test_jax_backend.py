@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples"),
 from helpers import (CosineRate, Linear, kinetic_energy_after_fit,  # noqa: E402
                      mlp_dynamics)
 
-from keras_node import NeuralODE  # noqa: E402
+from keras_node import NeuralODE, gradients, solvers  # noqa: E402
 
 A = np.array([[-0.5, 2.0], [-2.0, -0.5]])
 H0 = np.array([[1.0, 0.0], [0.5, -2.0]], "float32")
@@ -77,7 +77,7 @@ def test_linear_gradients_are_analytic(jit):
 def test_mlp_gradients_match_finite_differences(adjoint_norm):
     keras.utils.set_random_seed(1)
     ode = NeuralODE(mlp_dynamics(8, 3), t1=1.0, rtol=1e-6, atol=1e-6,
-                    adjoint_norm=adjoint_norm)
+                    gradient=gradients.Adjoint(norm=adjoint_norm))
     h0 = np.random.default_rng(1).normal(size=(4, 3)).astype("float32")
     ode(h0)
     loss_fn = lambda y: jnp.sum(jnp.sin(y))
@@ -298,7 +298,7 @@ class _Square(keras.layers.Layer):
 
 def test_exhausted_budget_raises_eagerly_and_is_nan_under_jit():
     # h' = h^2 from h0 = 10 blows up at t = 0.1.
-    ode = NeuralODE(_Square(), max_num_steps=50)
+    ode = NeuralODE(_Square(), solver=solvers.DormandPrince(max_num_steps=50))
     with pytest.raises(RuntimeError,
                        match=r"NeuralODE 'neural_ode.*' \(forward solve from "
                        r"t0=0.0 to t1=1.0\) did not finish within "
@@ -314,3 +314,94 @@ def test_bad_dynamics_are_named():
     with pytest.raises(ValueError, match=r"argument `dynamics`, expected a "
                        r"layer whose output .* Received: dynamics=dense"):
         NeuralODE(keras.layers.Dense(3))(np.ones((2, 2), "float32"))
+
+
+@pytest.mark.parametrize("solver", [
+    "tsit5", "bosh3", solvers.Euler(num_steps=400),
+    solvers.Midpoint(num_steps=40), solvers.RK4(step_size=0.05)])
+def test_every_solver_matches_the_matrix_exponential(solver):
+    adaptive = solvers.get(solver).adaptive
+    ode = NeuralODE(Linear(A), t1=1.0, solver=solver,
+                    **({"rtol": 1e-6, "atol": 1e-6} if adaptive else {}))
+    out = np.asarray(ode(H0))
+    # Euler and the midpoint rule: global errors of order h and h^2.
+    tol = {solvers.Euler: 1e-2, solvers.Midpoint: 2e-3}.get(type(solver),
+                                                            1e-4)
+    np.testing.assert_allclose(out, H0 @ scipy.linalg.expm(A).T, atol=tol)
+    if not adaptive:
+        steps = float(ode.steps_accepted)
+        assert steps == {"Euler": 400, "Midpoint": 40, "RK4": 20}[
+            type(solver).__name__]
+        assert float(ode.steps_rejected) == 0
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_fixed_step_gradients_converge_to_the_analytic_gradient(gradient):
+    e = scipy.linalg.expm(A)
+    errors = []
+    for n in (5, 40):
+        ode = NeuralODE(Linear(A), t1=1.0, solver=solvers.RK4(num_steps=n),
+                        gradient=gradient)
+        ode(H0)
+        _, dh0 = grads(ode, H0, lambda y: jnp.sum(W * y))
+        errors.append(np.max(np.abs(np.asarray(dh0) - W @ e)))
+    assert errors[1] < errors[0] / 10 and errors[1] < 1e-4
+
+
+def test_backprop_equals_finite_differences_of_the_discrete_solve():
+    keras.utils.set_random_seed(11)
+    ode = NeuralODE(mlp_dynamics(6, 3), t1=1.0, gradient="backprop",
+                    solver=solvers.Midpoint(num_steps=3))
+    h0 = np.random.default_rng(11).normal(size=(3, 3)).astype("float32")
+    ode(h0)
+    loss_fn = lambda y: jnp.sum(jnp.sin(y))
+    _, dh0 = grads(ode, h0, loss_fn)
+    others = [v.value for v in ode.non_trainable_variables]
+    trainable = [v.value for v in ode.trainable_variables]
+    loss = jax.jit(lambda h: loss_fn(ode.stateless_call(trainable, others,
+                                                        h)[0]))
+    eps = 1e-2
+    for index in range(4):
+        shifted = h0.reshape(-1).copy()
+        shifted[index] += eps
+        up = loss(shifted.reshape(h0.shape))
+        shifted[index] -= 2 * eps
+        down = loss(shifted.reshape(h0.shape))
+        np.testing.assert_allclose(np.asarray(dh0).reshape(-1)[index],
+                                   (up - down) / (2 * eps), atol=2e-3,
+                                   rtol=2e-2)
+
+
+def test_backprop_through_an_adaptive_solver_is_refused():
+    with pytest.raises(ValueError, match=r"argument `gradient`, expected "
+                       r'"adjoint" with the adaptive solver Tsit5.* on the '
+                       r"JAX backend: JAX cannot reverse-differentiate an "
+                       r"unbounded loop. Use a fixed-step solver"):
+        NeuralODE(mlp_dynamics(4, 2), solver="tsit5", gradient="backprop")
+
+
+def test_fixed_step_fit_logs_steps_and_saves(tmp_path):
+    from keras_node.callbacks import LogEvaluationCounts
+
+    keras.utils.set_random_seed(13)
+    inputs = keras.Input((3,))
+    ode = NeuralODE(mlp_dynamics(8, 3), solver=solvers.RK4(num_steps=3),
+                    gradient="backprop", name="ode")
+    model = keras.Model(inputs, ode(inputs))
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    x = np.random.default_rng(13).normal(size=(16, 3)).astype("float32")
+    batches = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: batches.append(dict(logs)))
+    history = model.fit(x, 2 * x, batch_size=8, epochs=2, verbose=0,
+                        callbacks=[LogEvaluationCounts(), record]).history
+    assert history["loss"][1] < history["loss"][0]
+    last = batches[-1]
+    assert (last["steps_accepted"], last["steps_rejected"]) == (3, 0)
+    assert last["nfe_forward"] == last["nfe_backward"] == 12
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert loaded.get_layer("ode").solver == solvers.RK4(num_steps=3)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0),
+                               model.predict(x, verbose=0), rtol=1e-5,
+                               atol=1e-6)
