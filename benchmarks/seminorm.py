@@ -26,7 +26,7 @@ import time
 import keras
 import numpy as np
 
-from keras_node import NeuralODE
+from keras_node import NeuralODE, gradients
 
 A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
 
@@ -52,7 +52,7 @@ def train(norm, pairs, span, rtol, atol, steps, batch_size, seed):
         keras.Input((2,)), Cubed(),
         keras.layers.Dense(50, activation="tanh"), keras.layers.Dense(2)])
     ode = NeuralODE(dynamics, t1=span, rtol=rtol, atol=atol,
-                    adjoint_norm=norm)
+                    gradient=gradients.Adjoint(norm=norm))
     model = keras.Sequential([keras.Input((2,)), ode])
     model.compile(keras.optimizers.RMSprop(1e-3), loss="mae")
     start, end = pairs

@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import mnist  # noqa: E402
 
-from keras_node import NeuralODE  # noqa: E402
+from keras_node import NeuralODE, solvers  # noqa: E402
 
 
 def main(argv=None):
@@ -39,7 +39,9 @@ def main(argv=None):
     model = keras.models.load_model(args.model)
     ode = next(l for l in model.layers if isinstance(l, NeuralODE))
     # Read at each (eager) call, so this changes the solves below.
-    ode.first_step_size = args.first_step_size
+    ode.solver = solvers.DormandPrince(
+        first_step_size=args.first_step_size,
+        max_num_steps=ode.solver.max_num_steps)
     forward, correct = [], 0
     for start in range(0, len(x), args.batch_size):
         logits = model(x[start:start + args.batch_size])

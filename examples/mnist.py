@@ -25,7 +25,6 @@ import json
 import math
 import os
 import pathlib
-import sys
 import time
 
 import keras

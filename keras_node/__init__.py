@@ -9,7 +9,8 @@ if keras.backend.backend() not in ("tensorflow", "jax"):
         "variable KERAS_BACKEND=tensorflow (or jax) before importing keras."
     )
 
+from keras_node import gradients, solvers  # noqa: E402
 from keras_node.neural_ode import NeuralODE  # noqa: E402
 
-__all__ = ["NeuralODE"]
-__version__ = "0.1.0"
+__all__ = ["NeuralODE", "gradients", "solvers"]
+__version__ = "0.2.0.dev0"

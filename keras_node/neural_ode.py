@@ -21,47 +21,59 @@ _MOVED = {"adjoint_rtol": "gradients.Adjoint(rtol=...)",
 class NeuralODE(keras.layers.Layer):
     """Integrates `dh/dt = dynamics(h)` from `t0` to `t1`; returns `h(t1)`.
 
-    The solve uses TensorFlow Probability's adaptive Dormand-Prince 5(4)
-    method (`tfp.math.ode.DormandPrince`). Only the final state is returned,
-    unless `save_at` asks for the states at several times. Gradients come
-    from the adjoint method: the backward pass solves the adjoint equation
-    from `t1` back to `t0` instead of recording the forward solve, so memory
-    does not grow with the number of solver steps.
+    The solve uses an adaptive Runge-Kutta method (by default TensorFlow
+    Probability's Dormand-Prince 5(4), `tfp.math.ode.DormandPrince`; also
+    Tsit5 and Bosh3) or a fixed-step one (Euler, midpoint, RK4): see
+    `keras_node.solvers`. Only the final state is returned, unless `save_at`
+    asks for the states at several times. Gradients come from the adjoint
+    method by default: the backward pass solves the adjoint equation from
+    `t1` back to `t0` instead of recording the forward solve, so memory does
+    not grow with the number of solver steps; `gradient="backprop"`
+    differentiates the solver's own operations instead (see
+    `keras_node.gradients`).
 
     What gets gradients: the initial state `h0` and every floating weight
     that the dynamics read (the dynamics' own weights and any weight of this
     layer). The times `t0` and `t1` are constants. The adjoint gradient is
     approximate: it is exact for the ODE, up to the error of the backward
-    solve, which `adjoint_rtol` and `adjoint_atol` control; it is not the
-    exact derivative of the forward solver's arithmetic.
+    solve (`gradients.Adjoint(rtol, atol)`); it is not the exact derivative
+    of the forward solver's arithmetic. Backprop's is, for the steps taken
+    (step sizes are not differentiated), at a memory cost that grows with
+    the number of steps.
 
     Function evaluations are counted inside the graph, forward and backward
     separately (the backward count is of the adjoint system, one dynamics
-    evaluation and one vector-Jacobian product each). They are readable
-    after a call as `num_forward_evals` and `num_backward_evals`, and appear
-    in `model.fit`'s logs and progress bar as `nfe_forward` and
-    `nfe_backward`, prefixed with the layer's name (`ode1_nfe_forward`) when
-    its functional model holds other `NeuralODE` layers.
+    evaluation and one vector-Jacobian product each; with backprop, the
+    forward evaluations differentiated). They are readable after a call as
+    `num_forward_evals` and `num_backward_evals`, with the forward solve's
+    `steps_accepted` and `steps_rejected`, and appear in `model.fit`'s logs
+    and progress bar as `nfe_forward`, `nfe_backward`, `steps_accepted` and
+    `steps_rejected`, prefixed with the layer's name (`ode1_nfe_forward`)
+    when its functional model holds other `NeuralODE` layers.
 
     Mixed precision: under a `mixed_float16` or `mixed_bfloat16` policy the
     dynamics compute in half precision, but the state, the solver and the
-    adjoint stay in float32 (float64 inputs stay float64), and the output has
-    the input's dtype. Not supported: dynamics that update state during the
-    solve (`BatchNormalization`'s moving statistics, for example), dynamics
-    with several inputs or outputs, gradients with respect to `t0` or `t1`.
+    adjoint stay in float32 (float64 inputs stay float64, with the solver's
+    coefficients in float64), and the output has the input's dtype. Not
+    supported: dynamics that update state during the solve
+    (`BatchNormalization`'s moving statistics, for example), dynamics with
+    several inputs or outputs, gradients with respect to `t0` or `t1`.
     XLA on TensorFlow: `compile(jit_compile=True)` works, about as fast, but
-    XLA drops the `max_num_steps` error (an exhausted budget returns NaN
-    instead), so on TensorFlow the layer sets `supports_jit = False` and
-    `jit_compile="auto"` keeps to plain TensorFlow. On JAX, where no solve
-    can raise inside a loop anyway, `"auto"` compiles the train step.
+    XLA drops an adaptive solver's `max_num_steps` error (an exhausted
+    budget returns NaN instead), so on TensorFlow a layer with an adaptive
+    solver sets `supports_jit = False` and `jit_compile="auto"` keeps to
+    plain TensorFlow; fixed-step solvers have no budget and allow XLA. On
+    JAX, where no solve can raise inside a loop anyway, `"auto"` compiles
+    the train step.
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
     `tfp-nightly`). On JAX the gradients reach the initial state and the
     dynamics' trainable weights, an exhausted `max_num_steps` returns NaN
-    (an eager call raises a `RuntimeError`), and the counts reach `fit`'s
-    logs only through the `keras_node.callbacks.LogEvaluationCounts`
-    callback (Keras' JAX trainer builds its logs from metric variables
-    alone).
+    (an eager call raises a `RuntimeError`), `gradient="backprop"` needs a
+    fixed-step solver (JAX cannot reverse-differentiate the adaptive
+    solvers' unbounded loop), and the counts reach `fit`'s logs only
+    through the `keras_node.callbacks.LogEvaluationCounts` callback (Keras'
+    JAX trainer builds its logs from metric variables alone).
 
     Args:
         dynamics: a Keras layer or model mapping the state `h` of shape
@@ -71,28 +83,18 @@ class NeuralODE(keras.layers.Layer):
         t0: the initial time, a finite float. Defaults to `0.0`.
         t1: the final time, a finite float other than `t0`; `t1 < t0`
             integrates backward in time. Defaults to `1.0`.
-        rtol: relative tolerance of each step, a positive float.
-            Defaults to `1e-3`.
-        atol: absolute tolerance of each step, a positive float.
-            Defaults to `1e-3`.
-        adjoint_rtol: relative tolerance of the backward (adjoint) solve.
-            Defaults to `rtol`.
-        adjoint_atol: absolute tolerance of the backward solve.
-            Defaults to `atol`.
-        adjoint_norm: the error norm of the backward solve. `"full"` is
-            torchdiffeq's default: the largest of the root-mean-square
-            errors of the state, of the adjoint and of each parameter
-            gradient. `"seminorm"` leaves out the parameter gradients
-            (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE"), which
-            feed back into nothing: never more backward steps, often
-            fewer. Defaults to `"seminorm"`.
-        first_step_size: the size of the first step, a positive float, or
-            `None` to choose it from the problem with Hairer's heuristic (as
-            torchdiffeq and DifferentialEquations.jl do), which costs one
-            evaluation and saves many. Defaults to `None`.
-        max_num_steps: the most steps, accepted and rejected, that one solve
-            (forward or backward) may take before it fails with an error.
-            Defaults to `1000`.
+        rtol: relative tolerance of each step of an adaptive solver, a
+            positive float; must be left out for a fixed-step solver.
+            Defaults to `1e-3` (adaptive solvers).
+        atol: absolute tolerance, likewise. Defaults to `1e-3`.
+        solver: `"dopri5"`, `"tsit5"`, `"bosh3"`, `"euler"`, `"midpoint"`,
+            `"rk4"`, or a `keras_node.solvers` object with options (the
+            first step, the step budget; the number or size of fixed
+            steps). Defaults to `"dopri5"`.
+        gradient: `"adjoint"`, `"backprop"`, or a `keras_node.gradients`
+            object (`gradients.Adjoint(rtol=None, atol=None,
+            norm="seminorm")`: the backward solve's tolerances, defaulting
+            to the layer's, and its error norm). Defaults to `"adjoint"`.
         kinetic_energy: weight of the kinetic-energy regulariser of Finlay
             et al. (2020), "How to train your neural ODE", a non-negative
             float. When positive, the layer adds to the model's losses this
@@ -100,7 +102,7 @@ class NeuralODE(keras.layers.Layer):
             (the squares summed over each example's state; up to the last
             of `save_at` if given), which favours straight, slow paths. The
             integral is solved beside `h` in the same solve and its gradient
-            comes from the same adjoint solve; it adds no steps (its error
+            comes from the same gradient method; it adds no steps (its error
             does not control the step size). Whether it lowers the steps of
             a trained model depends on the model: see the benchmarks'
             README. Defaults to `0.0`, off.
@@ -109,10 +111,10 @@ class NeuralODE(keras.layers.Layer):
             each within `[t0, t1]`, the last not `t0`. The solve ends at
             the last of them, and the output gains a time axis: `(batch,
             len(save_at), *state_shape)`, as torchdiffeq's
-            `odeint(f, h0, t)` or diffrax's `SaveAt(ts=...)`. Loss terms on
-            any of the states get their gradients from one adjoint solve,
-            restarted at each time. Defaults to `None`: only `h(t1)`, no
-            time axis.
+            `odeint(f, h0, t)` or diffrax's `SaveAt(ts=...)`. Fixed-step
+            solvers step onto every one of these times. Loss terms on any
+            of the states get their gradients from one backward pass.
+            Defaults to `None`: only `h(t1)`, no time axis.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -128,14 +130,18 @@ class NeuralODE(keras.layers.Layer):
     Example:
 
     >>> import keras
-    >>> from keras_node import NeuralODE
+    >>> from keras_node import NeuralODE, solvers
     >>> dynamics = keras.Sequential([keras.layers.Dense(16, activation="tanh"),
     ...                              keras.layers.Dense(4)])
     >>> inputs = keras.Input((4,))
-    >>> outputs = NeuralODE(dynamics, t0=0.0, t1=1.0)(inputs)
+    >>> outputs = NeuralODE(dynamics, t0=0.0, t1=1.0, solver="tsit5")(inputs)
     >>> model = keras.Model(inputs, outputs)
-    >>> model(keras.ops.ones((2, 4))).shape
-    TensorShape([2, 4])
+    >>> tuple(model(keras.ops.ones((2, 4))).shape)
+    (2, 4)
+    >>> fixed = NeuralODE(dynamics, solver=solvers.RK4(num_steps=8),
+    ...                   gradient="backprop")
+    >>> tuple(fixed(keras.ops.ones((2, 4))).shape), float(fixed.steps_accepted)
+    ((2, 4), 8.0)
     """
 
     def __init__(
