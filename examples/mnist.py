@@ -42,6 +42,7 @@ MANUAL_DIR_ENV = "KERAS_NODE_MNIST_DIR"
 # On the JAX backend, tf.data still feeds the data; tf.distribute and the
 # SavedModel export are TensorFlow's alone.
 TENSORFLOW = keras.backend.backend() == "tensorflow"
+FIXED_STEP_SOLVERS = ("euler", "midpoint", "rk4")
 HELD_OUT_FRACTION = 0.1
 
 
@@ -65,15 +66,15 @@ def parse_args(argv=None):
         choices=["dopri5", "tsit5", "bosh3", "euler", "midpoint", "rk4"],
         help="the ODE solver; tsit5 is the DiffEqFlux tutorial's "
         "(default: %(default)s)")
-    add("--num-steps", type=int, default=4,
+    add("--num-steps", type=int, default=None,
         help="steps of a fixed-step solver (euler, midpoint, rk4) "
-        "(default: %(default)s)")
+        "(default: 4)")
     add("--gradient", default="adjoint", choices=["adjoint", "backprop"],
         help="adjoint: memory flat in the solver's steps; backprop: the "
         "exact gradient of the discrete solve (default: %(default)s)")
-    add("--adjoint-norm", default="seminorm", choices=["full", "seminorm"],
+    add("--adjoint-norm", default=None, choices=["full", "seminorm"],
         help="error norm of the adjoint's backward solve, for adaptive "
-        "solvers (default: %(default)s)")
+        "solvers (default: seminorm)")
     add("--kinetic-energy", type=float, default=0.0,
         help="weight of the kinetic-energy regulariser (Finlay et al. "
         "2020), which keeps the dynamics straight and the solver's steps "
@@ -131,11 +132,23 @@ def parse_args(argv=None):
         "(default: %(default)s)")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "eval_every", "train_eval_batches",
-                 "checkpoint_every", "max_steps", "limit"):
+                 "checkpoint_every", "max_steps", "limit", "num_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive "
                          f"integer, got {value}")
+    fixed = args.solver in FIXED_STEP_SOLVERS
+    if args.num_steps is not None and not fixed:
+        parser.error(f"--num-steps is for the fixed-step solvers "
+                     f"({', '.join(FIXED_STEP_SOLVERS)}), not --solver "
+                     f"{args.solver}")
+    if args.adjoint_norm is not None and (fixed or args.gradient != "adjoint"):
+        parser.error("--adjoint-norm is for --gradient adjoint with an "
+                     "adaptive solver (dopri5, tsit5, bosh3)")
+    if not TENSORFLOW and args.gradient == "backprop" and not fixed:
+        parser.error(f"--gradient backprop needs a fixed-step solver on "
+                     f"Keras' {keras.backend.backend()} backend, not --solver "
+                     f"{args.solver}")
     if not TENSORFLOW and args.strategy not in ("auto", "default"):
         parser.error(f"--strategy {args.strategy} needs Keras' TensorFlow "
                      f"backend; on {keras.backend.backend()} use auto")

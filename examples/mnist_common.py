@@ -95,12 +95,16 @@ def stratified_split(labels, fraction, seed):
             np.sort(np.concatenate(held_out)))
 
 
-def solver_and_gradient(solver, num_steps, gradient, adjoint_norm):
-    """`NeuralODE`'s `solver` and `gradient` from the command line's names."""
-    if solvers.get(solver).adaptive:
-        solver = solvers.get(solver)
-    else:
-        solver = type(solvers.get(solver))(num_steps=num_steps)
+def solver_and_gradient(solver, num_steps=None, gradient="adjoint",
+                        adjoint_norm=None):
+    """`NeuralODE`'s `solver` and `gradient` from the command line's names.
+
+    `num_steps` (default 4) is for fixed-step solvers, `adjoint_norm`
+    (default seminorm) for the adjoint of adaptive ones.
+    """
+    solver = solvers.get(solver)
+    if not solver.adaptive:
+        solver = type(solver)(num_steps=num_steps or 4)
     if gradient == "adjoint" and solver.adaptive:
-        return solver, gradients.Adjoint(norm=adjoint_norm)
+        return solver, gradients.Adjoint(norm=adjoint_norm or "seminorm")
     return solver, gradients.get(gradient)

@@ -32,6 +32,7 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     def dynamics_fn(t, h, params):
         kwargs = {"t": t} if time_dependent else {}
         out, _ = dynamics.stateless_call(params, non_trainable, h, **kwargs)
+        _solver.check_derivative(dynamics.name, out, h.shape)
         return out.astype(h.dtype)
 
     fn, y0, mask = _solver.augment(dormand_prince.tf, dynamics_fn, h0,
@@ -46,22 +47,21 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         ys, counts = _odeint_adjoint(
             fn, t0, tuple(times), forward, adjoint, mask, seminorm,
             on_backward_evals, y0, params)
-    _raise_if_exhausted(counts, forward)
+    _raise_if_failed(counts, forward)
     hs, kinetic = ys if kinetic_energy else (ys, None)
     return hs, kinetic, counts
 
 
-def _raise_if_exhausted(counts, forward):
-    """Eagerly, an exhausted step budget raises as on TensorFlow."""
-    if forward.get("max_num_steps") is None:
-        return
+def _raise_if_failed(counts, forward):
+    """Eagerly, a failed solve raises with TensorFlow's message."""
     try:
-        steps = int(counts[1]) + int(counts[2])
+        status = int(counts[3])
     except jax.errors.ConcretizationTypeError:
         return  # traced (under jit): no Python error can be raised
-    if _solver.exhausted(steps, forward["max_num_steps"]):
-        raise RuntimeError(_solver.budget_message(forward["what"],
-                                                  forward["max_num_steps"]))
+    message = _solver.status_message(status, forward["what"],
+                                     forward.get("max_num_steps"))
+    if message:
+        raise RuntimeError(message)
 
 
 def _on_backward(nest, num_evals, callback):

@@ -103,6 +103,34 @@ def tableau(dp, method):
     return {"tsit5": _TSIT5, "bosh3": _BOSH3, **_FIXED}[method]
 
 
+def check_derivative(name, f, state_shape):
+    """Raises unless the dynamics `name`'s output `f` fits the state.
+
+    `f` is what the dynamics returned (a tensor, or a symbolic one); shapes
+    may hold None (unknown), which matches anything.
+    """
+    shape = getattr(f, "shape", None)
+    if shape is None or isinstance(f, (tuple, list, dict)):
+        raise ValueError(
+            "Received an invalid value for argument `dynamics`, expected a "
+            "layer returning one tensor, the time derivative of the state. "
+            f"Received: dynamics={name} returning {type(f).__name__}")
+    shape, state_shape = tuple(shape), tuple(state_shape)
+    if len(shape) != len(state_shape) or any(
+            a is not None and b is not None and a != b
+            for a, b in zip(shape, state_shape)):
+        raise ValueError(derivative_message(
+            name, f"the state {state_shape}", f"output shape {shape}"))
+
+
+def derivative_message(name, expected, received=None):
+    """The error of dynamics whose output does not fit the state."""
+    return ("Received an invalid value for argument `dynamics`, expected a "
+            "layer whose output (the time derivative) has the shape of its "
+            f"input, {expected}. Received: dynamics={name}"
+            + (f" with {received}" if received else ""))
+
+
 def _combine(tf, y, dt, weights, ks):
     """`y + dt * sum(w * k)` over a nest, or `dt * sum(w * k)` if `y` is None.
 
@@ -187,8 +215,9 @@ def _solver_class(dp):
         """
 
         def __init__(self, *, tab, max_num_steps, what, error_mask=None,
-                     **kwargs):
+                     ok=True, **kwargs):
             super().__init__(max_num_steps=None, **kwargs)
+            self._ok = ok  # False: the start is not finite, take no step
             self._tab = tab
             self._evals_per_step = len(tab.nodes)
             self._step_budget = max_num_steps
@@ -209,7 +238,13 @@ def _solver_class(dp):
             error = _combine(tf, None, dt, self._tab.error, k)
             error_ratio = tf.stop_gradient(
                 self._error_ratio(y0, y1, error, atol, rtol))
-            in_budget = diagnostics.num_ode_fn_evaluations < self._max_evals()
+            # A trial step into overflow (inf or NaN) is rejected and the
+            # step cut tenfold, instead of a NaN step size stalling the solve.
+            error_ratio = tf.where(tf.math.is_finite(error_ratio),
+                                   error_ratio,
+                                   tf.constant(float("inf"), dt.dtype))
+            in_budget = ((diagnostics.num_ode_fn_evaluations
+                          < self._max_evals()) & self._ok)
             accept = (error_ratio <= 1) & in_budget
             y_mid = _combine(tf, y0, dt, self._tab.mid, k)
             new_interpolation = _quartic(tf, y0, y1, y_mid, f0, f1, dt)
@@ -257,6 +292,44 @@ def _solver_class(dp):
     return AdaptiveRungeKutta
 
 
+OK, EXHAUSTED, NONFINITE_STATE, NONFINITE_DERIVATIVE, NONFINITE_SOLUTION = \
+    range(5)
+
+
+def nonfinite_message(what, which):
+    """The error of a solve that meets NaN or inf."""
+    # No apostrophes: graph-mode assertions print them escaped.
+    return (f"{what}: {which} holds NaN or inf. Check the inputs and the "
+            "layers before the NeuralODE, and the weights of the dynamics (a "
+            "diverged training run, a learning rate too high).")
+
+
+def status_message(status, what, max_num_steps):
+    """The error for a solve's status, None when it finished."""
+    return {EXHAUSTED: lambda: budget_message(what, max_num_steps),
+            NONFINITE_STATE: lambda: nonfinite_message(
+                what, "the initial state"),
+            NONFINITE_DERIVATIVE: lambda: nonfinite_message(
+                what, "the first derivative (the output of the dynamics)"),
+            NONFINITE_SOLUTION: lambda: nonfinite_message(
+                what, "the fixed-step solution (the dynamics returned NaN or "
+                "inf, or the steps are too long for them)"),
+            }.get(status, lambda: None)()
+
+
+def _check_finite(tf, nest, what, which, after=None):
+    """Whether every element of `nest` is finite; raises if not, on
+    TensorFlow outside XLA (which drops assertions)."""
+    finite = functools.reduce(tf.logical_and, [
+        tf.reduce_all(tf.math.is_finite(x)) for x in tf.nest.flatten(nest)])
+    if after is not None:
+        finite = finite | ~after  # reported by the earlier check
+    check = tf.debugging.assert_equal(
+        finite, True, message=nonfinite_message(what, which))
+    with tf.control_dependencies([check] if check is not None else []):
+        return tf.identity(finite)
+
+
 def budget_message(what, max_num_steps):
     """The error of a solve that ran out of steps."""
     return (f"{what} did not finish within max_num_steps={max_num_steps} "
@@ -264,11 +337,6 @@ def budget_message(what, max_num_steps):
             "or not finite for this input. Raise `max_num_steps`, loosen "
             "`rtol`/`atol`, use a fixed-step solver, lower the learning rate "
             "or regularise the dynamics.")
-
-
-def exhausted(steps, max_num_steps):
-    """Whether a solve that took `steps` steps ran out of its budget."""
-    return steps > max_num_steps
 
 
 def _mask(tf, error_mask, nest):
@@ -389,26 +457,40 @@ def integrate(dp, fn, t_start, t_end, y0, *, method, what, rtol=None,
         `(y(t_end), counts)`, or with `save_at` `(ys, counts)`, `ys` the
         states at those times stacked on a new leading axis. `counts` is an
         int32 vector: evaluations of `fn` (including the first derivative
-        and the initial step heuristic), accepted steps, rejected steps.
+        and the initial step heuristic), accepted steps, rejected steps and
+        the status (`OK`, `EXHAUSTED`, `NONFINITE_STATE`,
+        `NONFINITE_DERIVATIVE`, `NONFINITE_SOLUTION`). On TensorFlow outside XLA a failed solve
+        raises; elsewhere its states are NaN and the status says why.
     """
     tf = dp.tf
+    # The solve runs in s = |t - t_start|, from 0: a float32 state then
+    # integrates as accurately at t_start = 1e8 as at 0 (in t itself, float32
+    # would round every step of such a solve). The dynamics get t.
     sign = 1.0 if t_end > t_start else -1.0
-    if sign > 0:
-        fn_s = fn
-    else:
-        def fn_s(s, y):
-            return tf.nest.map_structure(tf.negative, fn(-s, y))
-    times = [t_end] if save_at is None else list(save_at)
+
+    def fn_s(s, y):
+        f = fn(t_start + sign * s, y)
+        return f if sign > 0 else tf.nest.map_structure(tf.negative, f)
+
+    times = [sign * (t - t_start) for t in
+             ([t_end] if save_at is None else save_at)]
+    ok = _check_finite(tf, y0, what, "the initial state")
     if method in _FIXED:
-        ys, counts = _integrate_fixed(
-            tf, fn_s, sign * t_start, [sign * t for t in times], y0,
-            _FIXED[method], num_steps, step_size)
+        ys, counts = _integrate_fixed(tf, fn_s, 0.0, times, y0,
+                                      _FIXED[method], num_steps, step_size)
+        solved = _check_finite(
+            tf, ys, what, "the fixed-step solution (the dynamics returned "
+            "NaN or inf, or the steps are too long for them)", after=ok)
+        status = tf.where(ok, tf.where(solved, OK, NONFINITE_SOLUTION),
+                          NONFINITE_STATE)
     else:
-        ys, counts = _integrate_adaptive(
-            dp, fn_s, sign * t_start, [sign * t for t in times], y0,
-            tableau(dp, method), rtol=rtol, atol=atol,
-            first_step_size=first_step_size, max_num_steps=max_num_steps,
-            what=what, error_mask=error_mask)
+        ys, counts, status = _integrate_adaptive(
+            dp, fn_s, 0.0, times, y0, tableau(dp, method), rtol=rtol,
+            atol=atol, first_step_size=first_step_size,
+            max_num_steps=max_num_steps, what=what, error_mask=error_mask,
+            ok=ok)
+    counts = tf.concat([counts, tf.reshape(tf.cast(status, tf.int32), [1])],
+                       axis=0)
     if save_at is None:
         ys = tf.nest.map_structure(lambda y: y[-1], ys)
     return ys, counts
@@ -439,13 +521,21 @@ def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
 
 
 def _integrate_adaptive(dp, fn, s0, times, y0, tab, *, rtol, atol,
-                        first_step_size, max_num_steps, what, error_mask):
-    """An adaptive solve in increasing time `s`; states at `times`."""
+                        first_step_size, max_num_steps, what, error_mask, ok):
+    """An adaptive solve in increasing time `s`; states at `times`.
+
+    `ok` is False when the initial state is not finite: the solve then ends
+    at once. Returns `(ys, counts, status)`.
+    """
     tf = dp.tf
     dtype = tf.nest.flatten(y0)[0].dtype
     s0_ = tf.constant(s0, dtype)
     span = tf.constant(times[-1] - s0, dtype)
     f0 = fn(s0_, y0)
+    f0_ok = _check_finite(
+        tf, f0, what, "the first derivative (the output of the dynamics)",
+        after=ok)
+    ok = ok & f0_ok
     if first_step_size is None:
         step = _initial_step_size(tf, fn, s0_, y0, f0, rtol, atol, span,
                                   _mask(tf, error_mask, y0), tab.order)
@@ -458,7 +548,7 @@ def _integrate_adaptive(dp, fn, s0, times, y0, tab, *, rtol, atol,
     solver = _solver_class(dp)(tab=tab, rtol=tf.constant(rtol, dtype),
                                atol=tf.constant(atol, dtype), what=what,
                                max_num_steps=max_num_steps,
-                               error_mask=error_mask)
+                               error_mask=error_mask, ok=ok)
     initial = dp._RungeKuttaSolverInternalState(
         current_state=y0,
         current_derivative=f0,
@@ -475,7 +565,9 @@ def _integrate_adaptive(dp, fn, s0, times, y0, tab, *, rtol, atol,
     )
     diagnostics = results.diagnostics
     evals = diagnostics.num_ode_fn_evaluations
-    finished = evals <= solver._max_evals()
+    finished = (evals <= solver._max_evals()) & ok
+    status = tf.where(ok, tf.where(finished, OK, EXHAUSTED),
+                      tf.where(f0_ok, NONFINITE_STATE, NONFINITE_DERIVATIVE))
     ys = tf.nest.map_structure(
         lambda y: tf.where(finished, y, tf.constant(float("nan"), y.dtype)),
         results.states)
@@ -484,7 +576,7 @@ def _integrate_adaptive(dp, fn, s0, times, y0, tab, *, rtol, atol,
     # TFP counts the evaluations of its steps only; ours came before them.
     counts = tf.stack([tf.cast(evals + setup_evals, tf.int32), accepted,
                        tf.cast(steps, tf.int32) - accepted])
-    return ys, counts
+    return ys, counts, status
 
 
 def integrate_adjoint(dp, adjoint_fn, t0, times, ys, dys, g0, *, mask,

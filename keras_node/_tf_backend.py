@@ -33,7 +33,16 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
 
     def fn(t, h):
         kwargs = {"t": t} if time_dependent else {}
-        return tf.cast(dynamics(h, **kwargs), h.dtype)
+        f = dynamics(h, **kwargs)
+        _solver.check_derivative(dynamics.name, f, h.shape)
+        if h.shape.is_fully_defined():
+            return tf.cast(f, h.dtype)
+        # An unknown batch size (a traced `fit` step): check it as it runs.
+        same = tf.debugging.assert_equal(
+            tf.shape(f), tf.shape(h), message=_solver.derivative_message(
+                dynamics.name, "the shape of the state"))
+        with tf.control_dependencies([same]):
+            return tf.cast(f, h.dtype)
 
     fn, y0, mask = _solver.augment(tf, fn, h0, kinetic_energy)
     if gradient == "backprop":

@@ -6,7 +6,7 @@ import numbers
 
 import keras
 
-from keras_node import _nfe_metric, gradients, solvers
+from keras_node import _nfe_metric, _solver, gradients, solvers
 from keras_node.solvers import _invalid, finite_float, positive_float
 
 # keras-node 0.1.0's flat arguments, now options of the solver or gradient.
@@ -275,14 +275,7 @@ class NeuralODE(keras.layers.Layer):
         self._steps_rejected = counter("steps_rejected")
         # A symbolic call builds the dynamics (also those without `build`).
         spec = self._dynamics_output_spec(input_shape)
-        if tuple(spec.shape[1:]) != tuple(input_shape[1:]):
-            raise ValueError(
-                "Received an invalid value for argument `dynamics`, expected "
-                "a layer whose output (the time derivative) has the shape of "
-                f"its input, the state {tuple(input_shape)}. Received: "
-                f"dynamics={self.dynamics.name} with output shape "
-                f"{tuple(spec.shape)}"
-            )
+        _solver.check_derivative(self.dynamics.name, spec, input_shape)
 
     def load_own_variables(self, store):
         # keras-node 0.1.0 saved two counters; the step counts start at 0.

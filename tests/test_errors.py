@@ -234,3 +234,96 @@ def test_backprop_through_adaptive_solver_is_refused_on_jax():
                        r"on the JAX backend: JAX cannot reverse-differentiate "
                        r"an unbounded loop. Use a fixed-step solver"):
         NeuralODE(dynamics(), gradient="backprop")
+
+
+class _Negative(keras.layers.Layer):
+    def call(self, h):
+        return -h
+
+
+class _NotANumber(keras.layers.Layer):
+    def call(self, h):
+        return h * float("nan")
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
+def test_nan_initial_state_fails_at_the_first_evaluation(solver):
+    ode = NeuralODE(_Negative(), solver=solver)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"NeuralODE 'neural_ode.*' \(forward solve from "
+                       r"t0=0.0 to t1=1.0\): the initial state holds NaN or "
+                       r"inf. Check the inputs and the layers before the "
+                       r"NeuralODE, and the weights of the dynamics"):
+        ode(np.array([[1.0, np.inf], [0.0, 0.0]], "float32"))
+
+
+def test_nan_dynamics_fail_at_the_first_evaluation():
+    ode = NeuralODE(_NotANumber(), solver="tsit5")
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"the first derivative \(the output of the "
+                       r"dynamics\) holds NaN or inf"):
+        tf.function(ode)(tf.ones((2, 2)))
+    assert float(ode.num_forward_evals) == 0  # never got to count
+
+
+def test_nan_fixed_step_solution_is_named():
+    ode = NeuralODE(_NotANumber(), solver="midpoint")
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"the fixed-step solution \(the dynamics "
+                       r"returned NaN or inf, or the steps are too long for "
+                       r"them\) holds NaN or inf"):
+        ode(np.ones((2, 2), "float32"))
+
+
+class _NaNWall(keras.layers.Layer):
+    """h' = 3h, but NaN beyond |h| > 5: a trial step that overshoots."""
+
+    def call(self, h):
+        return keras.ops.where(keras.ops.abs(h) > 5.0, float("nan"), 3.0 * h)
+
+
+def test_a_trial_step_into_nan_is_rejected_not_stalled():
+    ode = NeuralODE(_NaNWall(), t1=0.5, rtol=1e-6, atol=1e-6,
+                    solver=solvers.DormandPrince(first_step_size=0.5))
+    np.testing.assert_allclose(ode(np.ones((1, 1), "float32")),
+                               [[np.exp(1.5)]], rtol=1e-5)
+    assert float(ode.steps_rejected) >= 1
+
+
+class _FirstExample(keras.layers.Layer):
+    def call(self, h):
+        return h[:1]
+
+
+class _Pair(keras.layers.Layer):
+    def call(self, h):
+        return h, h
+
+
+@pytest.mark.parametrize("symbolic", [True, False])
+def test_dynamics_returning_a_tuple_are_named(symbolic):
+    inputs = keras.Input((2,)) if symbolic else np.ones((3, 2), "float32")
+    with pytest.raises(ValueError, match=r"argument `dynamics`, expected a "
+                       r"layer returning one tensor, the time derivative of "
+                       r"the state. Received: dynamics=__pair.* returning "
+                       r"tuple"):
+        NeuralODE(_Pair())(inputs)
+
+
+def test_dynamics_changing_the_batch_are_named():
+    with pytest.raises(ValueError, match=r"argument `dynamics`, expected a "
+                       r"layer whose output \(the time derivative\) has the "
+                       r"shape of its input, the state \(3, 2\). Received: "
+                       r"dynamics=__first_example.* with output shape "
+                       r"\(1, 2\)"):
+        NeuralODE(_FirstExample())(np.ones((3, 2), "float32"))
+    # In `fit` the batch size is unknown while tracing: checked as it runs.
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, NeuralODE(_FirstExample())(inputs))
+    model.compile("sgd", "mse")
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"argument `dynamics`, expected a layer whose "
+                       r"output \(the time derivative\) has the shape of its "
+                       r"input, the shape of the state. Received: "
+                       r"dynamics=__first_example"):
+        model.fit(np.ones((4, 2)), np.ones((4, 2)), verbose=0)

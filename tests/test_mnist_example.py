@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,6 +18,8 @@ import tensorflow as tf
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import mnist  # noqa: E402
+
+from keras_node import NeuralODE, gradients, solvers  # noqa: E402
 
 QUICK = ["--limit", "600", "--batch-size", "32", "--eval-every", "10",
          "--train-eval-batches", "2", "--verbose", "0"]
@@ -197,8 +200,31 @@ def test_benchmark_recipes_are_valid_options():
     (["--kinetic-energy", "nan"],
      "--kinetic-energy must be at least 0, got nan"),
     (["--rotate", "-5"], "--rotate must be in [0, 180] degrees, got -5.0"),
+    (["--solver", "rk45"], "invalid choice: 'rk45'"),
+    (["--solver", "rk4", "--num-steps", "0"],
+     "--num-steps must be a positive integer, got 0"),
+    (["--num-steps", "4"], "--num-steps is for the fixed-step solvers "
+     "(euler, midpoint, rk4), not --solver dopri5"),
+    (["--solver", "rk4", "--adjoint-norm", "full"],
+     "--adjoint-norm is for --gradient adjoint with an adaptive solver"),
+    (["--gradient", "backprop", "--adjoint-norm", "full"],
+     "--adjoint-norm is for --gradient adjoint with an adaptive solver"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         mnist.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_solver_and_gradient_options_reach_the_model(data_args, tmp_path):
+    out = tmp_path / "run"
+    metrics = mnist.main(data_args + QUICK + [
+        "--max-steps", "2", "--out", str(out), "--solver", "rk4",
+        "--num-steps", "3", "--gradient", "backprop"])
+    # RK4: four evaluations a step, each differentiated once.
+    assert metrics["nfe_forward_last_20"] == 12
+    assert metrics["nfe_backward_last_20"] == 12
+    model = keras.models.load_model(out / "model.keras")
+    ode = next(l for l in model.layers if isinstance(l, NeuralODE))
+    assert ode.solver == solvers.RK4(num_steps=3)
+    assert ode.gradient == gradients.Backprop()

@@ -111,3 +111,14 @@ def test_save_at_returns_the_state_at_each_time(t0, t1, save_at):
                       atol=1e-9, dtype="float64")
     alone(tf.constant(H0))
     assert float(ode.num_forward_evals) == float(alone.num_forward_evals)
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
+def test_float32_state_is_accurate_at_large_times(solver):
+    # dh/dt = -h over [t0, t0 + 1]: in float32 time, t0 = 1e8 gave 0.00029.
+    tolerances = {"rtol": 1e-6, "atol": 1e-6} if solver == "dopri5" else {}
+    for t0 in (0.0, 1e8):
+        ode = NeuralODE(Linear([[-1.0]]), t0=t0, t1=t0 + 1.0, solver=solver,
+                        **tolerances)
+        np.testing.assert_allclose(ode(np.ones((1, 1), "float32")),
+                                   [[np.exp(-1.0)]], rtol=1e-5)
