@@ -100,7 +100,7 @@ class DormandPrince(AdaptiveSolver):
 class Tsit5(AdaptiveSolver):
     """Tsitouras 5(4) (2011), the DiffEqFlux tutorial's solver.
 
-    SciML's default, torchdiffeq's `"tsit5"`, diffrax's `Tsit5`. Six
+    SciML's default, diffrax's `Tsit5` (torchdiffeq 0.2.5 has none). Six
     evaluations a step (first same as last), usually a little more accurate
     than Dormand-Prince for the same steps.
     """

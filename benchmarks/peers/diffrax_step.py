@@ -1,13 +1,15 @@
 """Times a training step of the MNIST neural-ODE model in JAX + diffrax.
 
     .venv-jax/bin/python benchmarks/peers/diffrax_step.py \
-        [--adjoint backsolve|recursive] [--conv slices|stock] \
+        [--solver dopri5|tsit5|bosh3] [--adjoint backsolve|recursive] \
+        [--conv slices|stock] \
         [--steps 10] [--warmup 3] [--batch-size 128]
 
 The model of `examples/mnist.py: build_model` in plain JAX functions (NHWC,
 as Keras): Conv 3x3 1->64 relu, GroupNorm(64), ZeroPad 1 + Conv 4x4 stride 2
 relu, GroupNorm(64), ZeroPad 1 + Conv 4x4 stride 2 (6x6x64), then
-`diffrax.diffeqsolve` over t in [0, 1] with `Dopri5()`, `dt0=None` and
+`diffrax.diffeqsolve` over t in [0, 1] with `Dopri5()` (or `Tsit5()`,
+`Bosh3()`: `--solver`), `dt0=None` and
 `PIDController(rtol=1e-3, atol=1e-3)`, saving the final state only, of two
 Conv 3x3 64->64 tanh ('same'), GroupNorm(64), relu, the mean over 6x6, Dense
 64->10. Softmax cross-entropy on integer labels, `optax.adam(1e-3)`, float32,
@@ -36,7 +38,8 @@ Threads: XLA:CPU has no supported flag that caps its intra-op thread pool;
 it uses its defaults (all cores the process may run on). One host device is
 forced (`--xla_force_host_platform_device_count=1`).
 
-Prints one JSON line: library ("diffrax-<adjoint>-<conv>"), median_step_s,
+Prints one JSON line: library ("diffrax-<adjoint>-<conv>", with
+"-<solver>" at the end for a solver other than dopri5), solver, median_step_s,
 min_step_s, nfe_forward, nfe_backward, peak_rss_mib, peak_device_mib (JAX's
 `peak_bytes_in_use`, null on the CPU), versions, plus
 solver_steps_forward (diffrax's `num_steps`, accepted and rejected), compile_s
@@ -45,11 +48,13 @@ solver_steps_forward (diffrax's `num_steps`, accepted and rejected), compile_s
 NFE. diffrax reports steps, not evaluations. Dopri5 is FSAL: a step (accepted
 or rejected) evaluates the vector field 6 times, reusing the last stage of
 the previous accepted step, and the very first step evaluates a 7th, its
-first stage. With `dt0=None` diffrax 0.7.2 spends no evaluation on the
+first stage. Tsit5 is the same; Bosh3 (4 stages, FSAL) evaluates 3 times a
+step. With `dt0=None` diffrax 0.7.2 spends no evaluation on the
 initial step size: its Hairer heuristic runs only for a bare `ODETerm`, and
 `diffeqsolve` hands the controller a wrapped term, so it starts at
-dt = 0.01 (we checked both by counting calls with a callback). So
-nfe_forward = 6 * num_steps + 1 (one more per rejection of the very first
+dt = 0.01 (we checked both by counting calls with a callback, for all three
+solvers). So nfe_forward = 6 * num_steps + 1 (Bosh3: 3 * num_steps + 1; one
+more per rejection of the very first
 step, which diffrax does not report separately). nfe_backward is null:
 `BacksolveAdjoint` does not expose the stats of its backward solve, and
 `RecursiveCheckpointAdjoint` has no backward ODE solve (it differentiates
@@ -128,7 +133,12 @@ def init_params(key):
     }
 
 
-def make_train_step(adjoint, conv_mode, learning_rate=1e-3):
+# diffrax's class and the evaluations per step after the first (FSAL).
+SOLVERS = {"dopri5": ("Dopri5", 6), "tsit5": ("Tsit5", 6),
+           "bosh3": ("Bosh3", 3)}
+
+
+def make_train_step(adjoint, conv_mode, solver="dopri5", learning_rate=1e-3):
     """`(train_step, optimizer)`; train_step(params, opt_state, x, y)."""
     import diffrax
     import jax
@@ -155,7 +165,8 @@ def make_train_step(adjoint, conv_mode, learning_rate=1e-3):
         x = group_norm(x, **params["norm2"])                          # 13x13
         x = conv(x, **params["conv3"], stride=2, padding=pad)         # 6x6
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(vector_field), diffrax.Dopri5(),
+            diffrax.ODETerm(vector_field),
+            getattr(diffrax, SOLVERS[solver][0])(),
             t0=0.0, t1=1.0, dt0=None, y0=x, args=params["ode"],
             stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
             saveat=diffrax.SaveAt(t1=True), adjoint=adjoint,
@@ -182,7 +193,7 @@ def make_train_step(adjoint, conv_mode, learning_rate=1e-3):
     return train_step, optimizer
 
 
-def measure(adjoint, conv_mode, steps, warmup, batch_size):
+def measure(adjoint, conv_mode, steps, warmup, batch_size, solver="dopri5"):
     import diffrax
     import equinox
     import jax
@@ -190,7 +201,7 @@ def measure(adjoint, conv_mode, steps, warmup, batch_size):
     import numpy as np
     import optax
 
-    train_step, optimizer = make_train_step(adjoint, conv_mode)
+    train_step, optimizer = make_train_step(adjoint, conv_mode, solver)
     params = init_params(jax.random.PRNGKey(0))
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(0)
@@ -212,11 +223,13 @@ def measure(adjoint, conv_mode, steps, warmup, batch_size):
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     return {
-        "library": f"diffrax-{adjoint}-{conv_mode}",
+        "library": f"diffrax-{adjoint}-{conv_mode}"
+                   + ("" if solver == "dopri5" else f"-{solver}"),
+        "solver": solver,
         "median_step_s": float(np.median(times)),
         "min_step_s": float(np.min(times)),
-        # Dopri5 with FSAL: see the module docstring.
-        "nfe_forward": float(6 * num_steps + 1),
+        # FSAL: see the module docstring.
+        "nfe_forward": float(SOLVERS[solver][1] * num_steps + 1),
         "nfe_backward": None,
         "solver_steps_forward": num_steps,
         # ru_maxrss is in KiB on Linux; it includes XLA's compilation.
@@ -241,6 +254,7 @@ def measure(adjoint, conv_mode, steps, warmup, batch_size):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--solver", choices=list(SOLVERS), default="dopri5")
     parser.add_argument("--adjoint", choices=["backsolve", "recursive"],
                         default="backsolve")
     parser.add_argument("--conv", choices=["slices", "stock"],
@@ -258,7 +272,7 @@ def main(argv=None):
         os.environ.get("XLA_FLAGS"),
         "--xla_force_host_platform_device_count=1"]))
     print(json.dumps(measure(args.adjoint, args.conv, args.steps,
-                             args.warmup, args.batch_size)))
+                             args.warmup, args.batch_size, args.solver)))
 
 
 if __name__ == "__main__":

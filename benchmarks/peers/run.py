@@ -16,6 +16,12 @@ result. A failed run is reported on stderr and left out.
 
 `--gpu` runs them all on a GPU with this one Python (see the README here,
 "On a GPU"): ours through `keras_jax_step.py` on Keras' JAX backend.
+
+`--solver-table` runs, instead of ours and `--peers`, the configurations of
+`SOLVER_TABLE` (solvers and gradient methods, see the README here) in the
+same way, and gives each of ours `ratio_to_peer`, its median step time over
+torchdiffeq's with the same solver and gradient (and ours tsit5 backprop
+`ratio_to_diffrax`, over diffrax's Tsit5 with RecursiveCheckpointAdjoint).
 """
 
 import argparse
@@ -33,19 +39,48 @@ OURS = "keras_node"
 PEERS = ["torchdiffeq", "diffrax-backsolve-slices", "diffrax-recursive-slices",
          "diffrax-backsolve-stock", "diffrax-recursive-stock"]
 DEFAULT_PEERS = PEERS[:4]
+NUM_STEPS = 4  # the fixed-step solvers' steps over [0, 1]
+# --solver-table: (library, solver, gradient). Ours and torchdiffeq take the
+# gradient "adjoint" or "backprop"; a diffrax peer's is in its name.
+SOLVER_TABLE = [
+    *[(OURS, solver, gradient) for gradient in ("adjoint", "backprop")
+      for solver in ("dopri5", "tsit5", "bosh3")],
+    (OURS, "rk4", "backprop"), (OURS, "rk4", "adjoint"),
+    *[("torchdiffeq", solver, "adjoint")
+      for solver in ("dopri5", "tsit5", "bosh3")],
+    ("torchdiffeq", "dopri5", "backprop"),
+    ("torchdiffeq", "rk4", "backprop"), ("torchdiffeq", "rk4", "adjoint"),
+    ("diffrax-recursive-slices", "tsit5", None),
+    ("diffrax-backsolve-slices", "dopri5", None),
+]
 FIELDS = ["median_step_s", "min_step_s", "nfe_forward", "nfe_backward",
           "peak_rss_mib", "peak_device_mib"]
 
 
-def command(library, steps, warmup, batch_size, gpu=False):
+def label(library, solver=None, gradient=None):
+    return " ".join(filter(None, (library, solver, gradient)))
+
+
+def command(library, steps, warmup, batch_size, gpu=False, solver=None,
+            gradient=None):
     """The argv that runs `library` once and prints its JSON line.
 
     With `gpu`, every library runs with this Python (a GPU machine's one
     environment holding JAX, PyTorch and diffrax), ours on Keras' JAX
-    backend and torchdiffeq on CUDA.
+    backend and torchdiffeq on CUDA. `solver` and `gradient` (None: each
+    script's default, Dormand-Prince with the adjoint) are for the CPU.
     """
     common = ["--steps", str(steps), "--warmup", str(warmup),
               "--batch-size", str(batch_size)]
+    if solver is not None:
+        if library == OURS:
+            common += ["--solver", solver, "--gradient", gradient,
+                       "--num-steps", str(NUM_STEPS)]
+        elif library == "torchdiffeq":
+            common += ["--method", solver, "--gradient", gradient,
+                       "--num-steps", str(NUM_STEPS)]
+        else:  # diffrax: the gradient is in the library's name
+            common += ["--solver", solver]
     if library == OURS:
         if gpu:
             return [sys.executable, str(HERE / "keras_jax_step.py"), *common]
@@ -63,13 +98,14 @@ def command(library, steps, warmup, batch_size, gpu=False):
             "--adjoint", adjoint, "--conv", conv, *common]
 
 
-def run_once(library, steps, warmup, batch_size, gpu=False):
+def run_once(library, steps, warmup, batch_size, gpu=False, solver=None,
+             gradient=None):
     """The run's JSON result, or None (reported on stderr) if it failed.
 
     The result also goes to stderr at once, so that a run killed by a time
     limit leaves what it had measured.
     """
-    argv = command(library, steps, warmup, batch_size, gpu)
+    argv = command(library, steps, warmup, batch_size, gpu, solver, gradient)
     if not pathlib.Path(argv[0]).exists():
         sys.exit(f"{argv[0]} is missing: run `bash benchmarks/peers/setup.sh`"
                  " first.")
@@ -83,7 +119,8 @@ def run_once(library, steps, warmup, batch_size, gpu=False):
     )
     lines = process.stdout.strip().splitlines()
     if process.returncode != 0 or not lines:
-        print(f"{library} failed (exit {process.returncode}):\n"
+        print(f"{label(library, solver, gradient)} failed (exit "
+              f"{process.returncode}):\n"
               f"{process.stderr[-3000:]}", file=sys.stderr)
         return None
     print(lines[-1], file=sys.stderr, flush=True)
@@ -95,38 +132,70 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def summarize(runs):
-    """Per library: the median over rounds of each field, and the ratio."""
+def ratio(summary, name, baseline):
+    """`name`'s median step time over `baseline`'s, or None."""
+    times = [summary.get(key, {}).get("median_step_s")
+             for key in (name, baseline)]
+    return times[0] / times[1] if None not in times and times[1] else None
+
+
+def summarize(runs, ours=OURS):
+    """Per library: the median over rounds of each field, and the ratio to
+    `ours` (none if `ours` is None)."""
     summary = {}
     for library, results in runs.items():
         results = [r for r in results if r is not None]
         summary[library] = {field: median([r.get(field) for r in results])
                             for field in FIELDS}
         summary[library]["rounds"] = len(results)
-    ours = summary.get(OURS, {}).get("median_step_s")
-    for entry in summary.values():
-        entry["ratio_to_ours"] = (
-            entry["median_step_s"] / ours
-            if ours and entry["median_step_s"] is not None else None)
+    for library, entry in summary.items():
+        if ours is not None:
+            entry["ratio_to_ours"] = ratio(summary, library, ours)
     return summary
 
 
-def table(summary):
+def summarize_solvers(runs):
+    """As `summarize`, with each of ours' ratios to its peers instead."""
+    summary = summarize(runs, ours=None)
+    for library, solver, gradient in SOLVER_TABLE:
+        if library != OURS:
+            continue
+        entry = summary[label(library, solver, gradient)]
+        peer = label("torchdiffeq", solver, gradient)
+        entry["peer"] = peer if peer in summary else None
+        entry["ratio_to_peer"] = ratio(summary, label(OURS, solver, gradient),
+                                       peer)
+        if (solver, gradient) == ("tsit5", "backprop"):
+            entry["ratio_to_diffrax"] = ratio(
+                summary, label(OURS, solver, gradient),
+                label("diffrax-recursive-slices", "tsit5"))
+    return summary
+
+
+RATIO_HEADERS = {"ratio_to_ours": "x ours", "ratio_to_peer": "x torch",
+                 "ratio_to_diffrax": "x diffrax"}
+
+
+def table(summary, ratios=("ratio_to_ours",)):
     def cell(value, spec):
         return "-" if value is None else format(value, spec)
 
-    header = (f"{'library':<26}{'median s':>10}{'min s':>10}{'NFE fwd':>9}"
-              f"{'NFE bwd':>9}{'RSS MiB':>9}{'GPU MiB':>9}{'x ours':>8}")
+    width = max(26, *(len(library) + 2 for library in summary))
+    header = (f"{'library':<{width}}{'median s':>10}{'min s':>10}"
+              f"{'NFE fwd':>9}{'NFE bwd':>9}{'RSS MiB':>9}{'GPU MiB':>9}"
+              + "".join(f"{RATIO_HEADERS[r]:>{len(RATIO_HEADERS[r]) + 2}}"
+                        for r in ratios))
     rows = [header, "-" * len(header)]
     for library, e in summary.items():
         rows.append(
-            f"{library:<26}{cell(e['median_step_s'], '.4f'):>10}"
+            f"{library:<{width}}{cell(e['median_step_s'], '.4f'):>10}"
             f"{cell(e['min_step_s'], '.4f'):>10}"
             f"{cell(e['nfe_forward'], '.0f'):>9}"
             f"{cell(e['nfe_backward'], '.0f'):>9}"
             f"{cell(e['peak_rss_mib'], '.0f'):>9}"
             f"{cell(e['peak_device_mib'], '.0f'):>9}"
-            f"{cell(e['ratio_to_ours'], '.2f'):>8}")
+            + "".join(f"{cell(e.get(r), '.2f'):>{len(RATIO_HEADERS[r]) + 2}}"
+                      for r in ratios))
     return "\n".join(rows)
 
 
@@ -144,30 +213,43 @@ def main(argv=None):
                         help="run all on the GPU with this Python: ours on "
                              "Keras' JAX backend, torchdiffeq on CUDA, "
                              "diffrax on JAX's CUDA")
+    parser.add_argument("--solver-table", action="store_true",
+                        help="run SOLVER_TABLE's solvers and gradient "
+                             "methods instead of ours and --peers (CPU)")
     parser.add_argument("--json-out", type=pathlib.Path,
                         help="also write the JSON object to this file")
     args = parser.parse_args(argv)
     for name in ("rounds", "steps", "warmup", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.solver_table and args.gpu:
+        parser.error("--solver-table runs on the CPU only")
 
-    libraries = [OURS, *dict.fromkeys(args.peers)]
-    runs = {library: [] for library in libraries}
+    configs = (SOLVER_TABLE if args.solver_table else
+               [(library, None, None)
+                for library in [OURS, *dict.fromkeys(args.peers)]])
+    runs = {label(*config): [] for config in configs}
     for round_index in range(args.rounds):
-        for library in libraries:
-            print(f"round {round_index + 1}/{args.rounds}: {library}",
+        for library, solver, gradient in configs:
+            name = label(library, solver, gradient)
+            print(f"round {round_index + 1}/{args.rounds}: {name}",
                   file=sys.stderr, flush=True)
-            runs[library].append(
+            runs[name].append(
                 run_once(library, args.steps, args.warmup, args.batch_size,
-                         args.gpu))
-    summary = summarize(runs)
+                         args.gpu, solver, gradient))
+    if args.solver_table:
+        summary = summarize_solvers(runs)
+        ratios = ("ratio_to_peer", "ratio_to_diffrax")
+    else:
+        summary, ratios = summarize(runs), ("ratio_to_ours",)
     result = {
-        "benchmark": "peers",
+        "benchmark": "peers-solvers" if args.solver_table else "peers",
         "batch_size": args.batch_size,
         "steps": args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
         "tolerance": 1e-3,
+        **({"num_steps": NUM_STEPS} if args.solver_table else {}),
         "gpu": args.gpu,
         "summary": summary,
         "runs": runs,
@@ -176,7 +258,7 @@ def main(argv=None):
                     "cpu_count": os.cpu_count(),
                     "python": platform.python_version()},
     }
-    print(table(summary))
+    print(table(summary, ratios))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out is not None:
