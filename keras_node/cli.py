@@ -33,6 +33,19 @@ def main(argv=None):
     serve.add_argument("--poll-seconds", type=float, default=2.0,
                        help="how often to look for new versions (default: "
                        "%(default)s)")
+    serve.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
+                       help="largest request body; larger ones get 413 "
+                       "before they are read (default: %(default)s)")
+    serve.add_argument("--max-concurrent-runs", type=int, default=2,
+                       help="most model runs at once (default: %(default)s)")
+    serve.add_argument("--queue-timeout", type=float, default=10.0,
+                       help="seconds a request may wait for a model run "
+                       "before it gets 503 with Retry-After (default: "
+                       "%(default)s)")
+    serve.add_argument("--request-timeout", type=float, default=30.0,
+                       help="seconds a client may take to send a request; "
+                       "slower ones get 408, idle connections are closed "
+                       "(default: %(default)s)")
     args = parser.parse_args(argv)
 
     if args.command == "export":
@@ -48,10 +61,18 @@ def main(argv=None):
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(message)s")
-    app = create_app(args.model_base_path, args.model_name,
-                     poll_seconds=args.poll_seconds,
-                     max_instances=args.max_instances)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        app = create_app(
+            args.model_base_path, args.model_name,
+            poll_seconds=args.poll_seconds, max_instances=args.max_instances,
+            max_body_bytes=args.max_body_bytes,
+            max_concurrent_runs=args.max_concurrent_runs,
+            queue_timeout=args.queue_timeout,
+            request_timeout=args.request_timeout)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                timeout_keep_alive=int(max(1, args.request_timeout)))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """Exporting image classifiers as SavedModels in TF Serving's layout."""
 
+import os
 import pathlib
+import re
+import shutil
 
 import keras
 import tensorflow as tf
 
 PREDICT_METHOD = "tensorflow/serving/predict"
+# A version folder's name: ASCII digits (`str.isdigit` also takes "²").
+_VERSION = re.compile(r"[0-9]{1,18}")
 
 
 def version_folders(base_path):
@@ -14,7 +19,7 @@ def version_folders(base_path):
     if not base_path.is_dir():
         return {}
     return {int(p.name): p for p in base_path.iterdir()
-            if p.is_dir() and p.name.isdigit()}
+            if p.is_dir() and _VERSION.fullmatch(p.name)}
 
 
 def export_classifier(model, base_path, version=None):
@@ -87,10 +92,15 @@ def export_classifier(model, base_path, version=None):
                             (-1, *image_shape))
         return outputs(images)
 
+    # Written under a name no server reads, then renamed into place: a kill
+    # while writing leaves no half version, and a server never sees one.
     path = pathlib.Path(base_path) / str(version)
+    staging = path.with_name(f".{version}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
     tf.saved_model.save(
-        module, str(path),
+        module, str(staging),
         signatures={"serving_default": serving_default,
                     "predict_pixels": predict_pixels},
     )
+    os.rename(staging, path)
     return path

@@ -1,19 +1,23 @@
 """Export for TF Serving and the REST server, over real HTTP."""
 
 import concurrent.futures
+import http.client
 import json
 import os
-import pathlib
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import keras
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import tensorflow as tf
 
 from helpers import small_conv_dynamics
@@ -49,12 +53,17 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def server(exported):
-    base, _ = exported
+    yield from start_server(exported[0])
+
+
+def start_server(base, *options):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "keras_node.cli", "serve", "--model-base-path",
          str(base), "--model-name", NAME, "--port", str(port),
-         "--max-instances", "64", "--poll-seconds", "0.5"],
+         "--max-instances", "64", "--poll-seconds", "0.5",
+         "--request-timeout", "2", "--max-body-bytes", str(4 * 2**20),
+         *options],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     url = f"http://127.0.0.1:{port}"
@@ -72,11 +81,12 @@ def server(exported):
     process.wait(timeout=30)
 
 
-def request(url, path, body=None, raw=None):
+def request(url, path, body=None, raw=None, method=None):
     data = raw if raw is not None else (
         None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url + path, data=data,
-                                 method="GET" if data is None else "POST")
+    req = urllib.request.Request(
+        url + urllib.parse.quote(path, safe="/:%"), data=data,
+        method=method or ("GET" if data is None else "POST"))
     try:
         with urllib.request.urlopen(req, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -187,6 +197,39 @@ BAD_REQUESTS = [
      404, "Specific(9)"),
     (f"/v1/models/{NAME}/versions/..%2F..%2Fetc:predict",
      {"instances": [[0]]}, None, 404, "Malformed version"),
+    # What a hostile or careless client sent (each was a 500 or accepted).
+    (f"/v1/models/{NAME}:predict", None, b"[" * 50_000, 400,
+     "JSON Parse error: the document nests too deep"),
+    (f"/v1/models/{NAME}:predict",
+     {"signature_name": ["a"], "instances": [[0]]}, None, 400,
+     "'signature_name' must be a string"),
+    (f"/v1/models/{NAME}:predict",
+     {"signature_name": {"a": 1}, "instances": [[0]]}, None, 400,
+     "'signature_name' must be a string"),
+    (f"/v1/models/{NAME}:predict", None,
+     b'{"instances": [[[' + b"9" * 400 + b"]]]}", 400,
+     "holds a number too large for float32"),
+    (f"/v1/models/{NAME}:predict", {"instances": [[["0.5"]] * 28] * 1}, None,
+     400, "holds str '0.5'"),
+    (f"/v1/models/{NAME}:predict", {"instances": [[[True]] * 28] * 1}, None,
+     400, "holds bool 'True'"),
+    (f"/v1/models/{NAME}:predict", {"instances": [[[[1e39]] * 28] * 28]},
+     None, 400, "beyond the range of float32"),
+    (f"/v1/models/{NAME}:predict", {"instances": [[[[1e300]] * 28] * 28]},
+     None, 400, "beyond the range of float32"),
+    (f"/v1/models/{NAME}:predict", {"instances": [[[[1e38]] * 28] * 28]},
+     None, 400, "The model failed on this input: its output 'logits' "
+     "holds NaN or inf"),
+    (f"/v1/models/{NAME}/versions/\u00b2:predict".encode().decode(
+        "unicode_escape"), {"instances": [[0]]}, None, 404,
+     "Malformed version"),
+    (f"/v1/models/{NAME}/versions/\u0661".encode().decode("unicode_escape"),
+     None, None, 404, "Malformed version"),
+    (f"/v1/models/{NAME}/versions/\uff11".encode().decode("unicode_escape"),
+     None, None, 404, "Malformed version"),
+    (f"/v1/models/{NAME}/versions/{'9' * 5000}", None, None, 404,
+     "Malformed version"),
+    ("/nowhere", None, None, 404, "Not Found"),
 ]
 
 
@@ -270,3 +313,218 @@ def test_export_needs_a_model(tmp_path):
     with pytest.raises(TypeError, match=r"argument `model`, expected a Keras "
                        r"model or the path of a .keras file. Received: 3"):
         export_classifier(3, tmp_path)
+
+
+def connect(url):
+    host, port = url.rsplit("/", 1)[1].split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=30)
+
+
+def test_errors_keep_the_connection_usable(server):
+    url, _ = server
+    connection = connect(url)
+    good = json.dumps({"instances": images(1).tolist()})
+    for body in (b"[" * 50_000, b'{"instances": [[true]]}', good.encode()):
+        connection.request("POST", f"/v1/models/{NAME}:predict", body)
+        response = connection.getresponse()
+        payload = json.loads(response.read())
+        assert response.getheader("Connection") != "close"
+    assert response.status == 200 and "predictions" in payload
+
+
+def test_method_not_allowed_is_json(server):
+    url, _ = server
+    status, body = request(url, f"/v1/models/{NAME}", method="DELETE")
+    assert status == 405 and body["error"] == "Method Not Allowed"
+
+
+def test_large_body_is_refused_before_it_is_read(server):
+    url, process = server
+    connection = connect(url)
+    # Announce 100 MB, send almost nothing: 413 at once.
+    connection.putrequest("POST", f"/v1/models/{NAME}:predict")
+    connection.putheader("Content-Length", str(100 * 2**20))
+    connection.endheaders(b'{"instances": ')
+    response = connection.getresponse()
+    assert response.status == 413
+    assert "takes at most 4194304" in json.loads(response.read())["error"]
+    # Streamed without a length: cut at the limit. (The client stops after
+    # crossing it, so that the server has read all it was sent.)
+    host, port = url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/models/{NAME}:predict HTTP/1.1\r\n"
+                     f"Host: {host}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     .encode())
+        chunk = b"0," * 2**16
+        for _ in range(4 * 2**20 // len(chunk) + 1):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        reply = sock.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 413 ")
+    assert b"over 4194304 bytes" in reply
+    status, _ = request(url, "/healthz")
+    assert status == 200 and process.poll() is None
+
+
+def test_slow_client_is_timed_out(server):
+    url, _ = server
+    connection = connect(url)
+    connection.putrequest("POST", f"/v1/models/{NAME}:predict")
+    connection.putheader("Content-Length", "1000")
+    connection.endheaders(b"{")
+    started = time.monotonic()
+    response = connection.getresponse()  # the server's --request-timeout 2
+    assert response.status == 408
+    assert "took longer than 2.0 s" in json.loads(response.read())["error"]
+    assert time.monotonic() - started < 20
+
+
+def test_busy_server_answers_503_with_retry_after(exported):
+    base, _ = exported
+    server = start_server(base, "--max-concurrent-runs", "1",
+                          "--queue-timeout", "0.001")
+    url, _ = next(server)
+    try:
+        body = {"instances": images(64).tolist()}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(
+                lambda _: _raw_request(url, f"/v1/models/{NAME}:predict",
+                                       body), range(16)))
+        statuses = [status for status, _, _ in answers]
+        assert set(statuses) <= {200, 503} and 200 in statuses
+        busy = [(headers, payload) for status, headers, payload in answers
+                if status == 503]
+        assert busy, statuses
+        assert busy[0][0]["Retry-After"] == "1"
+        assert "model runs are busy" in busy[0][1]["error"]
+    finally:
+        server.close()
+
+
+def _raw_request(url, path, body):
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, response.headers, json.loads(
+                response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, json.loads(error.read())
+
+
+def test_version_published_in_pieces_loads_and_failures_are_reported(
+        server, exported, tmp_path):
+    url, _ = server
+    base, _ = exported
+    staging = export_classifier(small_classifier(2), tmp_path / "staging",
+                                version=3)
+    (base / "\u00b2".encode().decode("unicode_escape")).mkdir()  # ignored
+    target = base / "3"
+    target.mkdir()
+    shutil.copy(staging / "saved_model.pb", target)  # variables/ come later
+    deadline = time.time() + 60
+    while True:
+        _, body = request(url, f"/v1/models/{NAME}/versions/3")
+        if "model_version_status" in body:
+            break
+        assert time.time() < deadline, body
+        time.sleep(0.3)
+    [entry] = body["model_version_status"]
+    assert entry["state"] == "END" and entry["status"]["error_message"]
+    shutil.copytree(staging / "variables", target / "variables")
+    while True:
+        _, body = request(url, f"/v1/models/{NAME}/versions/3")
+        if body["model_version_status"][0]["state"] == "AVAILABLE":
+            break
+        assert time.time() < deadline, body
+        time.sleep(0.3)
+    status, body = request(url, f"/v1/models/{NAME}/versions/3:predict",
+                           {"instances": images(1).tolist()})
+    assert status == 200
+
+
+@pytest.mark.parametrize("option, value", [
+    ("max_instances", 0), ("max_body_bytes", -1), ("max_concurrent_runs", 0),
+    ("queue_timeout", float("nan")), ("request_timeout", 0),
+    ("poll_seconds", "1")])
+def test_impossible_server_options_are_refused(exported, option, value):
+    from keras_node.server import create_app
+
+    with pytest.raises(ValueError, match=rf"argument `{option}`, expected a "
+                       rf"positive .* Received: {option}="):
+        create_app(exported[0], NAME, **{option: value})
+
+
+def test_cli_refuses_impossible_options(exported, capsys):
+    from keras_node import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--model-base-path", str(exported[0]),
+                  "--model-name", NAME, "--max-instances", "0"])
+    assert "argument `max_instances`, expected a positive integer. " \
+        "Received: max_instances=0" in capsys.readouterr().err
+
+
+def test_export_is_atomic(tmp_path, monkeypatch):
+    # A kill during the export leaves no version folder, only a hidden one
+    # that the next export replaces.
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tf.saved_model, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_classifier(small_classifier(0), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == []
+    monkeypatch.undo()
+    (tmp_path / ".1.partial").mkdir()  # as a kill mid-write leaves it
+    assert export_classifier(small_classifier(0), tmp_path) == tmp_path / "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.text(max_size=4)
+    | st.integers(min_value=-10**40, max_value=10**40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["instances", "inputs", "signature_name", "images",
+                         "pixels", "x"]) | st.text(max_size=4),
+        inner, max_size=3),
+    max_leaves=40)
+_BODIES = st.one_of(
+    _JSON.map(lambda value: json.dumps(value).encode()),
+    st.binary(max_size=64),
+    # Well-formed requests with bad values in them.
+    st.builds(lambda name, value: json.dumps(
+        {"signature_name": name, "instances": [value]}).encode(),
+        st.sampled_from(["serving_default", "predict_pixels", ""]), _JSON))
+_PATHS = st.builds(
+    lambda prefix, tail: prefix + tail,
+    st.sampled_from([f"/v1/models/{NAME}", f"/v1/models/{NAME}/versions/",
+                     f"/v1/models/{NAME}:", "/v1/models/", "/", "/healthz"]),
+    st.text(max_size=12))
+
+
+def _rss_mib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
+       path=_PATHS, body=_BODIES)
+def test_fuzzed_requests_never_break_the_server(server, method, path, body):
+    url, process = server
+    rss_before = _rss_mib(process.pid)
+    connection = connect(url)
+    connection.request(method, urllib.parse.quote(path, safe="/:"),
+                       body if method != "GET" else None)
+    response = connection.getresponse()
+    payload = json.loads(response.read())  # always JSON
+    assert response.status < 500, (response.status, payload)
+    if response.status >= 400:
+        assert isinstance(payload.get("error"), str)
+    # The same connection, and the server, still answer a good request.
+    connection.request("POST", f"/v1/models/{NAME}:predict",
+                       json.dumps({"instances": images(1).tolist()}))
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read())
+    assert _rss_mib(process.pid) < rss_before + 200
