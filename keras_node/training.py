@@ -1,0 +1,199 @@
+"""Training runs that a kill does not set back: checkpoints and artifacts.
+
+`ResumableCheckpoint` is a Keras callback that saves the model (its weights
+and the optimizer's state) every few optimizer steps and restores the newest
+sound checkpoint, falling back to an older one when the newest is damaged;
+`write_atomic` and `save_model_atomic` write a run's artifacts so that a kill
+leaves either the old file or the new one, never a half-written one.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+
+import keras
+
+__all__ = ["CheckpointError", "ResumableCheckpoint", "write_atomic",
+           "save_model_atomic"]
+
+logger = logging.getLogger("keras_node.training")
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in the folder can be restored."""
+
+
+def write_atomic(path, text):
+    """Writes `text` to `path` under a temporary name, then renames it."""
+    path = pathlib.Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+
+
+def save_model_atomic(model, path):
+    """`model.save(path)` (a `.keras` file), atomically."""
+    path = pathlib.Path(path)
+    partial = path.with_name(f".partial-{path.name}")  # Keras wants .keras
+    model.save(partial)
+    os.replace(partial, path)
+
+
+def _digest(path):
+    sha = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+class ResumableCheckpoint(keras.callbacks.Callback):
+    """Checkpoints every `save_every` optimizer steps; restores the newest
+    sound one.
+
+    In `directory`, checkpoint N is `ckpt-N.weights.h5` (`model.save_weights`:
+    the weights and the optimizer's state) and `ckpt-N.json` (N, and the
+    weights file's size and SHA-256). Both are written under temporary names
+    and renamed, the JSON last, so a checkpoint exists once its JSON does;
+    the last `keep` are kept. `restore` checks each, newest first (the JSON
+    parses, the weights file is there with the recorded checksum, it loads,
+    and the optimizer then holds step N) and stops at the first sound one,
+    logging what was wrong with the others. A kill while writing, a
+    truncated or altered file, or a missing one thus steps back to the
+    previous checkpoint; when none is sound, `restore` raises
+    `CheckpointError` naming the damaged files and how to start over.
+
+    Unlike `keras.callbacks.BackupAndRestore` it does not delete its folder
+    when training ends: it saves a last checkpoint there instead, so that a
+    run killed after `fit` but before its results are written resumes at
+    its end. Call `delete()` once they are.
+
+    Args:
+        directory: the checkpoint folder (one per worker in multi-worker
+            training).
+        save_every: save every this many optimizer steps, a positive
+            integer. Defaults to `100`.
+        keep: how many checkpoints to keep, a positive integer. Defaults to
+            `2`.
+    """
+
+    _JSON = re.compile(r"ckpt-([0-9]+)\.json")
+
+    def __init__(self, directory, save_every=100, keep=2):
+        super().__init__()
+        for name, value in (("save_every", save_every), ("keep", keep)):
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or value < 1:
+                raise ValueError(
+                    f"Received an invalid value for argument `{name}`, "
+                    f"expected a positive integer. Received: {name}={value!r}")
+        self.directory = pathlib.Path(directory)
+        self.save_every = save_every
+        self.keep = keep
+
+    def _paths(self, iteration):
+        return (self.directory / f"ckpt-{iteration}.weights.h5",
+                self.directory / f"ckpt-{iteration}.json")
+
+    def iterations(self):
+        """The iterations of the checkpoints present, newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = (self._JSON.fullmatch(p.name) for p in self.directory.iterdir())
+        return sorted((int(m.group(1)) for m in found if m), reverse=True)
+
+    def _problem(self, iteration):
+        """What is wrong with checkpoint `iteration`'s files, or None."""
+        weights, meta = self._paths(iteration)
+        try:
+            record = json.loads(meta.read_text())
+            expected = (int(record["iteration"]), int(record["size"]),
+                        str(record["sha256"]))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return f"{meta} is damaged ({type(error).__name__}: {error})"
+        if expected[0] != iteration:
+            return f"{meta} names iteration {expected[0]}"
+        if not weights.exists():
+            return f"{weights} is missing"
+        if weights.stat().st_size != expected[1] or \
+                _digest(weights) != expected[2]:
+            return (f"{weights} is damaged (its size or SHA-256 differs from "
+                    f"the one recorded in {meta.name})")
+        return None
+
+    def restore(self, iteration=None):
+        """Restores the newest sound checkpoint, or `iteration`'s.
+
+        Returns:
+            The restored iteration, 0 when the folder holds no checkpoint.
+
+        Raises:
+            CheckpointError: checkpoints are there but none is sound.
+        """
+        candidates = self.iterations() if iteration is None else [iteration]
+        damaged = []
+        for candidate in candidates:
+            problem = self._problem(candidate)
+            if problem is None:
+                problem = self._load(candidate)
+            if problem is None:
+                for earlier in damaged:
+                    logger.warning("Skipped a damaged checkpoint: %s", earlier)
+                return candidate
+            damaged.append(problem)
+        if damaged:
+            raise CheckpointError(
+                f"No checkpoint in {self.directory} can be restored: "
+                + "; ".join(damaged) + f". Remove {self.directory} to start "
+                "the run over from iteration 0.")
+        return 0
+
+    def _load(self, iteration):
+        model = self.model
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        weights, _ = self._paths(iteration)
+        try:
+            model.load_weights(weights)
+        except Exception as error:  # a file that passed its checksum
+            return f"{weights} does not load ({type(error).__name__}: {error})"
+        restored = int(model.optimizer.iterations.numpy())
+        if restored != iteration:
+            return (f"{weights} holds optimizer step {restored}, not "
+                    f"{iteration}")
+        return None
+
+    def save(self):
+        """Saves a checkpoint of the current optimizer step."""
+        iteration = int(self.model.optimizer.iterations.numpy())
+        if iteration in self.iterations():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        weights, meta = self._paths(iteration)
+        partial = self.directory / f"partial-{weights.name}"
+        self.model.save_weights(partial, overwrite=True)
+        record = {"iteration": iteration, "size": partial.stat().st_size,
+                  "sha256": _digest(partial)}
+        os.replace(partial, weights)
+        write_atomic(meta, json.dumps(record))
+        for old in self.iterations()[self.keep:]:
+            for path in reversed(self._paths(old)):  # the JSON first
+                path.unlink(missing_ok=True)
+
+    def delete(self):
+        """Removes the checkpoint folder (once the run's results are safe)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) % self.save_every == 0:
+            self.save()
+
+    def on_train_end(self, logs=None):
+        self.save()
