@@ -37,6 +37,8 @@ from mnist_common import (build_model, make_optimizer, solver_and_gradient,
 from keras_node.callbacks import AccuracyMonitor, LogEvaluationCounts
 from keras_node.distribute import patch_keras_multi_worker_fit
 from keras_node.serving import export_classifier
+from keras_node.training import (CheckpointError, ResumableCheckpoint,
+                                 save_model_atomic, write_atomic)
 
 MANUAL_DIR_ENV = "KERAS_NODE_MNIST_DIR"
 # On the JAX backend, tf.data still feeds the data; tf.distribute and the
@@ -307,12 +309,12 @@ def _multi_worker(strategy):
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
-def agree_on_checkpoint(strategy, model, backup):
+def agree_on_checkpoint(strategy, model, checkpoint):
     """The iteration to resume from, the same on every worker.
 
     Each worker restores its own checkpoint. Training is synchronous, so they
     hold the same step, unless a worker died while writing one: then those
-    ahead step back to their previous checkpoint (`double_checkpoint`).
+    ahead step back to their previous checkpoint (`keep=2`).
     """
     done = int(model.optimizer.iterations.numpy())
     if not _multi_worker(strategy):
@@ -325,9 +327,8 @@ def agree_on_checkpoint(strategy, model, backup):
 
     agreed = int(tf.reduce_min(
         strategy.experimental_local_results(everyone())[0]))
-    if done > agreed and os.path.exists(backup._prev_weights_path):
-        model.load_weights(backup._prev_weights_path)
-        done = int(model.optimizer.iterations.numpy())
+    if done > agreed and agreed in checkpoint.iterations():
+        done = checkpoint.restore(agreed)
     if done != agreed:
         raise SystemExit(
             f"This worker's checkpoint is at iteration {done}, another's at "
@@ -392,14 +393,17 @@ def main(argv=None):
                     from_logits=True),
                 metrics=["accuracy"],
             )
-        # Two checkpoints: a kill while writing one leaves the other.
-        backup = keras.callbacks.BackupAndRestore(
-            out / "backup", save_freq=args.checkpoint_every,
-            double_checkpoint=True)
+        # Two checkpoints: a kill while writing one, or a damaged file,
+        # steps back to the other.
+        checkpoint = ResumableCheckpoint(
+            out / "backup", save_every=args.checkpoint_every, keep=2)
         # Restore now, before fit, to know where the data stream resumes.
-        backup.set_model(model)
-        backup.on_train_begin()
-        done = agree_on_checkpoint(strategy, model, backup)
+        checkpoint.set_model(model)
+        try:
+            checkpoint.restore()
+        except CheckpointError as error:
+            raise SystemExit(str(error))
+        done = agree_on_checkpoint(strategy, model, checkpoint)
     if finished:
         print(f"{out} holds a finished run ({done} iterations): evaluating "
               "and exporting it again. Use a new --out to train anew.")
@@ -416,12 +420,16 @@ def main(argv=None):
     monitor.set_model(model)  # also used after training, for held-out figures
     history_path = out / "history.json"
     if done and history_path.exists():
-        saved = json.loads(history_path.read_text())
-        monitor.history = [p for p in saved["accuracy"]
-                           if p["iteration"] <= done]
-        monitor.iteration_logs = [p for p in saved["iterations"]
-                                  if p["iteration"] <= done]
-    save_history = lambda: history_path.write_text(json.dumps(
+        try:
+            saved = json.loads(history_path.read_text())
+            monitor.history = [p for p in saved["accuracy"]
+                               if p["iteration"] <= done]
+            monitor.iteration_logs = [p for p in saved["iterations"]
+                                      if p["iteration"] <= done]
+        except (ValueError, KeyError, TypeError) as error:
+            print(f"Warning: {history_path} is damaged ({error}); the "
+                  "accuracy and evaluation-count history starts afresh.")
+    save_history = lambda: write_atomic(history_path, json.dumps(
         {"accuracy": monitor.history, "iterations": monitor.iteration_logs}))
 
     started = time.time()
@@ -429,13 +437,15 @@ def main(argv=None):
         with peers_watched(strategy, args.out):
             model.fit(
                 data["train"],
+                initial_epoch=done // steps_per_epoch,
                 epochs=math.ceil(total_steps / steps_per_epoch),
                 steps_per_epoch=steps_per_epoch,
                 callbacks=[
                     LogEvaluationCounts(),  # NFE in the logs, also on JAX
                     monitor,
                     _EveryIterations(args.checkpoint_every, save_history),
-                    backup,  # after the history, so a checkpoint never leads it
+                    # After the history, so a checkpoint never leads it.
+                    checkpoint,
                     _StopAtIteration(total_steps),
                 ],
                 shuffle=False,  # the stream is shuffled, reproducibly, above
@@ -445,7 +455,9 @@ def main(argv=None):
     save_history()
 
     test = model.evaluate(data["test"], verbose=0, return_dict=True)
-    model.save(out / "model.keras")
+    # Every artifact is written atomically, and the checkpoint stays until
+    # they all are: a kill at any moment leaves a run that resumes.
+    save_model_atomic(model, out / "model.keras")
     if TENSORFLOW and not (out / "saved_model" / "1").exists():
         export_classifier(model, out / "saved_model", version=1)
     recent = monitor.iteration_logs[-20:]
@@ -463,7 +475,7 @@ def main(argv=None):
         "args": {k: str(v) if isinstance(v, pathlib.Path) else v
                  for k, v in vars(args).items()},
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     plot_history(monitor.history, monitor.iteration_logs, out,
                  watched.replace("_", "-"))
     print(f"Test accuracy (official 10,000-image split, or --limit): "
@@ -473,12 +485,14 @@ def main(argv=None):
         print("No SavedModel: exporting one needs Keras' TensorFlow backend "
               f"(keras-node export {out / 'model.keras'} {out / 'saved_model'}"
               " under KERAS_BACKEND=tensorflow exports this model).")
+        checkpoint.delete()
         return metrics
     print(f"Exported the SavedModel {out / 'saved_model' / '1'}.")
     # A ready request: the first official test image, as stored (uint8).
     pixels = np.round(arrays["test"][0][:1, ..., 0] * 255).astype(int)
-    (out / "request.json").write_text(json.dumps(
+    write_atomic(out / "request.json", json.dumps(
         {"signature_name": "predict_pixels", "instances": pixels.tolist()}))
+    checkpoint.delete()
     print("Serve the SavedModel with TF Serving's REST API, and query it "
           f"with the first test image (a {arrays['test'][1][0]}):\n"
           f"  keras-node serve --model-base-path {out / 'saved_model'} "

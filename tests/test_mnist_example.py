@@ -154,9 +154,9 @@ def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
                "--out", str(out)]
     first = subprocess.Popen(command, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    metadata = out / "backup" / "training_metadata.json"
+    backup = out / "backup"
     deadline = time.time() + 300
-    while not metadata.exists() and first.poll() is None:
+    while not list(backup.glob("ckpt-*.json")) and first.poll() is None:
         assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
@@ -228,3 +228,47 @@ def test_solver_and_gradient_options_reach_the_model(data_args, tmp_path):
     ode = next(l for l in model.layers if isinstance(l, NeuralODE))
     assert ode.solver == solvers.RK4(num_steps=3)
     assert ode.gradient == gradients.Backprop()
+
+
+def test_crash_after_training_resumes_at_the_end(data_args, tmp_path,
+                                                 monkeypatch, capsys):
+    # Killed after `fit` returned, before model.keras was written: the
+    # checkpoint is still there, so the next run trains no further.
+    out = tmp_path / "run"
+    argv = data_args + QUICK + ["--max-steps", "7", "--checkpoint-every", "5",
+                                "--out", str(out)]
+
+    def killed(model, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mnist, "save_model_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        mnist.main(argv)
+    assert not (out / "model.keras").exists()
+    assert (out / "backup" / "ckpt-7.json").exists()
+    monkeypatch.undo()
+    # A history truncated by an older version's in-place write.
+    history = out / "history.json"
+    history.write_text(history.read_text()[:50])
+    capsys.readouterr()
+    metrics = mnist.main(argv)
+    printed = capsys.readouterr().out
+    assert "Resuming from the checkpoint" in printed and "iteration 7." \
+        in printed
+    assert "history.json is damaged" in printed
+    assert metrics["iterations"] == 7
+    assert not (out / "backup").exists()  # removed once all is written
+    for name in ("model.keras", "metrics.json", "saved_model/1"):
+        assert (out / name).exists(), name
+
+
+def test_damaged_checkpoints_stop_with_a_message(data_args, tmp_path,
+                                                 capsys):
+    out = tmp_path / "run"
+    (out / "backup").mkdir(parents=True)
+    (out / "backup" / "ckpt-5.json").write_text("")
+    with pytest.raises(SystemExit, match=r"No checkpoint in .*backup can be "
+                       r"restored: .*ckpt-5.json is damaged .* Remove "
+                       r".*backup to start the run over from iteration 0."):
+        mnist.main(data_args + QUICK + ["--max-steps", "7", "--out",
+                                        str(out)])
