@@ -76,9 +76,11 @@ def start_server(base, *options):
             assert process.poll() is None, process.stdout.read()
             assert time.time() < deadline, "server did not start"
             time.sleep(0.2)
-    yield url, process
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        yield url, process
+    finally:  # also when the generator is closed early
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def request(url, path, body=None, raw=None, method=None):
