@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import math
 import pathlib
 
 
@@ -71,8 +72,11 @@ def main(argv=None):
             request_timeout=args.request_timeout)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    from keras_node.server import idle_timeout_protocol
+
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_keep_alive=int(max(1, args.request_timeout)))
+                http=idle_timeout_protocol(),
+                timeout_keep_alive=max(1, math.ceil(args.request_timeout)))
 
 
 if __name__ == "__main__":

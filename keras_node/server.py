@@ -171,6 +171,26 @@ class ModelVersions:
                 for v, (state, code, message) in sorted(states.items())]
 
 
+def idle_timeout_protocol():
+    """uvicorn's HTTP/1.1 protocol, closing connections that send nothing.
+
+    uvicorn (checked with 0.54) closes an idle keep-alive connection only
+    after a first response; a client that connects and stays silent would
+    hold its connection forever. This subclass starts the same timer
+    (`timeout_keep_alive`) when the connection opens; the first bytes cancel
+    it, as they do after a response.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class IdleTimeoutH11Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    return IdleTimeoutH11Protocol
+
+
 def _fingerprint(path):
     """What identifies a version folder's contents: every file's relative
     path, size and modification time; None without a `saved_model.pb`."""

@@ -380,6 +380,15 @@ def test_slow_client_is_timed_out(server):
     assert time.monotonic() - started < 20
 
 
+def test_silent_client_is_disconnected(server):
+    url, _ = server
+    host, port = url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        started = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the server
+    assert time.monotonic() - started < 20  # --request-timeout 2
+
+
 def test_busy_server_answers_503_with_retry_after(exported):
     base, _ = exported
     server = start_server(base, "--max-concurrent-runs", "1",
