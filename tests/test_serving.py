@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -58,13 +59,16 @@ def server(exported):
 
 def start_server(base, *options):
     port = free_port()
+    # The server logs every request: to a file, not to a pipe that nobody
+    # reads (a full pipe blocks the server once it has logged ~64 KiB).
+    log = tempfile.TemporaryFile("w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "keras_node.cli", "serve", "--model-base-path",
          str(base), "--model-name", NAME, "--port", str(port),
          "--max-instances", "64", "--poll-seconds", "0.5",
          "--request-timeout", "2", "--max-body-bytes", str(4 * 2**20),
          *options],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=log, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -73,7 +77,9 @@ def start_server(base, *options):
             urllib.request.urlopen(url + "/healthz", timeout=1)
             break
         except (urllib.error.URLError, ConnectionError):
-            assert process.poll() is None, process.stdout.read()
+            if process.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"the server exited:\n{log.read()[-3000:]}")
             assert time.time() < deadline, "server did not start"
             time.sleep(0.2)
     try:
@@ -81,6 +87,7 @@ def start_server(base, *options):
     finally:  # also when the generator is closed early
         process.terminate()
         process.wait(timeout=30)
+        log.close()
 
 
 def request(url, path, body=None, raw=None, method=None):
