@@ -38,6 +38,25 @@ def export_untrained(base):
     export_classifier(build_model(), base, version=1)
 
 
+def start_server(base, name="mnist"):
+    """`(process, port)`: `keras-node serve` on a free port, once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "keras_node.cli", "serve",
+         "--model-base-path", str(base), "--model-name", name,
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    try:
+        wait_for(f"http://127.0.0.1:{port}", server)
+    except RuntimeError:
+        server.terminate()
+        raise
+    return server, port
+
+
 def wait_for(url, process, timeout=180):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -91,18 +110,9 @@ def main(argv=None):
         if base is None:
             base = pathlib.Path(scratch) / "mnist"
             export_untrained(base)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen(
-            [sys.executable, "-m", "keras_node.cli", "serve",
-             "--model-base-path", str(base), "--model-name", "mnist",
-             "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        server, port = start_server(base)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_for(url, server)
             runs = [load(url, batch, args.requests, args.clients)
                     for batch in (1, 32)]
         finally:

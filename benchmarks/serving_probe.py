@@ -28,15 +28,13 @@ import os
 import pathlib
 import platform
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 
 import numpy as np
 
-from serving import export_untrained, wait_for
+from serving import export_untrained, start_server
 
 NAME = "mnist"
 PREDICT = f"/v1/models/{NAME}:predict"
@@ -185,17 +183,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         base = pathlib.Path(scratch) / NAME
         export_untrained(base)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen(
-            [sys.executable, "-m", "keras_node.cli", "serve",
-             "--model-base-path", str(base), "--model-name", NAME,
-             "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        server, port = start_server(base, NAME)
         try:
-            wait_for(f"http://127.0.0.1:{port}", server)
             load = mixed_load(port, args.requests, args.clients)
             body = big_body(port, server.pid, args.body_mib)
             alive = server.poll() is None

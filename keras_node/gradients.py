@@ -19,30 +19,13 @@ options; `NeuralODE(..., gradient=gradients.Adjoint(rtol=1e-6))` sets them.
 
 import keras
 
-from keras_node.solvers import _invalid, positive_float
+from keras_node._options import Options, invalid, positive_float, resolve
 
 __all__ = ["Gradient", "Adjoint", "Backprop", "get"]
 
 
-class Gradient:
+class Gradient(Options):
     """Base class of the gradient methods."""
-
-    name = None
-
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(other) is type(self) and \
-            other.get_config() == self.get_config()
-
-    def __repr__(self):
-        options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({options})"
 
 
 @keras.saving.register_keras_serializable(package="keras_node")
@@ -75,7 +58,7 @@ class Adjoint(Gradient):
         self.rtol = None if rtol is None else positive_float("rtol", rtol)
         self.atol = None if atol is None else positive_float("atol", atol)
         if norm not in ("full", "seminorm"):
-            raise _invalid(ValueError, "norm", '"full" or "seminorm"', norm)
+            raise invalid(ValueError, "norm", '"full" or "seminorm"', norm)
         self.norm = norm
 
     def get_config(self):
@@ -96,19 +79,6 @@ class Backprop(Gradient):
     name = "backprop"
 
 
-_BY_NAME = {cls.name: cls for cls in (Adjoint, Backprop)}
-
-
 def get(identifier):
     """A gradient method from `"adjoint"`, `"backprop"`, a dict or an object."""
-    if isinstance(identifier, Gradient):
-        return identifier
-    if isinstance(identifier, str) and identifier in _BY_NAME:
-        return _BY_NAME[identifier]()
-    if isinstance(identifier, dict):
-        return keras.saving.deserialize_keras_object(identifier)
-    error = ValueError if isinstance(identifier, str) else TypeError
-    raise error(
-        "Received an invalid value for argument `gradient`, expected "
-        '"adjoint", "backprop" or a `keras_node.gradients.Gradient`. '
-        f"Received: gradient={identifier!r}")
+    return resolve(identifier, Gradient, (Adjoint, Backprop), "gradient")

@@ -7,7 +7,7 @@ import numbers
 import keras
 
 from keras_node import _nfe_metric, _solver, gradients, solvers
-from keras_node.solvers import _invalid, finite_float, positive_float
+from keras_node._options import finite_float, invalid, positive_float
 
 # keras-node 0.1.0's flat arguments, now options of the solver or gradient.
 _MOVED = {"adjoint_rtol": "gradients.Adjoint(rtol=...)",
@@ -184,7 +184,7 @@ class NeuralODE(keras.layers.Layer):
         self.rtol, self.atol = self._tolerances(rtol, atol)
         self.kinetic_energy = finite_float("kinetic_energy", kinetic_energy)
         if self.kinetic_energy < 0:
-            raise _invalid(ValueError, "kinetic_energy",
+            raise invalid(ValueError, "kinetic_energy",
                            "a non-negative float", kinetic_energy)
         self.save_at = (None if save_at is None
                         else _save_times(save_at, self.t0, self.t1))
@@ -427,18 +427,18 @@ def _save_times(save_at, t0, t1):
                 f"t1={t1}, strictly monotone and within [t0, t1], not "
                 "ending at t0")
     if isinstance(save_at, (str, bytes)) or not hasattr(save_at, "__len__"):
-        raise _invalid(TypeError, "save_at", expected, save_at)
+        raise invalid(TypeError, "save_at", expected, save_at)
     times = []
     for time in save_at:
         if isinstance(time, bool) or not isinstance(time, numbers.Real):
-            raise _invalid(TypeError, "save_at", expected, save_at)
+            raise invalid(TypeError, "save_at", expected, save_at)
         times.append(float(time))
     sign = 1.0 if t1 > t0 else -1.0
     steps = [sign * (b - a) for a, b in zip([t0] + times, times)]
     if not times or not all(math.isfinite(t) for t in times) \
             or steps[0] < 0 or any(step <= 0 for step in steps[1:]) \
             or sign * (times[-1] - t1) > 0 or times[-1] == t0:
-        raise _invalid(ValueError, "save_at", expected, save_at)
+        raise invalid(ValueError, "save_at", expected, save_at)
     return tuple(times)
 
 

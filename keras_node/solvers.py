@@ -22,39 +22,23 @@ equal steps, landing on every output time: no step budget to exhaust, and
 shapes that XLA compiles well.
 """
 
-import math
-import numbers
-
 import keras
+
+from keras_node._options import (Options, positive_float, positive_int,
+                                 resolve)
 
 __all__ = ["Solver", "DormandPrince", "Tsit5", "Bosh3", "Euler", "Midpoint",
            "RK4", "get"]
 
 
-class Solver:
+class Solver(Options):
     """Base class of the solvers. `name` is the string that selects it."""
 
-    name = None
     adaptive = False
-
-    def get_config(self):
-        raise NotImplementedError
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     def options(self):
         """Plain keyword arguments of the solve (for the backends)."""
         return {"method": self.name, **self.get_config()}
-
-    def __eq__(self, other):
-        return type(other) is type(self) and \
-            other.get_config() == self.get_config()
-
-    def __repr__(self):
-        options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({options})"
 
 
 class AdaptiveSolver(Solver):
@@ -176,10 +160,9 @@ class RK4(FixedStepSolver):
     name = "rk4"
 
 
-_BY_NAME = {cls.name: cls for cls in
-            (DormandPrince, Tsit5, Bosh3, Euler, Midpoint, RK4)}
+_SOLVERS = (DormandPrince, Tsit5, Bosh3, Euler, Midpoint, RK4)
 # Each solver's docstring ends with its family's arguments.
-for _cls in _BY_NAME.values():
+for _cls in _SOLVERS:
     _family = AdaptiveSolver if _cls.adaptive else FixedStepSolver
     _cls.__doc__ = (_cls.__doc__.rstrip() + "\n\n"
                     + _family.__doc__.split("\n\n", 1)[1])
@@ -187,45 +170,4 @@ for _cls in _BY_NAME.values():
 
 def get(identifier):
     """A solver from a name (`"dopri5"`, ...), a config dict or a solver."""
-    if isinstance(identifier, Solver):
-        return identifier
-    if isinstance(identifier, str) and identifier in _BY_NAME:
-        return _BY_NAME[identifier]()
-    if isinstance(identifier, dict):
-        return keras.saving.deserialize_keras_object(identifier)
-    names = ", ".join(f'"{name}"' for name in _BY_NAME)
-    error = ValueError if isinstance(identifier, str) else TypeError
-    raise error(
-        "Received an invalid value for argument `solver`, expected one of "
-        f"{names} or a `keras_node.solvers.Solver`. "
-        f"Received: solver={identifier!r}")
-
-
-def _invalid(error, name, expected, value):
-    return error(f"Received an invalid value for argument `{name}`, expected "
-                 f"{expected}. Received: {name}={value!r}")
-
-
-def finite_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _invalid(TypeError, name, "a finite float", value)
-    if not math.isfinite(value):
-        raise _invalid(ValueError, name, "a finite float", value)
-    return float(value)
-
-
-def positive_float(name, value):
-    value = finite_float(name, value)
-    if value <= 0:
-        raise _invalid(ValueError, name, "a positive float", value)
-    return value
-
-
-def positive_int(name, value, upper=None):
-    expected = "a positive integer" + (
-        f" of at most {upper}" if upper is not None else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _invalid(TypeError, name, expected, value)
-    if value < 1 or (upper is not None and value > upper):
-        raise _invalid(ValueError, name, expected, value)
-    return int(value)
+    return resolve(identifier, Solver, _SOLVERS, "solver")

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import scipy.linalg
 
 
 @keras.saving.register_keras_serializable(package="keras_node_tests")
@@ -80,3 +81,21 @@ def kinetic_energy_after_fit(weight, seed=8):
     probe = NeuralODE(ode.dynamics, t1=1.0, kinetic_energy=1.0)
     probe(x)
     return float(probe.losses[0])
+
+
+def linear_gradients(a, h0, w, t1):
+    """Gradients of `sum(w * h(t1))` for `Linear(a)` from `h0` at time 0.
+
+    `h(t1) = h0 E^T`, `E = expm(a t1)`: dL/dh0 = w E, and dL/da_ij is
+    `sum(w * h0 L(a t1, t1 e_ij)^T)`, L the Frechet derivative of expm.
+    Returns `(dL/dh0, dL/da^T)` (the layer's weight is `a^T`).
+    """
+    da = np.zeros_like(a, dtype=float)
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            unit = np.zeros_like(a, dtype=float)
+            unit[i, j] = t1
+            frechet = scipy.linalg.expm_frechet(a * t1, unit,
+                                                compute_expm=False)
+            da[i, j] = np.sum(w * (h0 @ frechet.T))
+    return w @ scipy.linalg.expm(a * t1), da.T

@@ -35,7 +35,7 @@ def dynamics():
         (dict(solver=3), TypeError, r"argument `solver`, .* Received: "
          r"solver=3"),
         (dict(gradient="checkpoint"), ValueError,
-         r'argument `gradient`, expected "adjoint", "backprop" or a '
+         r'argument `gradient`, expected one of "adjoint", "backprop" or a '
          r"`keras_node.gradients.Gradient`. Received: gradient='checkpoint'"),
         (dict(gradient=None), TypeError, r"Received: gradient=None"),
         (dict(solver="rk4", rtol=1e-3), ValueError,
