@@ -344,7 +344,7 @@ def _run_signature(signature, arrays):
         raise _RequestError(f"The model failed on this input: "
                             f"{_first_line(error)}")
     outputs = {k: v.numpy() for k, v in outputs.items()}
-    for name, value in outputs.items():
+    for name, value in sorted(outputs.items()):  # the same name each time
         if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
             raise _RequestError(
                 f"The model failed on this input: its output '{name}' holds "
