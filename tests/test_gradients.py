@@ -7,7 +7,8 @@ import scipy.integrate
 import scipy.linalg
 import tensorflow as tf
 
-from helpers import (CosineRate, Linear, linear_gradients, mlp_dynamics,
+from helpers import (CosineRate, Linear, finite_difference_check,
+                     gradients, linear_gradients, mlp_dynamics,
                      small_conv_dynamics)
 from keras_node import NeuralODE
 from keras_node.gradients import Adjoint
@@ -17,14 +18,6 @@ H0 = np.array([[1.0, 0.0], [0.5, -2.0]])
 W = np.array([[0.3, -1.0], [2.0, 0.5]])  # loss = sum(W * h(t1))
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 GRAD_TOL = 1e-6
-
-
-def gradients(ode, h0, loss_fn):
-    h0 = tf.constant(h0)
-    with tf.GradientTape() as tape:
-        tape.watch(h0)
-        loss = loss_fn(ode(h0))
-    return tape.gradient(loss, [h0] + ode.trainable_variables)
 
 
 @pytest.mark.parametrize("t1", [1.5, -1.0])
@@ -49,39 +42,6 @@ def test_time_dependent_gradients_are_analytic():
                                rtol=GRAD_TOL)
     np.testing.assert_allclose(
         dw, np.sum(H0) * growth * np.exp(0.7 * growth), rtol=GRAD_TOL)
-
-
-def finite_difference_check(ode, h0, loss_fn, eps=1e-6, samples=6, seed=0):
-    """Compares each gradient with central differences on a few entries."""
-    analytic = gradients(ode, h0, loss_fn)
-    rng = np.random.default_rng(seed)
-    loss_of = tf.function(lambda h: loss_fn(ode(h)))
-    loss = lambda: float(loss_of(tf.constant(h0)))
-    for variable, grad in zip(ode.trainable_variables, analytic[1:]):
-        flat = variable.numpy().reshape(-1)
-        for index in rng.choice(flat.size, min(samples, flat.size),
-                                replace=False):
-            shifted = flat.copy()
-            shifted[index] += eps
-            variable.assign(shifted.reshape(variable.shape))
-            up = loss()
-            shifted[index] -= 2 * eps
-            variable.assign(shifted.reshape(variable.shape))
-            down = loss()
-            variable.assign(flat.reshape(variable.shape))
-            np.testing.assert_allclose(
-                np.reshape(grad, -1)[index], (up - down) / (2 * eps),
-                rtol=1e-4, atol=1e-6, err_msg=variable.path)
-    flat = h0.reshape(-1)
-    for index in rng.choice(flat.size, samples, replace=False):
-        shifted = flat.copy()
-        shifted[index] += eps
-        up = float(loss_of(tf.constant(shifted.reshape(h0.shape))))
-        shifted[index] -= 2 * eps
-        down = float(loss_of(tf.constant(shifted.reshape(h0.shape))))
-        np.testing.assert_allclose(
-            np.reshape(analytic[0], -1)[index], (up - down) / (2 * eps),
-            rtol=1e-4, atol=1e-6, err_msg="initial state")
 
 
 @pytest.mark.parametrize("adjoint_norm", ["full", "seminorm"])
