@@ -239,6 +239,12 @@ BAD_REQUESTS = [
     (f"/v1/models/{NAME}/versions/{'9' * 5000}", None, None, 404,
      "Malformed version"),
     ("/nowhere", None, None, 404, "Not Found"),
+    (f"/v1/models/{NAME}:predict", [1], None, 400,
+     "JSON Value: the request body must be an object"),
+    (f"/v1/models/{NAME}:predict", {"instances": [[[[[[[[[[[[[0]]]]]]]]]]]]]},
+     None, 400, "Input 'images' nests deeper than 12 levels"),
+    (f"/v1/models/{NAME}:predict", {"inputs": {"x": [0]}}, None, 400,
+     "Unknown input(s) ['x']; the signature takes ['images']"),
 ]
 
 
