@@ -19,12 +19,12 @@ python3 -m pip install --quiet --no-index --find-links .whl \
     keras tfp-nightly > "$OUT/pip.txt" 2>&1
 export KERAS_BACKEND=jax PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL=2
-timeout "${PEERS_TIMEOUT:-240}" python3 benchmarks/peers/run.py --gpu \
+timeout "${PEERS_TIMEOUT:-240}" python3 -m benchmarks.peers.run --gpu \
     --rounds 1 --steps 20 --warmup 3 \
     --peers torchdiffeq diffrax-backsolve-stock diffrax-recursive-stock \
     --json-out "$OUT/peers.json" > /dev/null 2> "$OUT/peers.txt"
 echo "peers exit $?" >> "$OUT/peers.txt"
-JAX_LOG_COMPILES=1 timeout "${GPU_TIMEOUT:-200}" python3 benchmarks/gpu_jax.py \
+JAX_LOG_COMPILES=1 timeout "${GPU_TIMEOUT:-200}" python3 -m benchmarks.gpu_jax \
     --manual-dir .mnist --json-out "$OUT/gpu_jax.json" \
     --progress-file "$OUT/progress.txt" > "$OUT/stdout.txt" \
     2> "$OUT/stderr.txt"

@@ -1,7 +1,7 @@
 """The README's MNIST classifier trained on Keras' JAX backend; JSON.
 
-    KERAS_BACKEND=jax python benchmarks/gpu_jax.py --manual-dir DIR [--max-steps N]
-    KERAS_BACKEND=jax python benchmarks/gpu_jax.py --manual-dir DIR --long
+    KERAS_BACKEND=jax python -m benchmarks.gpu_jax --manual-dir DIR [--max-steps N]
+    KERAS_BACKEND=jax python -m benchmarks.gpu_jax --manual-dir DIR --long
 
 For machines with JAX (CUDA or CPU) and no TensorFlow: the MNIST files are
 read from `--manual-dir` (the four canonical .gz files) with numpy, the
@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import platform
-import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -34,8 +33,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-from mnist_common import (build_model, make_optimizer,  # noqa: E402
+from examples.mnist_common import (build_model, make_optimizer,  # noqa: E402
                           stratified_split)
 
 from keras_node.callbacks import LogEvaluationCounts  # noqa: E402

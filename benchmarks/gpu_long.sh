@@ -28,7 +28,7 @@ for spec in "$@"; do
     name=${spec%%:*}
     names+=("$name")
     # shellcheck disable=SC2086  # the options are words
-    timeout "${RUN_TIMEOUT:-500}" python3 benchmarks/gpu_jax.py \
+    timeout "${RUN_TIMEOUT:-500}" python3 -m benchmarks.gpu_jax \
         --manual-dir .mnist --long --json-out "$OUT/$name.json" \
         ${spec#*:} > "$OUT/$name.log" 2>&1 &
 done

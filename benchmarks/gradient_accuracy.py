@@ -1,6 +1,6 @@
 """How accurate is the adjoint gradient of the MNIST model? Prints JSON.
 
-    python benchmarks/gradient_accuracy.py --manual-dir ../shared/data/mnist \
+    python -m benchmarks.gradient_accuracy --manual-dir ../shared/data/mnist \
         [--model runs/long/model.keras] [--tolerances 1e-3 1e-4]
 
 For one batch of 128 training images, compares three gradients of the loss
@@ -19,16 +19,14 @@ the model is freshly initialised.
 import argparse
 import json
 import pathlib
-import sys
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import mnist  # noqa: E402
-from mnist_common import build_model  # noqa: E402
+from examples import mnist_data  # noqa: E402
+from examples.mnist_common import build_model  # noqa: E402
 
 from keras_node import NeuralODE  # noqa: E402
 
@@ -59,7 +57,7 @@ def main(argv=None):
                         default=[1e-3, 1e-4])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    arrays = mnist.load_mnist(args.manual_dir, limit=1024, seed=args.seed)
+    arrays = mnist_data.load_mnist(args.manual_dir, limit=1024, seed=args.seed)
     x, y = arrays["train"][0][:128], arrays["train"][1][:128]
     keras.utils.set_random_seed(args.seed)
     model = (keras.models.load_model(args.model) if args.model

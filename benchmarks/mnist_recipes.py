@@ -1,8 +1,8 @@
 """Trains the README's MNIST classifier with a named recipe; prints JSON.
 
-    python benchmarks/mnist_recipes.py one-epoch --manual-dir ../shared/data/mnist
-    python benchmarks/mnist_recipes.py long --manual-dir ../shared/data/mnist
-    python benchmarks/mnist_recipes.py final --manual-dir ../shared/data/mnist
+    python -m benchmarks.mnist_recipes one-epoch --manual-dir ../shared/data/mnist
+    python -m benchmarks.mnist_recipes long --manual-dir ../shared/data/mnist
+    python -m benchmarks.mnist_recipes final --manual-dir ../shared/data/mnist
 
 Each recipe is a set of `examples/mnist.py` options; its output folder is
 `runs/<recipe>` unless `--out` is given, and, as with the example, running the
@@ -19,7 +19,6 @@ import platform
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
 RECIPES = {
     # The tutorial's budget: one epoch, batch 128 (422 iterations).
@@ -42,7 +41,7 @@ def main(argv=None):
     name, rest = argv[0], argv[1:]
     if "--out" not in rest:
         rest += ["--out", str(ROOT / "runs" / name)]
-    import mnist
+    from examples import mnist
 
     metrics = mnist.main(RECIPES[name] + rest)
     print(json.dumps({

@@ -1,6 +1,6 @@
 """Where a training step of the README's MNIST model spends its time.
 
-    python benchmarks/profile_step.py [--repeats 20]
+    python -m benchmarks.profile_step [--repeats 20]
 
 Times, each as the median of `--repeats` runs of a compiled `tf.function` on
 the same batch of 128 random images: one evaluation of the dynamics (two
@@ -16,7 +16,6 @@ solver's own arithmetic and loop overhead, the optimizer). Prints JSON.
 import argparse
 import json
 import pathlib
-import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -40,11 +39,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT / "examples"))
     import keras
     import numpy as np
     import tensorflow as tf
-    from mnist import build_model
+    from examples.mnist_common import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model()

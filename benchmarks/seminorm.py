@@ -1,6 +1,6 @@
 """Backward evaluations of the full-norm and the seminorm adjoint in training.
 
-    python benchmarks/seminorm.py [--steps 300] [--tolerance 1e-3] [--atol A]
+    python -m benchmarks.seminorm [--steps 300] [--tolerance 1e-3] [--atol A]
 
 The problem is torchdiffeq's `ode_demo`: learn the dynamics of the spiral
 `dy/dt = A y^3` from its trajectory. Each batch holds 20 pairs

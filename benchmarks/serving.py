@@ -1,6 +1,6 @@
 """Requests per second and latency of `keras-node serve` on this machine.
 
-    python benchmarks/serving.py [--model-base-path runs/mnist/saved_model]
+    python -m benchmarks.serving [--model-base-path runs/mnist/saved_model]
                                  [--requests 200] [--clients 4]
 
 Starts the server as a real process on 127.0.0.1 (a free port), with the
@@ -30,12 +30,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def export_untrained(base):
-    sys.path.insert(0, str(ROOT / "examples"))
-    from mnist import build_model
+    from examples.mnist_common import build_model
 
-    from keras_node.serving import export_classifier
+    from keras_node.serving import export_saved_model
 
-    export_classifier(build_model(), base, version=1)
+    export_saved_model(build_model(), base, version=1, classifier=True)
 
 
 def start_server(base, name="mnist"):

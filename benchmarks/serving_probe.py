@@ -1,6 +1,6 @@
 """Probes `keras-node serve` as hostile and careless clients would; JSON out.
 
-    python benchmarks/serving_probe.py [--requests 2400] [--clients 8]
+    python -m benchmarks.serving_probe [--requests 2400] [--clients 8]
 
 Starts the server (the README's MNIST model, untrained, exported to a
 temporary folder, as `benchmarks/serving.py` does) and measures:

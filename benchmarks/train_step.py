@@ -1,6 +1,6 @@
 """Times a training step of the README's MNIST model and measures its memory.
 
-    python benchmarks/train_step.py [--steps 20] [--tolerances 1e-3 1e-6]
+    python -m benchmarks.train_step [--steps 20] [--tolerances 1e-3 1e-6]
 
 Each tolerance runs in a fresh process (so that its peak resident memory is
 its own): the model of `examples/mnist.py`, batch 128, Adam, on fixed random
@@ -27,12 +27,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
             jit_compile=False, solver="dopri5", gradient="adjoint",
             num_steps=4):
-    sys.path.insert(0, str(ROOT / "examples"))
     import keras
     import numpy as np
     import tensorflow as tf
-    from mnist import build_model
-    from mnist_common import solver_and_gradient
+    from examples.mnist_common import build_model
+    from examples.mnist_common import solver_and_gradient
 
     keras.utils.set_random_seed(0)
     solver_, gradient_ = solver_and_gradient(solver, num_steps, gradient,

@@ -1,6 +1,6 @@
 """A trained MNIST model under today's solver: NFE and accuracy. Prints JSON.
 
-    python benchmarks/trained_nfe.py --manual-dir ../shared/data/mnist \
+    python -m benchmarks.trained_nfe --manual-dir ../shared/data/mnist \
         --model runs/long/model.keras [--first-step-size 0.3]
 
 Solves the trained model's ODE again with the layer as it is now (its
@@ -15,15 +15,13 @@ the current solver makes of it.
 import argparse
 import json
 import pathlib
-import sys
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import mnist  # noqa: E402
+from examples import mnist_data  # noqa: E402
 
 from keras_node import NeuralODE, solvers  # noqa: E402
 
@@ -35,7 +33,7 @@ def main(argv=None):
     parser.add_argument("--first-step-size", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args(argv)
-    x, y = mnist.load_mnist(args.manual_dir)["test"]
+    x, y = mnist_data.load_mnist(args.manual_dir)["test"]
     model = keras.models.load_model(args.model)
     ode = next(l for l in model.layers if isinstance(l, NeuralODE))
     # Read at each (eager) call, so this changes the solves below.

@@ -1,8 +1,11 @@
-"""The tutorial's model, schedule and data split, with no TensorFlow import.
+"""The tutorial's model, schedule, data split, accuracy callback and plots.
 
-Shared by `mnist.py` (TensorFlow backend, tfds data) and
-`benchmarks/gpu_jax.py` (JAX backend, where TensorFlow is absent).
+No TensorFlow import: shared by `mnist.py` (TensorFlow or JAX backend, with
+tfds data) and `benchmarks/gpu_jax.py` (JAX backend, where TensorFlow is
+absent).
 """
+
+import json
 
 import keras
 import numpy as np
@@ -108,3 +111,138 @@ def solver_and_gradient(solver, num_steps=None, gradient="adjoint",
     if gradient == "adjoint" and solver.adaptive:
         return solver, gradients.Adjoint(norm=adjoint_norm or "seminorm")
     return solver, gradients.get(gradient)
+
+
+class AccuracyMonitor(keras.callbacks.Callback):
+    """Prints train and test accuracy every few iterations, as DiffEqFlux does.
+
+    At iterations 1, 1 + every, 1 + 2 * every, ... (counted by the optimizer,
+    so a resumed run goes on counting) it prints
+
+        Iter:  11 || Train Accuracy: 14.773 || Test Accuracy: 14.967
+
+    the accuracies in percent: train over at most `train_batches` batches of
+    `train_data`, test over all of `test_data`. Every printed point is kept in
+    `history` (a list of dicts with `iteration`, `train_accuracy`,
+    `test_accuracy`), together with each iteration's numeric logs (loss,
+    `nfe_forward`, `nfe_backward`, ...) in `iteration_logs`.
+
+    Args:
+        train_data: a `tf.data.Dataset` of `(images, labels)` batches, labels
+            sparse. Iterated afresh at each print.
+        test_data: a dataset of the same form, evaluated whole.
+        every: print every this many iterations, a positive integer.
+            Defaults to `10`.
+        train_batches: the most training batches to measure, a positive
+            integer. Defaults to `100`.
+        verbose: the `verbose` of `fit`: with 1, Keras' progress bar is on
+            the current line, so each line starts on a new one.
+    """
+
+    def __init__(self, train_data, test_data, every=10, train_batches=100,
+                 verbose=0):
+        super().__init__()
+        for name, value in (("every", every),
+                            ("train_batches", train_batches)):
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or value < 1:
+                raise ValueError(
+                    f"Received an invalid value for argument `{name}`, "
+                    f"expected a positive integer. Received: {name}={value!r}"
+                )
+        self.train_data = train_data.take(train_batches)
+        self.test_data = test_data
+        self.every = every
+        self.verbose = verbose
+        self.history = []
+        self.iteration_logs = []
+        self._predict = None
+
+    def accuracy(self, dataset):
+        """Percent of correctly classified examples in `dataset`."""
+        if self._predict is None:
+            self._predict = _compiled_argmax(self.model)
+        metric = keras.metrics.Accuracy()
+        for images, labels in dataset:
+            metric.update_state(np.asarray(labels), self._predict(images))
+        return 100.0 * float(metric.result())
+
+    def on_train_batch_end(self, batch, logs=None):
+        iteration = int(self.model.optimizer.iterations.numpy())
+        numeric = {k: float(v) for k, v in (logs or {}).items()
+                   if np.ndim(v) == 0}
+        self.iteration_logs.append({"iteration": iteration, **numeric})
+        if (iteration - 1) % self.every:
+            return
+        point = {
+            "iteration": iteration,
+            "train_accuracy": self.accuracy(self.train_data),
+            "test_accuracy": self.accuracy(self.test_data),
+        }
+        self.history.append(point)
+        # From the second batch of an epoch on, the bar (drawn after this
+        # callback) is on the current line, unterminated.
+        start = "\n" if self.verbose == 1 and batch > 0 else ""
+        print(
+            f"{start}Iter: {iteration:3d} || "
+            f"Train Accuracy: {point['train_accuracy']:.3f} || "
+            f"Test Accuracy: {point['test_accuracy']:.3f}", flush=True)
+
+
+def _compiled_argmax(model):
+    """A compiled `images -> predicted classes` on this process alone.
+
+    Not `predict_on_batch`: under a distribution strategy that would spread
+    each batch over the replicas.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(
+            lambda x: tf.argmax(model(x, training=False), axis=-1),
+            reduce_retracing=True)
+    return lambda x: np.argmax(model.predict_on_batch(np.asarray(x)), -1)
+
+
+def plot_history(accuracy, iterations, out, watched="held-out"):
+    """Writes `accuracy.png` and `nfe.png` into `out`.
+
+    `watched` names the split of the accuracy measured during training.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    figures = [
+        ("accuracy.png", accuracy, "accuracy (%)", "Neural-ODE MNIST classifier",
+         {"train_accuracy": "train", "test_accuracy": watched}),
+        ("nfe.png", iterations, "function evaluations",
+         "Solver cost per iteration",
+         {"nfe_forward": "forward", "nfe_backward": "backward"}),
+    ]
+    for filename, points, ylabel, title, series in figures:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in series.items():
+            ax.plot([p["iteration"] for p in points],
+                    [p.get(key, float("nan")) for p in points], label=label)
+        ax.set(xlabel="iteration", ylabel=ylabel, title=title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=100)
+        plt.close(fig)
+
+
+def resume_history(monitor, path, done):
+    """Restores `monitor`'s points up to iteration `done` from `path`."""
+    if not (done and path.exists()):
+        return
+    try:
+        saved = json.loads(path.read_text())
+        monitor.history = [p for p in saved["accuracy"]
+                           if p["iteration"] <= done]
+        monitor.iteration_logs = [p for p in saved["iterations"]
+                                  if p["iteration"] <= done]
+    except (ValueError, KeyError, TypeError) as error:
+        print(f"Warning: {path} is damaged ({error}); the accuracy and "
+              "evaluation-count history starts afresh.")

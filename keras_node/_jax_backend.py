@@ -18,9 +18,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from tensorflow_probability.substrates.jax.math.ode import dormand_prince
 
 from keras_node import _solver
+from keras_node._tfp_compat import substrate
+
+_TFP = substrate("jax")
 
 
 def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
@@ -35,12 +37,12 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         _solver.check_derivative(dynamics.name, out, h.shape)
         return out.astype(h.dtype)
 
-    fn, y0, mask = _solver.augment(dormand_prince.tf, dynamics_fn, h0,
+    fn, y0, mask = _solver.augment(_TFP.tf, dynamics_fn, h0,
                                    kinetic_energy)
     params = [v.value for v in dynamics.trainable_variables]
     if gradient == "backprop":
         ys, counts = _solver.integrate(
-            dormand_prince, lambda t, y: fn(t, y, params), t0, times[-1], y0,
+            _TFP, lambda t, y: fn(t, y, params), t0, times[-1], y0,
             error_mask=mask, save_at=times, **forward)
         ys = _on_backward(ys, counts[0], on_backward_evals)
     else:
@@ -96,7 +98,7 @@ def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
     @jax.custom_vjp
     def solve(y0, params):
         return _solver.integrate(
-            dormand_prince, lambda t, y: fn(t, y, params), t0, times[-1], y0,
+            _TFP, lambda t, y: fn(t, y, params), t0, times[-1], y0,
             error_mask=state_mask, save_at=times, **forward)
 
     def solve_fwd(y0, params):
@@ -107,19 +109,24 @@ def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
         ys, params = residuals
         dys = jax.tree.map(lambda d, y: d.astype(y.dtype), cotangents[0], ys)
 
+        # The parameter gradients integrate in at least float32 (with the
+        # state), also for float16 weights under mixed precision.
+        g0 = [jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32))
+              for p in params]
+
         def adjoint_fn(t, state):
             y, a, _ = state
             f, vjp = jax.vjp(functools.partial(fn, t), y, params)
             dy, dparams = vjp(a)
-            return f, *jax.tree.map(jnp.negative, (dy, dparams))
+            dparams = [-d.astype(g.dtype) for d, g in zip(dparams, g0)]
+            return f, jax.tree.map(jnp.negative, dy), dparams
 
         mask = (state_mask, state_mask, [not seminorm] * len(params))
         state, num_evals = _solver.integrate_adjoint(
-            dormand_prince, adjoint_fn, t0, times, ys, dys,
-            jax.tree.map(jnp.zeros_like, params), mask=mask, **adjoint)
+            _TFP, adjoint_fn, t0, times, ys, dys, g0, mask=mask, **adjoint)
         jax.debug.callback(on_backward_evals, num_evals)
         _, dy0, dparams = state
-        return dy0, dparams
+        return dy0, [d.astype(p.dtype) for d, p in zip(dparams, params)]
 
     solve.defvjp(solve_fwd, solve_bwd)
     return solve

@@ -4,6 +4,8 @@ import weakref
 
 import keras
 
+from keras_node._keras_compat import has_functional_sibling
+
 FORWARD = "nfe_forward"
 BACKWARD = "nfe_backward"
 ACCEPTED = "steps_accepted"
@@ -59,10 +61,14 @@ class EvaluationCounts(keras.metrics.Metric):
         )
 
 
-def named_counts(layer):
+def named_counts(layer, shared=None):
     """`{"nfe_forward": ..., "nfe_backward": ..., "steps_accepted": ...,
-    "steps_rejected": ...}`, prefixed if need be."""
-    prefix = layer.name + "_" if _has_sibling(layer) else ""
+    "steps_rejected": ...}`, prefixed with the layer's name when its model
+    holds other `NeuralODE` layers (`shared`, else as the layer found out
+    when called)."""
+    if shared is None:
+        shared = layer.shares_model or has_functional_sibling(layer)
+    prefix = layer.name + "_" if shared else ""
     return {prefix + FORWARD: layer.num_forward_evals,
             prefix + BACKWARD: layer.num_backward_evals,
             prefix + ACCEPTED: layer.steps_accepted,
@@ -79,21 +85,3 @@ def _replica_maxima(counts):
     return {key + "_max": tf.reduce_max(
                 context.all_gather(value[None], axis=0))
             for key, value in counts.items() if "nfe_" in key}
-
-
-def _has_sibling(layer):
-    """Whether `layer`'s functional graph holds another layer of its class."""
-    seen = set()
-    stack = list(layer._inbound_nodes) + list(layer._outbound_nodes)
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        op = node.operation
-        if op is not layer and isinstance(op, type(layer)):
-            return True
-        stack.extend(node.parent_nodes)
-        stack.extend(op._outbound_nodes)
-        stack.extend(op._inbound_nodes)
-    return False

@@ -1,9 +1,8 @@
 """Runge-Kutta solves for `NeuralODE`, on either TFP substrate.
 
-Backend-neutral: every function takes `dp`, TFP's `dormand_prince` module of
-one substrate (`tensorflow_probability.python.math.ode.dormand_prince` for
-TensorFlow, `tensorflow_probability.substrates.jax.math.ode.dormand_prince`
-for JAX), and computes with that module's own `tf` namespace. The adjoint,
+Backend-neutral: every function takes `sub`, the `_tfp_compat.Substrate` of
+the backend (TFP on TensorFlow, or TFP's JAX substrate), and computes with
+its `tf` namespace. The adjoint,
 which needs each framework's autodiff, lives in `_tf_backend` and
 `_jax_backend`; this module gives them `integrate` (a forward solve) and
 `integrate_adjoint` (the backward pass over the output times).
@@ -12,8 +11,8 @@ What is ours and what is TFP's:
 
 - Adaptive solvers (`dopri5`, `tsit5`, `bosh3`) run in the loop of
   `tfp.math.ode.DormandPrince` (`_solve`: stepping to each output time,
-  dense output by TFP's quartic interpolation). Our subclass replaces its
-  `_step`: the Runge-Kutta step of any first-same-as-last tableau, computed
+  dense output by TFP's quartic interpolation; `_tfp_compat` holds every
+  use of TFP's private API) with our step (`_AdaptiveStep`): the Runge-Kutta step of any first-same-as-last tableau, computed
   in the solve's dtype (TFP casts each coefficient through float32, which
   stops float64 solves at about 1e-8 relative accuracy), the error control
   of Hairer's DOPRI5, scipy and torchdiffeq (the RMS norm of the scaled
@@ -37,11 +36,11 @@ Tableau = collections.namedtuple(
     "Tableau", ["nodes", "matrix", "weights", "error", "mid", "order"])
 
 
-def _dopri5(dp):
+def _dopri5(sub):
     """Dormand-Prince 5(4): TFP's tableau (Shampine 1986), as Python floats."""
-    t = dp._TABLEAU
-    return Tableau(nodes=t.a, matrix=t.b, weights=t.c_sol, error=t.c_error,
-                   mid=t.c_mid, order=5)
+    nodes, matrix, weights, error, mid = sub.dopri5_tableau
+    return Tableau(nodes=nodes, matrix=matrix, weights=weights, error=error,
+                   mid=mid, order=5)
 
 
 # Tsitouras (2011), "Runge-Kutta pairs of order 5(4) satisfying only the
@@ -96,10 +95,10 @@ ADAPTIVE = ("dopri5", "tsit5", "bosh3")
 FIXED = tuple(_FIXED)
 
 
-def tableau(dp, method):
+def tableau(sub, method):
     """The tableau of `method`, one of `ADAPTIVE + FIXED`."""
     if method == "dopri5":
-        return _dopri5(dp)
+        return _dopri5(sub)
     return {"tsit5": _TSIT5, "bosh3": _BOSH3, **_FIXED}[method]
 
 
@@ -179,117 +178,109 @@ def _quartic(tf, y0, y1, y_mid, f0, f1, dt):
             for i in range(5)]
 
 
-@functools.lru_cache(maxsize=None)
-def _solver_class(dp):
-    """Our `DormandPrince` subclass for the TFP substrate module `dp`."""
-    tf, rk_util = dp.tf, dp.rk_util
+class _AdaptiveStep:
+    """One step of an adaptive solve in TFP's loop, for any FSAL tableau.
 
-    class AdaptiveRungeKutta(dp.DormandPrince):
-        """TFP's adaptive loop with our step, for any FSAL tableau.
+    TFP's own step differs in four ways:
 
-        `_step` differs from TFP's in four ways:
+    - The stages, the solution, the error estimate and the dense output of
+      the tableau `tab` are computed in the solve's dtype (TFP casts each
+      coefficient through float32).
+    - The step budget fails with a message that says what to do (TFP's own
+      check says only "max_num_steps exceeded"), and where XLA or JAX cannot
+      raise, ends the solve (the result is then NaN).
+    - The error norm is the root mean square of the scaled error
+      `e / (atol + rtol * max(|y0|, |y1|))`, as in Hairer's DOPRI5, scipy,
+      torchdiffeq and DifferentialEquations.jl, so `rtol` and `atol` mean
+      what they mean there. TFP's own ratio (despite its comment citing
+      scipy) is the root mean square of the squared scaled errors, the
+      square of an L4 norm: stricter than the RMS norm wherever the error is
+      uneven over the state, which costs steps. Over a nest of tensors (the
+      adjoint system) the norm is the largest of the components' norms where
+      `error_mask` is True: torchdiffeq's mixed norm, and with the mask its
+      seminorm.
+    - The next step is `dt * clip(0.9 * norm^(-1/order), 0.1, 10)`, the
+      controller of those codes, where TFP raises its squared ratio to the
+      power -1/6. The step sizes are not differentiated (as in diffrax):
+      backpropagation through the solve differentiates its arithmetic for
+      the steps it took.
 
-        - The stages, the solution, the error estimate and the dense output
-          of the tableau `tab` are computed in the solve's dtype.
-        - The step budget fails with a message that says what to do (TFP's
-          own check says only "max_num_steps exceeded"), and where XLA or
-          JAX cannot raise, ends the solve (the result is then NaN).
-        - The error norm is the root mean square of the scaled error
-          `e / (atol + rtol * max(|y0|, |y1|))`, as in Hairer's DOPRI5,
-          scipy, torchdiffeq and DifferentialEquations.jl, so `rtol` and
-          `atol` mean what they mean there. TFP's own ratio (despite its
-          comment citing scipy) is the root mean square of the squared
-          scaled errors, the square of an L4 norm: stricter than the RMS
-          norm wherever the error is uneven over the state, which costs
-          steps. Over a nest of tensors (the adjoint system) the norm is the
-          largest of the components' norms where `error_mask` is True:
-          torchdiffeq's mixed norm, and with the mask its seminorm.
-        - The next step is `dt * clip(0.9 * norm^(-1/order), 0.1, 10)`, the
-          controller of those codes, where TFP raises its squared ratio to
-          the power -1/6. The step sizes are not differentiated (as in
-          diffrax): backpropagation through the solve differentiates its
-          arithmetic for the steps it took.
+    Accepted steps are counted in the diagnostics' field
+    `num_matrix_factorizations`, which an explicit method never uses.
+    """
 
-        Accepted steps are counted in the diagnostics' field
-        `num_matrix_factorizations`, which an explicit method never uses.
+    def __init__(self, sub, *, tab, max_num_steps, what, error_mask, ok):
+        self._sub = sub
+        self._ok = ok  # False: the start is not finite, take no step
+        self._tab = tab
+        self.evals_per_step = len(tab.nodes)
+        self._step_budget = max_num_steps
+        self._what = what
+        self._error_mask = error_mask
+
+    @property
+    def max_evals(self):
+        return self._step_budget * self.evals_per_step
+
+    def __call__(self, solver_state, diagnostics, ode_fn, atol, rtol, safety,
+                 ifactor, dfactor):
+        tf, where = self._sub.tf, self._sub.nest_where
+        y0, f0, _, t0, dt, interpolation = solver_state
+        within_budget = [tf.debugging.assert_less(
+            diagnostics.num_ode_fn_evaluations, self.max_evals,
+            message=budget_message(self._what, self._step_budget),
+        )] if self._sub.asserts else []
+        with tf.control_dependencies(within_budget):
+            k, y1 = _stages(tf, ode_fn, t0, y0, f0, dt, self._tab)
+        f1 = k[-1]
+        error = _combine(tf, None, dt, self._tab.error, k)
+        error_ratio = tf.stop_gradient(
+            self._error_ratio(tf, y0, y1, error, atol, rtol))
+        # A trial step into overflow (inf or NaN) is rejected and the step
+        # cut tenfold, instead of a NaN step size stalling the solve.
+        error_ratio = tf.where(tf.math.is_finite(error_ratio), error_ratio,
+                               tf.constant(float("inf"), dt.dtype))
+        in_budget = ((diagnostics.num_ode_fn_evaluations < self.max_evals)
+                     & self._ok)
+        accept = (error_ratio <= 1) & in_budget
+        y_mid = _combine(tf, y0, dt, self._tab.mid, k)
+        new_interpolation = _quartic(tf, y0, y1, y_mid, f0, f1, dt)
+        solver_state = self._sub.state(
+            current_state=where(accept, y1, y0),
+            current_derivative=where(accept, f1, f0),
+            last_step_start=t0,
+            # An exhausted budget ends the solve (time jumps to infinity) and
+            # `integrate` returns NaN.
+            current_time=tf.where(
+                in_budget, tf.where(accept, t0 + dt, t0),
+                tf.constant(float("inf"), t0.dtype)),
+            # A zero error gives an infinite factor, clipped to ifactor.
+            step_size=dt * tf.clip_by_value(
+                safety * error_ratio ** (-1.0 / self._tab.order),
+                dfactor, ifactor),
+            interpolating_coefficients=where(accept, new_interpolation,
+                                             interpolation),
+        )
+        diagnostics = diagnostics._replace(
+            num_ode_fn_evaluations=diagnostics.num_ode_fn_evaluations
+            + self.evals_per_step,
+            num_matrix_factorizations=(diagnostics.num_matrix_factorizations
+                                       + tf.cast(accept, tf.int32)),
+        )
+        return solver_state, diagnostics
+
+    def _error_ratio(self, tf, y0, y1, error, atol, rtol):
+        """The RMS scaled error, the largest over the kept components.
+
+        For the adjoint system this is torchdiffeq's mixed norm: the state,
+        the adjoint and every parameter gradient each count as much as the
+        others, however few elements they have.
         """
-
-        def __init__(self, *, tab, max_num_steps, what, error_mask=None,
-                     ok=True, **kwargs):
-            super().__init__(max_num_steps=None, **kwargs)
-            self._ok = ok  # False: the start is not finite, take no step
-            self._tab = tab
-            self._evals_per_step = len(tab.nodes)
-            self._step_budget = max_num_steps
-            self._what = what
-            self._error_mask = error_mask
-
-        def _step(self, solver_state, diagnostics, max_ode_fn_evals, ode_fn,
-                  atol, rtol, safety, ifactor, dfactor):
-            del max_ode_fn_evals  # our budget replaces TFP's
-            y0, f0, _, t0, dt, interpolation = solver_state
-            within_budget = tf.debugging.assert_less(
-                diagnostics.num_ode_fn_evaluations, self._max_evals(),
-                message=budget_message(self._what, self._step_budget),
-            )
-            with tf.control_dependencies([within_budget]):
-                k, y1 = _stages(tf, ode_fn, t0, y0, f0, dt, self._tab)
-            f1 = k[-1]
-            error = _combine(tf, None, dt, self._tab.error, k)
-            error_ratio = tf.stop_gradient(
-                self._error_ratio(y0, y1, error, atol, rtol))
-            # A trial step into overflow (inf or NaN) is rejected and the
-            # step cut tenfold, instead of a NaN step size stalling the solve.
-            error_ratio = tf.where(tf.math.is_finite(error_ratio),
-                                   error_ratio,
-                                   tf.constant(float("inf"), dt.dtype))
-            in_budget = ((diagnostics.num_ode_fn_evaluations
-                          < self._max_evals()) & self._ok)
-            accept = (error_ratio <= 1) & in_budget
-            y_mid = _combine(tf, y0, dt, self._tab.mid, k)
-            new_interpolation = _quartic(tf, y0, y1, y_mid, f0, f1, dt)
-            solver_state = dp._RungeKuttaSolverInternalState(
-                current_state=rk_util.nest_where(accept, y1, y0),
-                current_derivative=rk_util.nest_where(accept, f1, f0),
-                last_step_start=t0,
-                # An exhausted budget ends the solve (time jumps to infinity)
-                # and `integrate` returns NaN.
-                current_time=tf.where(
-                    in_budget, tf.where(accept, t0 + dt, t0),
-                    tf.constant(float("inf"), t0.dtype)),
-                # A zero error gives an infinite factor, clipped to ifactor.
-                step_size=dt * tf.clip_by_value(
-                    safety * error_ratio ** (-1.0 / self._tab.order),
-                    dfactor, ifactor),
-                interpolating_coefficients=rk_util.nest_where(
-                    accept, new_interpolation, interpolation),
-            )
-            diagnostics = diagnostics._replace(
-                num_ode_fn_evaluations=diagnostics.num_ode_fn_evaluations
-                + self._evals_per_step,
-                num_matrix_factorizations=(
-                    diagnostics.num_matrix_factorizations
-                    + tf.cast(accept, tf.int32)),
-            )
-            return solver_state, diagnostics
-
-        def _max_evals(self):
-            return self._step_budget * self._evals_per_step
-
-        def _error_ratio(self, y0, y1, error, atol, rtol):
-            """The RMS scaled error, the largest over the kept components.
-
-            For the adjoint system this is torchdiffeq's mixed norm: the
-            state, the adjoint and every parameter gradient each count as
-            much as the others, however few elements they have.
-            """
-            scaled = tf.nest.map_structure(
-                lambda a, b, e: e / (atol + rtol * tf.maximum(tf.abs(a),
-                                                              tf.abs(b))),
-                y0, y1, error)
-            return _norm(tf, scaled, _mask(tf, self._error_mask, y0))
-
-    return AdaptiveRungeKutta
+        scaled = tf.nest.map_structure(
+            lambda a, b, e: e / (atol + rtol * tf.maximum(tf.abs(a),
+                                                          tf.abs(b))),
+            y0, y1, error)
+        return _norm(tf, scaled, _mask(tf, self._error_mask, y0))
 
 
 OK, EXHAUSTED, NONFINITE_STATE, NONFINITE_DERIVATIVE, NONFINITE_SOLUTION = \
@@ -317,13 +308,17 @@ def status_message(status, what, max_num_steps):
             }.get(status, lambda: None)()
 
 
-def _check_finite(tf, nest, what, which, after=None):
+def _check_finite(sub, nest, what, which, after=None):
     """Whether every element of `nest` is finite; raises if not, on
-    TensorFlow outside XLA (which drops assertions)."""
+    TensorFlow outside XLA (which drops assertions). On JAX the status
+    reports it (the backend raises after an eager solve)."""
+    tf = sub.tf
     finite = functools.reduce(tf.logical_and, [
         tf.reduce_all(tf.math.is_finite(x)) for x in tf.nest.flatten(nest)])
     if after is not None:
         finite = finite | ~after  # reported by the earlier check
+    if not sub.asserts:
+        return finite
     check = tf.debugging.assert_equal(
         finite, True, message=nonfinite_message(what, which))
     with tf.control_dependencies([check] if check is not None else []):
@@ -431,13 +426,13 @@ def fixed_grid(t_start, times, num_steps=None, step_size=None):
     return grid
 
 
-def integrate(dp, fn, t_start, t_end, y0, *, method, what, rtol=None,
+def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
               atol=None, first_step_size=None, max_num_steps=None,
               num_steps=None, step_size=None, error_mask=None, save_at=None):
     """Solves `dy/dt = fn(t, y)` from `t_start` to `t_end` (either order).
 
     Args:
-        dp: TFP's `dormand_prince` module of the backend's substrate.
+        sub: the backend's `_tfp_compat.Substrate`.
         fn: `fn(t, y) -> dy/dt`, `y` any nest of floating tensors.
         t_start, t_end: Python floats, `t_start != t_end`.
         y0: the state at `t_start`.
@@ -462,7 +457,7 @@ def integrate(dp, fn, t_start, t_end, y0, *, method, what, rtol=None,
         `NONFINITE_DERIVATIVE`, `NONFINITE_SOLUTION`). On TensorFlow outside XLA a failed solve
         raises; elsewhere its states are NaN and the status says why.
     """
-    tf = dp.tf
+    tf = sub.tf
     # The solve runs in s = |t - t_start|, from 0: a float32 state then
     # integrates as accurately at t_start = 1e8 as at 0 (in t itself, float32
     # would round every step of such a solve). The dynamics get t.
@@ -474,18 +469,18 @@ def integrate(dp, fn, t_start, t_end, y0, *, method, what, rtol=None,
 
     times = [sign * (t - t_start) for t in
              ([t_end] if save_at is None else save_at)]
-    ok = _check_finite(tf, y0, what, "the initial state")
+    ok = _check_finite(sub, y0, what, "the initial state")
     if method in _FIXED:
         ys, counts = _integrate_fixed(tf, fn_s, 0.0, times, y0,
                                       _FIXED[method], num_steps, step_size)
         solved = _check_finite(
-            tf, ys, what, "the fixed-step solution (the dynamics returned "
+            sub, ys, what, "the fixed-step solution (the dynamics returned "
             "NaN or inf, or the steps are too long for them)", after=ok)
         status = tf.where(ok, tf.where(solved, OK, NONFINITE_SOLUTION),
                           NONFINITE_STATE)
     else:
         ys, counts, status = _integrate_adaptive(
-            dp, fn_s, 0.0, times, y0, tableau(dp, method), rtol=rtol,
+            sub, fn_s, 0.0, times, y0, tableau(sub, method), rtol=rtol,
             atol=atol, first_step_size=first_step_size,
             max_num_steps=max_num_steps, what=what, error_mask=error_mask,
             ok=ok)
@@ -520,58 +515,55 @@ def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
     return ys, tf.constant([evals, total, 0], tf.int32)
 
 
-def _integrate_adaptive(dp, fn, s0, times, y0, tab, *, rtol, atol,
+def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
                         first_step_size, max_num_steps, what, error_mask, ok):
     """An adaptive solve in increasing time `s`; states at `times`.
 
     `ok` is False when the initial state is not finite: the solve then ends
     at once. Returns `(ys, counts, status)`.
     """
-    tf = dp.tf
+    tf = sub.tf
     dtype = tf.nest.flatten(y0)[0].dtype
     s0_ = tf.constant(s0, dtype)
     span = tf.constant(times[-1] - s0, dtype)
     f0 = fn(s0_, y0)
     f0_ok = _check_finite(
-        tf, f0, what, "the first derivative (the output of the dynamics)",
+        sub, f0, what, "the first derivative (the output of the dynamics)",
         after=ok)
     ok = ok & f0_ok
     if first_step_size is None:
-        step = _initial_step_size(tf, fn, s0_, y0, f0, rtol, atol, span,
-                                  _mask(tf, error_mask, y0), tab.order)
+        step_size = _initial_step_size(tf, fn, s0_, y0, f0, rtol, atol,
+                                       span, _mask(tf, error_mask, y0),
+                                       tab.order)
         setup_evals = 2
     else:
-        step = tf.minimum(tf.constant(first_step_size, dtype), span)
+        step_size = tf.minimum(tf.constant(first_step_size, dtype), span)
         setup_evals = 1
 
-    # As tensors of the solve's dtype: TFP would round them to float32.
-    solver = _solver_class(dp)(tab=tab, rtol=tf.constant(rtol, dtype),
-                               atol=tf.constant(atol, dtype), what=what,
-                               max_num_steps=max_num_steps,
-                               error_mask=error_mask, ok=ok)
-    initial = dp._RungeKuttaSolverInternalState(
+    step = _AdaptiveStep(sub, tab=tab, max_num_steps=max_num_steps,
+                         what=what, error_mask=error_mask, ok=ok)
+    initial = sub.state(
         current_state=y0,
         current_derivative=f0,
         last_step_start=s0_,
         current_time=s0_,
-        step_size=step,
+        step_size=step_size,
         interpolating_coefficients=[y0] * 5,
     )
-    # `_solve`, not `solve`: TFP's public entry wraps the solve in its own
-    # adjoint, a custom gradient that we neither use nor want.
-    results = solver._solve(
-        fn, s0_, y0, solution_times=tf.constant(times, dtype),
-        previous_solver_internal_state=initial,
-    )
+    # rtol and atol as tensors of the solve's dtype: TFP would round them to
+    # float32.
+    results = sub.solve(step, fn, s0_, y0, tf.constant(times, dtype), initial,
+                        rtol=tf.constant(rtol, dtype),
+                        atol=tf.constant(atol, dtype))
     diagnostics = results.diagnostics
     evals = diagnostics.num_ode_fn_evaluations
-    finished = (evals <= solver._max_evals()) & ok
+    finished = (evals <= step.max_evals) & ok
     status = tf.where(ok, tf.where(finished, OK, EXHAUSTED),
                       tf.where(f0_ok, NONFINITE_STATE, NONFINITE_DERIVATIVE))
     ys = tf.nest.map_structure(
         lambda y: tf.where(finished, y, tf.constant(float("nan"), y.dtype)),
         results.states)
-    steps = evals // len(tab.nodes)
+    steps = evals // step.evals_per_step
     accepted = tf.cast(diagnostics.num_matrix_factorizations, tf.int32)
     # TFP counts the evaluations of its steps only; ours came before them.
     counts = tf.stack([tf.cast(evals + setup_evals, tf.int32), accepted,
@@ -579,7 +571,7 @@ def _integrate_adaptive(dp, fn, s0, times, y0, tab, *, rtol, atol,
     return ys, counts, status
 
 
-def integrate_adjoint(dp, adjoint_fn, t0, times, ys, dys, g0, *, mask,
+def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *, mask,
                       **options):
     """The backward pass of a solve saved at `times`, as torchdiffeq's.
 
@@ -593,7 +585,7 @@ def integrate_adjoint(dp, adjoint_fn, t0, times, ys, dys, g0, *, mask,
     Returns:
         `((y0, a0, g), num_evals)`, the evaluations of all segments.
     """
-    tf = dp.tf
+    tf = sub.tf
     at = lambda nest, i: tf.nest.map_structure(lambda x: x[i], nest)
     last = len(times) - 1
     state = (at(ys, last), at(dys, last), g0)
@@ -605,7 +597,7 @@ def integrate_adjoint(dp, adjoint_fn, t0, times, ys, dys, g0, *, mask,
     for i in range(last, -1, -1):
         start, end = times[i], times[i - 1] if i else t0
         if start != end:
-            state, counts = integrate(dp, adjoint_fn, start, end, state,
+            state, counts = integrate(sub, adjoint_fn, start, end, state,
                                       error_mask=mask, **options)
             num_evals += counts[0]
         if i:

@@ -1,9 +1,11 @@
 """The TensorFlow backend of `NeuralODE`: the adjoint as a custom gradient."""
 
 import tensorflow as tf
-from tensorflow_probability.python.math.ode import dormand_prince
 
 from keras_node import _solver
+from keras_node._tfp_compat import substrate
+
+_TFP = substrate("tensorflow")
 
 
 def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
@@ -47,7 +49,7 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     fn, y0, mask = _solver.augment(tf, fn, h0, kinetic_energy)
     if gradient == "backprop":
         ys, counts = _solver.integrate(
-            dormand_prince, fn, t0, times[-1], y0, error_mask=mask,
+            _TFP, fn, t0, times[-1], y0, error_mask=mask,
             save_at=times, **forward)
         # Every evaluation recorded is differentiated once.
         ys = _on_backward(ys, lambda: on_backward_evals(counts[0]))
@@ -114,7 +116,7 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
     def solve(*flat_y0):
         y0_ = tf.nest.pack_sequence_as(y0, flat_y0)
         ys, counts = _solver.integrate(
-            dormand_prince, fn, t0, times[-1], y0_, error_mask=state_mask,
+            _TFP, fn, t0, times[-1], y0_, error_mask=state_mask,
             save_at=times, **forward_options)
         flat_ys = tf.nest.flatten(ys)
 
@@ -141,7 +143,7 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
 
             mask = (state_mask, state_mask, [not seminorm] * len(params))
             state, num_backward = _solver.integrate_adjoint(
-                dormand_prince, adjoint_fn, t0, times, ys, dys,
+                _TFP, adjoint_fn, t0, times, ys, dys,
                 [tf.zeros(p.shape, p.dtype) for p in params], mask=mask,
                 **adjoint_options)
             on_backward_evals(num_backward)

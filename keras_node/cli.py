@@ -20,6 +20,9 @@ def main(argv=None):
                         help="the model's base folder; writes <base>/<N>/")
     export.add_argument("--version", type=int, default=None,
                         help="N (default: one more than the newest)")
+    export.add_argument("--classifier", action="store_true",
+                        help="the model's one output is logits: serve "
+                        "logits, probabilities and classes")
 
     serve = commands.add_parser(
         "serve", help="serve <base>/<N>/ SavedModels over TF Serving's REST "
@@ -50,9 +53,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "export":
-        from keras_node.serving import export_classifier
+        from keras_node.serving import export_saved_model
 
-        path = export_classifier(args.model, args.base_path, args.version)
+        path = export_saved_model(args.model, args.base_path, args.version,
+                                  classifier=args.classifier)
         print(f"Wrote {path}")
         return
 

@@ -3,10 +3,12 @@
 import inspect
 import math
 import numbers
+import warnings
 
 import keras
 
 from keras_node import _nfe_metric, _solver, gradients, solvers
+from keras_node._keras_compat import calling_model, flatten_layers
 from keras_node._options import finite_float, invalid, positive_float
 
 # keras-node 0.1.0's flat arguments, now options of the solver or gradient.
@@ -48,8 +50,13 @@ class NeuralODE(keras.layers.Layer):
     `num_forward_evals` and `num_backward_evals`, with the forward solve's
     `steps_accepted` and `steps_rejected`, and appear in `model.fit`'s logs
     and progress bar as `nfe_forward`, `nfe_backward`, `steps_accepted` and
-    `steps_rejected`, prefixed with the layer's name (`ode1_nfe_forward`)
-    when its functional model holds other `NeuralODE` layers.
+    `steps_rejected`. A layer whose model holds other `NeuralODE` layers
+    logs them under its name instead (`ode1_nfe_forward`, ...), in
+    functional and subclassed models alike, and warns once when it finds
+    out (so adding a second layer renames the first one's keys, with a
+    warning); name the layers to choose the keys. On JAX the counts reach
+    the logs through `keras_node.callbacks.LogEvaluationCounts` (its
+    docstring says why).
 
     Mixed precision: under a `mixed_float16` or `mixed_bfloat16` policy the
     dynamics compute in half precision, but the state, the solver and the
@@ -204,6 +211,7 @@ class NeuralODE(keras.layers.Layer):
                              or not self.solver.adaptive)
         self.evaluation_counts = _nfe_metric.EvaluationCounts(self)
         self._backward_evals_host = 0.0
+        self.shares_model = False  # found out when called in a model
 
     def _tolerances(self, rtol, atol):
         """`(rtol, atol)` checked against the solver and gradient method."""
@@ -277,11 +285,17 @@ class NeuralODE(keras.layers.Layer):
         spec = self._dynamics_output_spec(input_shape)
         _solver.check_derivative(self.dynamics.name, spec, input_shape)
 
+    def save_own_variables(self, store):
+        if keras.backend.backend() == "jax":  # the host's count, saved too
+            self._backward_evals.assign(self._backward_evals_host)
+        super().save_own_variables(store)
+
     def load_own_variables(self, store):
         # keras-node 0.1.0 saved two counters; the step counts start at 0.
         if len(store.keys()) == 2:
             store = {"0": store["0"], "1": store["1"], "2": 0.0, "3": 0.0}
         super().load_own_variables(store)
+        self._backward_evals_host = float(self._backward_evals.value)
 
     def _dynamics_output_spec(self, input_shape):
         state = keras.KerasTensor(
@@ -313,6 +327,11 @@ class NeuralODE(keras.layers.Layer):
 
     def call(self, inputs):
         _check_floating(inputs)
+        model = calling_model(self)
+        if model is not None and any(
+                isinstance(layer, NeuralODE) and layer is not self
+                for layer in flatten_layers(model)):
+            self.note_shared_model()
         h0 = keras.ops.cast(inputs, self._state_dtype(inputs.dtype))
         forward, adjoint = self._solve_options()
         hs, kinetic, counts = _backend().solve(
@@ -329,10 +348,28 @@ class NeuralODE(keras.layers.Layer):
         if kinetic is not None:
             # r integrates |f|^2 from t0 on: negative when t1 < t0.
             sign = 1.0 if self.t1 > self.t0 else -1.0
+            # The mean over the batch, as a sum: Keras 3.15's `ops.mean`
+            # computes float64 in float32 on JAX.
+            energy = kinetic[-1]
+            batch = keras.ops.cast(keras.ops.shape(energy)[0], energy.dtype)
             self.add_loss(sign * self.kinetic_energy
-                          * keras.ops.mean(kinetic[-1]))
+                          * keras.ops.sum(energy) / batch)
         hs = hs[0] if self.save_at is None else keras.ops.moveaxis(hs, 0, 1)
         return keras.ops.cast(hs, inputs.dtype)
+
+    def note_shared_model(self):
+        """Marks that this layer's model holds other `NeuralODE` layers:
+        its counts are then logged under its name (warns once)."""
+        if not self.shares_model:
+            self.shares_model = True
+            warnings.warn(
+                f"NeuralODE '{self.name}' shares its model with other "
+                f"NeuralODE layers: its counts are logged as "
+                f"'{self.name}_nfe_forward', '{self.name}_nfe_backward', "
+                f"'{self.name}_steps_accepted' and "
+                f"'{self.name}_steps_rejected' (alone in a model, a layer "
+                "logs 'nfe_forward', ...). Name the layers to choose the "
+                "keys.", stacklevel=2)
 
     def _record_backward_evals(self, num_evals):
         """Called by the backward pass (on JAX, on the host)."""

@@ -1,4 +1,4 @@
-"""Exporting image classifiers as SavedModels in TF Serving's layout."""
+"""Exporting Keras models as SavedModels in TF Serving's layout."""
 
 import os
 import pathlib
@@ -22,28 +22,37 @@ def version_folders(base_path):
             if p.is_dir() and _VERSION.fullmatch(p.name)}
 
 
-def export_classifier(model, base_path, version=None):
+def export_saved_model(model, base_path, version=None, *, classifier=False,
+                       signatures=None):
     """Writes `model` as `<base_path>/<version>/`, a SavedModel for serving.
 
-    Two signatures, both returning `logits` (float32, `(batch, classes)`),
-    `probabilities` (their softmax) and `classes` (int64, `(batch,)`):
+    Works for any Keras model (with `NeuralODE` layers or not) on Keras'
+    TensorFlow backend. Its `serving_default` signature takes the model's
+    inputs, named as the model names them (`keras.Input(..., name=...)`),
+    with their dtypes and shapes (the batch axis of any size), and returns:
 
-    - `serving_default`: input `images`, float32 in [0, 1], the model's input
-      shape (for the MNIST model `(batch, 28, 28, 1)`);
-    - `predict_pixels`: input `pixels`, uint8 in [0, 255], the same shape
-      without a trailing channel axis of size 1 (`(batch, 28, 28)`), so that
-      clients can send the bytes as stored.
+    - by default, the model's outputs: `outputs` for a single one, else the
+      model's output names;
+    - with `classifier=True` (a model with one output, the logits):
+      `logits` (float32, `(batch, classes)`), `probabilities` (their
+      softmax) and `classes` (int64, `(batch,)`).
 
-    The adjoint gradient is saved with the functions (TensorFlow's default),
-    so loading the SavedModel prints no warning about unsaved custom
-    gradients.
+    The gradients are saved with the functions (TensorFlow's default), so
+    loading the SavedModel prints no warning about unsaved custom gradients.
 
     Args:
-        model: a Keras model, or the path of a `.keras` file, whose one input
-            is an image batch and whose output is logits.
+        model: a Keras model, or the path of a `.keras` file.
         base_path: the model's base folder (TF Serving's `model_base_path`).
         version: a positive integer. Defaults to one more than the newest
             version already in `base_path` (1 in an empty folder).
+        classifier: whether the single output is logits, served with
+            probabilities and classes as above.
+        signatures: more signatures with the same outputs, for other forms
+            of the input: `{name: (specs, to_inputs)}`, `specs` a
+            `tf.TensorSpec` (or a list of them, one per argument) whose
+            names are the signature's input names, and `to_inputs` a function
+            of those tensors returning the model's input(s). For example the
+            MNIST example adds `predict_pixels`, taking uint8 pixels.
 
     Returns:
         The `pathlib.Path` of the written version folder.
@@ -67,30 +76,43 @@ def export_classifier(model, base_path, version=None):
             f"Version {version} already exists in {base_path}; TF Serving "
             "versions are immutable. Pass another `version` or leave it "
             "unset for the next one.")
+    if classifier and len(model.outputs) != 1:
+        raise ValueError(
+            "Received an invalid value for argument `classifier`: a "
+            "classifier model has one output (the logits), but this model "
+            f"has {len(model.outputs)}. Received: classifier=True")
+    extra = dict(signatures or {})
+    if "serving_default" in extra:
+        raise ValueError(
+            "Received an invalid value for argument `signatures`: "
+            "'serving_default' is the model's own signature; name yours "
+            "otherwise.")
 
-    image_shape = tuple(model.input_shape[1:])
-    pixel_shape = image_shape[:-1] if image_shape[-1] == 1 else image_shape
+    def outputs(inputs):
+        result = model(inputs, training=False)
+        if classifier:
+            logits = tf.cast(result, tf.float32)
+            return {"logits": logits,
+                    "probabilities": tf.nn.softmax(logits),
+                    "classes": tf.argmax(logits, axis=-1)}
+        if isinstance(result, dict):
+            return result
+        if len(model.outputs) == 1:
+            return {"outputs": result}
+        return dict(zip(model.output_names, result))
 
-    def outputs(images):
-        logits = tf.cast(model(images, training=False), tf.float32)
-        return {"logits": logits,
-                "probabilities": tf.nn.softmax(logits),
-                "classes": tf.argmax(logits, axis=-1)}
+    input_specs = [tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=x.name)
+                   for x in model.inputs]
+    unpack = (lambda xs: xs[0]) if len(input_specs) == 1 else list
 
     module = tf.Module()
     module.model = model  # tracks the variables
-
-    @tf.function(input_signature=[
-        tf.TensorSpec((None, *image_shape), tf.float32, name="images")])
-    def serving_default(images):
-        return outputs(images)
-
-    @tf.function(input_signature=[
-        tf.TensorSpec((None, *pixel_shape), tf.uint8, name="pixels")])
-    def predict_pixels(pixels):
-        images = tf.reshape(tf.cast(pixels, tf.float32) / 255.0,
-                            (-1, *image_shape))
-        return outputs(images)
+    functions = {"serving_default": tf.function(
+        lambda *xs: outputs(unpack(xs)), input_signature=input_specs)}
+    for name, (specs, to_inputs) in extra.items():
+        specs = list(specs) if isinstance(specs, (list, tuple)) else [specs]
+        functions[name] = tf.function(
+            lambda *xs, f=to_inputs: outputs(f(*xs)), input_signature=specs)
 
     # Written under a name no server reads, then renamed into place: a kill
     # while writing leaves no half version, and a server never sees one.
@@ -99,8 +121,7 @@ def export_classifier(model, base_path, version=None):
     shutil.rmtree(staging, ignore_errors=True)
     tf.saved_model.save(
         module, str(staging),
-        signatures={"serving_default": serving_default,
-                    "predict_pixels": predict_pixels},
-    )
+        signatures={name: function.get_concrete_function()
+                    for name, function in functions.items()})
     os.rename(staging, path)
     return path

@@ -1,12 +1,40 @@
-"""Training runs that a kill does not set back: checkpoints and artifacts.
+"""Training runs that a kill, or a lost worker, does not set back.
 
-`ResumableCheckpoint` is a Keras callback that saves the model (its weights
-and the optimizer's state) every few optimizer steps and restores the newest
-sound checkpoint, falling back to an older one when the newest is damaged;
-`write_atomic` and `save_model_atomic` write a run's artifacts so that a kill
-leaves either the old file or the new one, never a half-written one.
+For any Keras model, on one device or many machines:
+
+- `ResumableCheckpoint`, a Keras callback that saves the model (its weights
+  and the optimizer's state) every few optimizer steps and restores the
+  newest sound checkpoint, falling back to an older one when the newest is
+  damaged;
+- `write_atomic` and `save_model_atomic`, which write a run's artifacts so
+  that a kill leaves either the old file or the new one, never a half one;
+- `StopAtIteration`, a callback ending `fit` at an optimizer step count, so
+  that a resumed run stops where the uninterrupted one would;
+- for `tf.distribute` (Keras' TensorFlow backend): `distribution_strategy`
+  (by name, with the fix of `patch_keras_multi_worker_fit` that Keras 3
+  needs to `fit` under `MultiWorkerMirroredStrategy`), `worker_folder`
+  (the chief writes where the user looks, the other workers in scratch
+  folders), `agree_on_checkpoint` (every worker resumes the same
+  iteration) and `peers_watched` (a lost peer ends training with a clear
+  message instead of a hang or a collective's traceback).
+
+A multi-worker training script resumes like this (each worker runs it):
+
+    strategy = distribution_strategy("multiworker")  # before any TF op
+    out = worker_folder(strategy, "run")
+    with strategy.scope():
+        model = make_model()  # and compile it
+        checkpoint = ResumableCheckpoint(out / "backup", save_every=50)
+        checkpoint.set_model(model)
+        checkpoint.restore()
+        done = agree_on_checkpoint(strategy, checkpoint)
+    with peers_watched(strategy):
+        model.fit(data.skip(done), ..., callbacks=[
+            checkpoint, StopAtIteration(total)])
+    checkpoint.delete()  # once the results are saved
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,8 +45,12 @@ import shutil
 
 import keras
 
-__all__ = ["CheckpointError", "ResumableCheckpoint", "write_atomic",
-           "save_model_atomic"]
+from keras_node._keras_compat import patch_keras_multi_worker_fit
+
+__all__ = ["CheckpointError", "ResumableCheckpoint", "StopAtIteration",
+           "agree_on_checkpoint", "distribution_strategy",
+           "patch_keras_multi_worker_fit", "peers_watched",
+           "save_model_atomic", "worker_folder", "write_atomic"]
 
 logger = logging.getLogger("keras_node.training")
 
@@ -197,3 +229,148 @@ class ResumableCheckpoint(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.save()
+
+
+class StopAtIteration(keras.callbacks.Callback):
+    """Ends `fit` once the optimizer has taken `total` steps in all.
+
+    Counts the optimizer's steps, not this `fit`'s batches, so a run resumed
+    from a checkpoint stops at the same step as an uninterrupted one.
+    """
+
+    def __init__(self, total):
+        super().__init__()
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise ValueError(
+                "Received an invalid value for argument `total`, expected a "
+                f"positive integer. Received: total={total!r}")
+        self.total = total
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.total:
+            self.model.stop_training = True
+
+
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+
+
+def distribution_strategy(name="auto"):
+    """A `tf.distribute` strategy by name; None on Keras' other backends.
+
+    Args:
+        name: `"auto"`: `MirroredStrategy` over all GPUs if there are any,
+            else the default strategy; `"default"`: one device;
+            `"mirrored"`: all GPUs (all logical CPUs without GPUs);
+            `"multiworker"`: `MultiWorkerMirroredStrategy` from the
+            `TF_CONFIG` environment variable, with Keras' `fit` patched to
+            run under it (`patch_keras_multi_worker_fit`). Call this first:
+            a multi-worker strategy must exist before TensorFlow runs ops.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(
+            "Received an invalid value for argument `name`, expected one of "
+            f"{STRATEGIES}. Received: name={name!r}")
+    if keras.backend.backend() != "tensorflow":
+        if name not in ("auto", "default"):
+            raise ValueError(
+                f"The {name!r} strategy needs Keras' TensorFlow backend; "
+                f"Keras is using {keras.backend.backend()!r}. Use 'auto'.")
+        return None
+    import tensorflow as tf
+
+    if name == "multiworker":
+        # A worker that dies makes the others fail (TF's peer health check)
+        # instead of waiting forever in a collective.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        patch_keras_multi_worker_fit()  # keras-team/keras#20585
+        return strategy
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        name = "mirrored" if gpus else "default"
+    if name == "mirrored":
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    return tf.distribute.get_strategy()
+
+
+def _multi_worker(strategy):
+    if strategy is None:
+        return False
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def worker_folder(strategy, out):
+    """`out` for the chief (or a single worker), a scratch folder for others.
+
+    As the TensorFlow guide prescribes for multi-worker training, only the
+    chief writes checkpoints and results where the user looks; every other
+    worker writes its own (which it needs to resume) to
+    `out/.<task type>-<task id>`. Returns a `pathlib.Path`.
+    """
+    out = pathlib.Path(out)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return out
+    task_type, task_id = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    if task_type == "chief" or (task_type == "worker" and task_id == 0
+                                and not has_chief):
+        return out
+    return out / f".{task_type}-{task_id}"
+
+
+def agree_on_checkpoint(strategy, checkpoint):
+    """The iteration to resume from, the same on every worker.
+
+    Call it after `checkpoint.restore()` on every worker, inside the
+    strategy's scope. Training is synchronous, so the workers hold the same
+    step, unless one died while writing a checkpoint: then those ahead step
+    back to their previous one (`ResumableCheckpoint(keep=2)`, the
+    default). Raises `SystemExit` with what to do when they cannot agree.
+    """
+    done = int(checkpoint.model.optimizer.iterations.numpy())
+    if not _multi_worker(strategy):
+        return done
+    import tensorflow as tf
+
+    @tf.function
+    def everyone():
+        return strategy.run(lambda: tf.distribute.get_replica_context()
+                            .all_gather(tf.constant([done]), axis=0))
+
+    agreed = int(tf.reduce_min(
+        strategy.experimental_local_results(everyone())[0]))
+    if done > agreed and agreed in checkpoint.iterations():
+        done = checkpoint.restore(agreed)
+    if done != agreed:
+        raise SystemExit(
+            f"This worker's checkpoint is at iteration {done}, another's at "
+            f"{agreed}: the workers cannot resume together. Remove every "
+            f"worker's checkpoint folder ({checkpoint.directory} on this "
+            "one) to start over.")
+    return done
+
+
+@contextlib.contextmanager
+def peers_watched(strategy):
+    """Turns a lost peer's collective error into a clear exit (multi-worker).
+
+    Wrap `model.fit` in it. Other strategies' errors pass unchanged.
+    """
+    if not _multi_worker(strategy):
+        yield
+        return
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError, tf.errors.AbortedError) as error:
+        reason = error.message.strip().splitlines()[-1]
+        raise SystemExit(
+            f"Training stopped: a worker of the cluster is gone "
+            f"({type(error).__name__}: {reason}). Start every worker again "
+            "with the same command to resume from the last checkpoint."
+        ) from error

@@ -40,13 +40,25 @@ class CosineRate(keras.layers.Layer):
         return self.w * keras.ops.cos(keras.ops.cast(t, h.dtype)) * h
 
 
+@keras.saving.register_keras_serializable(package="keras_node_tests")
+def tanh(x):
+    """`tanh` in `x`'s own dtype. Keras 3.15's `keras.ops.tanh` (and `sin`)
+    compute float64 in float32 on JAX, which would make the float64 tests
+    there test float32."""
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        return jnp.tanh(x)
+    return keras.ops.tanh(x)
+
+
 def small_conv_dynamics(channels=4, dtype=None):
     return keras.Sequential(
         [
             keras.layers.Conv2D(channels, 3, padding="same",
-                                activation="tanh", dtype=dtype),
+                                activation=tanh, dtype=dtype),
             keras.layers.Conv2D(channels, 3, padding="same",
-                                activation="tanh", dtype=dtype),
+                                activation=tanh, dtype=dtype),
         ]
     )
 
@@ -54,7 +66,7 @@ def small_conv_dynamics(channels=4, dtype=None):
 def mlp_dynamics(width, dim, dtype=None):
     return keras.Sequential(
         [
-            keras.layers.Dense(width, activation="tanh", dtype=dtype),
+            keras.layers.Dense(width, activation=tanh, dtype=dtype),
             keras.layers.Dense(dim, dtype=dtype),
         ]
     )
@@ -101,37 +113,87 @@ def linear_gradients(a, h0, w, t1):
     return w @ scipy.linalg.expm(a * t1), da.T
 
 
-def gradients(ode, h0, loss_fn):
-    """`[dL/dh0] + dL/d(weights)` by TensorFlow's tape."""
+def gradients(ode, h0, loss_fn, with_losses=False):
+    """`[dL/dh0] + dL/d(weights)` by the backend's own autodiff.
+
+    `loss_fn` maps the layer's output to a scalar with `keras.ops`; with
+    `with_losses`, the layer's own losses (the regulariser) are added. On
+    JAX the gradient is compiled (`jax.jit`), as Keras' JAX trainer does.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if not ode.built:
+            ode(h0)  # creates the variables
+        others = [v.value for v in ode.non_trainable_variables]
+
+        def loss(h, trainable):
+            out, others_after, losses = ode.stateless_call(
+                trainable, others, h, return_losses=True)
+            return loss_fn(out) + with_losses * sum(losses), others_after
+
+        (dh0, dweights), others_after = jax.jit(jax.grad(
+            loss, argnums=(0, 1), has_aux=True))(
+                keras.ops.convert_to_tensor(h0),
+                [v.value for v in ode.trainable_variables])
+        # The forward counts, as a stateful call would leave them.
+        for variable, value in zip(ode.non_trainable_variables,
+                                   others_after):
+            variable.assign(value)
+        jax.effects_barrier()  # the backward count arrives by host callback
+        return [dh0, *dweights]
     import tensorflow as tf
 
     h0 = tf.constant(h0)
     with tf.GradientTape() as tape:
         tape.watch(h0)
-        loss = loss_fn(ode(h0))
+        out = ode(h0)
+        loss = loss_fn(out) + with_losses * sum(ode.losses)
     return tape.gradient(loss, [h0] + ode.trainable_variables)
 
 
-def finite_difference_check(ode, h0, loss_fn, eps=1e-6, samples=6, seed=0,
-                            rtol=1e-4, atol=1e-6):
-    """Compares each gradient with central differences on a few entries."""
+def compiled_loss(ode, loss_fn, with_losses=False):
+    """`h0 -> float(loss_fn(ode(h0)))`, compiled, with the current weights
+    (and the layer's own losses added, `with_losses`)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        @jax.jit
+        def jax_loss(h, trainable, others):
+            out, _, losses = ode.stateless_call(trainable, others, h,
+                                                return_losses=True)
+            return loss_fn(out) + with_losses * sum(losses)
+
+        return lambda h: float(jax_loss(
+            h, [v.value for v in ode.trainable_variables],
+            [v.value for v in ode.non_trainable_variables]))
     import tensorflow as tf
 
-    analytic = gradients(ode, h0, loss_fn)
+    @tf.function
+    def loss(h):
+        out = ode(h)
+        return loss_fn(out) + with_losses * sum(ode.losses)
+
+    return lambda h: float(loss(tf.constant(h)))
+
+
+def finite_difference_check(ode, h0, loss_fn, eps=1e-6, samples=6, seed=0,
+                            rtol=1e-4, atol=1e-6, with_losses=False):
+    """Compares each gradient with central differences on a few entries."""
+    analytic = gradients(ode, h0, loss_fn, with_losses)
     rng = np.random.default_rng(seed)
-    loss_of = tf.function(lambda h: loss_fn(ode(h)))
-    loss = lambda: float(loss_of(tf.constant(h0)))
+    loss_at = compiled_loss(ode, loss_fn, with_losses)
     for variable, grad in zip(ode.trainable_variables, analytic[1:]):
-        flat = variable.numpy().reshape(-1)
+        flat = keras.ops.convert_to_numpy(variable).reshape(-1)
         for index in rng.choice(flat.size, min(samples, flat.size),
                                 replace=False):
             shifted = flat.copy()
             shifted[index] += eps
             variable.assign(shifted.reshape(variable.shape))
-            up = loss()
+            up = loss_at(h0)
             shifted[index] -= 2 * eps
             variable.assign(shifted.reshape(variable.shape))
-            down = loss()
+            down = loss_at(h0)
             variable.assign(flat.reshape(variable.shape))
             np.testing.assert_allclose(
                 np.reshape(grad, -1)[index], (up - down) / (2 * eps),
@@ -140,9 +202,80 @@ def finite_difference_check(ode, h0, loss_fn, eps=1e-6, samples=6, seed=0,
     for index in rng.choice(flat.size, samples, replace=False):
         shifted = flat.copy()
         shifted[index] += eps
-        up = float(loss_of(tf.constant(shifted.reshape(h0.shape))))
+        up = loss_at(shifted.reshape(h0.shape))
         shifted[index] -= 2 * eps
-        down = float(loss_of(tf.constant(shifted.reshape(h0.shape))))
+        down = loss_at(shifted.reshape(h0.shape))
         np.testing.assert_allclose(
             np.reshape(analytic[0], -1)[index], (up - down) / (2 * eps),
             rtol=rtol, atol=atol, err_msg="initial state")
+
+
+def sin(x):
+    """`sin` in `x`'s own dtype, on either backend (Keras 3.15's
+    `keras.ops.sin` computes float64 in float32 on JAX)."""
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        return jnp.sin(x)
+    import tensorflow as tf
+
+    return tf.sin(x)
+
+
+def run_layer_test(make_layer, input_shape, seed=0, tmp_path=None,
+                   callbacks=()):
+    """The Keras layer contract, in the spirit of keras-hub's
+    `run_layer_test`, with public Keras only. `make_layer()` returns a fresh
+    layer; `input_shape` has no batch axis. Checks:
+
+    - a symbolic call (a `keras.Input`) gives the `compute_output_shape`
+      and the dtype of an eager call, whose batch axis it keeps;
+    - `from_config(get_config())` gives the same config, and so does
+      `keras.saving.serialize_keras_object` and back;
+    - in a model, one `fit` step gives a finite loss and moves every weight
+      of the layer; the model saved as `.keras` and loaded gives the same
+      outputs and the same layer config (but for nested models' input
+      layers).
+
+    Returns the trained model's `fit` history.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4, *input_shape)).astype("float32")
+
+    layer = make_layer()
+    symbolic = layer(keras.Input(input_shape))
+    assert tuple(symbolic.shape) == tuple(
+        layer.compute_output_shape((None, *input_shape)))
+    eager = layer(x)
+    assert tuple(eager.shape) == (4, *tuple(symbolic.shape)[1:])
+    assert keras.backend.standardize_dtype(eager.dtype) == symbolic.dtype
+
+    config = layer.get_config()
+    assert type(layer).from_config(config).get_config() == config
+    revived = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(layer))
+    assert type(revived) is type(layer) and revived.get_config() == config
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(input_shape)
+    layer = make_layer()
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    before = [keras.ops.convert_to_numpy(w) for w in layer.trainable_weights]
+    history = model.fit(x, 2 * x, batch_size=4, epochs=1, verbose=0,
+                        callbacks=list(callbacks)).history
+    assert np.isfinite(history["loss"][0])
+    for b, w in zip(before, layer.trainable_weights):
+        assert not np.array_equal(b, keras.ops.convert_to_numpy(w)), w.path
+    if tmp_path is not None:
+        path = tmp_path / "contract.keras"
+        model.save(path)
+        loaded = keras.models.load_model(path)
+        np.testing.assert_allclose(loaded.predict(x, verbose=0),
+                                   model.predict(x, verbose=0), rtol=1e-5,
+                                   atol=1e-6)
+        # (A nested model's config gains its input layer once built.)
+        without = lambda c: {k: v for k, v in c.items() if k != "dynamics"}
+        assert without(loaded.layers[-1].get_config()) == without(
+            layer.get_config())
+    return history

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import re
 import shutil
 import signal
@@ -13,13 +12,10 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import mnist  # noqa: E402
-
-from keras_node import NeuralODE, gradients, solvers  # noqa: E402
+from conftest import BACKEND, ROOT, jax_only
+from examples import mnist, mnist_common, mnist_data, mnist_options
+from keras_node import NeuralODE, gradients, solvers
 
 QUICK = ["--limit", "600", "--batch-size", "32", "--eval-every", "10",
          "--train-eval-batches", "2", "--verbose", "0"]
@@ -42,20 +38,20 @@ def test_split_is_stratified_90_10(full_mnist):
 
 
 def test_final_run_trains_on_all_60000(data_args, full_mnist):
-    every = mnist.load_mnist(data_args[1], data_args[3], hold_out=False)
+    every = mnist_data.load_mnist(data_args[1], data_args[3], hold_out=False)
     assert set(every) == {"train", "test"}
     labels = every["train"][1]
     assert len(labels) == 60000
     split = np.concatenate([full_mnist["train"][1], full_mnist["held_out"][1]])
     np.testing.assert_array_equal(np.bincount(labels), np.bincount(split))
-    data = mnist.make_datasets(every, 128, seed=0)
+    data = mnist_data.make_datasets(every, 128, seed=0)
     assert set(data) == {"train", "train_eval", "test"}
 
 
 def test_split_is_reproducible_and_disjoint():
     labels = np.arange(1000) % 10
-    kept, held = mnist.stratified_split(labels, 0.1, seed=3)
-    again = mnist.stratified_split(labels, 0.1, seed=3)
+    kept, held = mnist_common.stratified_split(labels, 0.1, seed=3)
+    again = mnist_common.stratified_split(labels, 0.1, seed=3)
     np.testing.assert_array_equal(kept, again[0])
     assert len(held) == 100 and not set(kept) & set(held)
     assert len(set(kept) | set(held)) == 1000
@@ -69,7 +65,7 @@ def test_augmentation_moves_training_images_only(shift, rotate):
     x = np.repeat(image[None], 64, axis=0)
     y = np.arange(64) % 10
     arrays = {split: (x, y) for split in ("train", "held_out", "test")}
-    data = mnist.make_datasets(arrays, 64, seed=0, shift=shift, rotate=rotate)
+    data = mnist_data.make_datasets(arrays, 64, seed=0, shift=shift, rotate=rotate)
     images, labels = (t.numpy() for t in next(iter(data["train"])))
     np.testing.assert_array_equal(np.sort(labels), np.sort(y))
     moved = np.abs(images - image).max(axis=(1, 2, 3)) > 0.1
@@ -88,7 +84,7 @@ def test_missing_file_is_named(manual_dir, tmp_path):
         shutil.copy(manual_dir / name, tmp_path / name)
     with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte.gz "
                        r"is missing from the manual download folder"):
-        mnist.check_manual_dir(tmp_path)
+        mnist_data.check_manual_dir(tmp_path)
 
 
 def test_corrupt_file_is_named(manual_dir, tmp_path):
@@ -97,7 +93,7 @@ def test_corrupt_file_is_named(manual_dir, tmp_path):
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not mnist")
     with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz is "
                        r"corrupt: its SHA-256 is [0-9a-f]{64}, expected"):
-        mnist.check_manual_dir(tmp_path)
+        mnist_data.check_manual_dir(tmp_path)
 
 
 def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
@@ -114,16 +110,31 @@ def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
     assert [p["iteration"] for p in history["accuracy"]] == [1, 11]
     assert [p["iteration"] for p in history["iterations"]] == list(
         range(1, 13))
-    assert f"keras-node serve --model-base-path {out / 'saved_model'} " \
-        "--model-name mnist --port 8501" in printed
-    assert f"-d @{out / 'request.json'}" in printed
-    request = json.loads((out / "request.json").read_text())
-    assert np.array(request["instances"]).shape == (1, 28, 28)
-    for name in ("model.keras", "accuracy.png", "nfe.png",
-                 "saved_model/1/saved_model.pb"):
+    for name in ("model.keras", "accuracy.png", "nfe.png"):
         assert (out / name).is_file(), name
-    served = tf.saved_model.load(str(out / "saved_model/1"))
-    assert {"serving_default", "predict_pixels"} <= set(served.signatures)
+    if BACKEND == "tensorflow":
+        assert f"keras-node serve --model-base-path {out / 'saved_model'} " \
+            "--model-name mnist --port 8501" in printed
+        assert f"-d @{out / 'request.json'}" in printed
+        request = json.loads((out / "request.json").read_text())
+        assert np.array(request["instances"]).shape == (1, 28, 28)
+        import tensorflow as tf
+
+        served = tf.saved_model.load(str(out / "saved_model/1"))
+        assert {"serving_default", "predict_pixels"} <= set(
+            served.signatures)
+        # The pixel signature gives what the model gives for the images.
+        pixels = np.array(request["instances"], "uint8")
+        np.testing.assert_allclose(
+            served.signatures["predict_pixels"](
+                pixels=tf.constant(pixels))["logits"],
+            keras.models.load_model(out / "model.keras").predict(
+                pixels[..., None] / np.float32(255), verbose=0),
+            rtol=1e-4, atol=1e-5)
+    else:
+        assert "No SavedModel: exporting one needs Keras' TensorFlow " \
+            "backend (keras-node export --classifier" in printed
+        assert not (out / "saved_model").exists()
 
     # Running a finished run again trains no further.
     again = mnist.main(data_args + QUICK + ["--max-steps", "12",
@@ -131,6 +142,35 @@ def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
     assert "holds a finished run (12 iterations)" in capsys.readouterr().out
     assert again["iterations"] == 12
     assert again["test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_iter_lines_start_their_own_line_beside_the_progress_bar(
+        data_args, tmp_path, capsys):
+    argv = data_args + QUICK + ["--max-steps", "5", "--eval-every", "2"]
+    for verbose in ("1", "0"):
+        mnist.main(argv + ["--verbose", verbose,
+                           "--out", str(tmp_path / verbose)])
+        printed = capsys.readouterr().out
+        # Iterations 1, 3 and 5, each at the start of a line of its own.
+        assert [int(i) for i in ITER_LINE.findall(printed)] == [1, 3, 5]
+        assert printed.count("Iter:") == 3
+        if verbose == "1":
+            assert "━" in printed  # the bar was there
+
+
+def test_tensorboard_logs_the_loss_and_evaluation_counts(data_args,
+                                                         tmp_path):
+    import tensorflow as tf
+
+    logs = tmp_path / "tb"
+    mnist.main(data_args + QUICK + ["--max-steps", "3", "--tensorboard",
+                                    str(logs), "--out", str(tmp_path / "run")])
+    tags = set()
+    for path in (logs / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(value.tag for value in event.summary.value)
+    for name in ("loss", "accuracy", "nfe_forward", "nfe_backward"):
+        assert f"batch_{name}" in tags, sorted(tags)
 
 
 def test_final_run_watches_the_test_split(data_args, tmp_path, capsys):
@@ -148,11 +188,11 @@ def test_final_run_watches_the_test_split(data_args, tmp_path, capsys):
 
 def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "examples/mnist.py"), *data_args,
+    command = [sys.executable, "-m", "examples.mnist", *data_args,
                *QUICK, "--epochs", "3", "--max-steps", "40",
                "--checkpoint-every", "5",
                "--out", str(out)]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE,
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT,
                              stderr=subprocess.STDOUT, text=True)
     backup = out / "backup"
     deadline = time.time() + 300
@@ -164,7 +204,7 @@ def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
     assert not (out / "metrics.json").exists(), "the run was not cut short"
 
     second = subprocess.run(command, capture_output=True, text=True,
-                            check=True)
+                            check=True, cwd=ROOT)
     resumed = re.search(r"Resuming from the checkpoint in .* at iteration "
                         r"(\d+)\.", second.stdout)
     assert resumed, second.stdout[-2000:]
@@ -180,14 +220,13 @@ def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
 
 
 def test_benchmark_recipes_are_valid_options():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from mnist_recipes import RECIPES
+    from benchmarks.mnist_recipes import RECIPES
 
-    final = mnist.parse_args(RECIPES["final"])
+    final = mnist_options.parse_args(RECIPES["final"])
     assert (final.epochs, final.shift, final.learning_rate) == (30, 2, 4e-3)
     assert final.kinetic_energy == 1e-4 and final.train_on_held_out
     for options in RECIPES.values():
-        mnist.parse_args(options)
+        mnist_options.parse_args(options)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -212,7 +251,7 @@ def test_benchmark_recipes_are_valid_options():
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
-        mnist.parse_args(argv)
+        mnist_options.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -272,3 +311,56 @@ def test_damaged_checkpoints_stop_with_a_message(data_args, tmp_path,
                        r".*backup to start the run over from iteration 0."):
         mnist.main(data_args + QUICK + ["--max-steps", "7", "--out",
                                         str(out)])
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(every=0), "every"),
+                                          (dict(train_batches=1.5),
+                                           "train_batches")])
+def test_accuracy_monitor_arguments(kwargs, name):
+    import tensorflow as tf
+
+    from examples.mnist_common import AccuracyMonitor
+
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((2, 2)), [0, 1]))
+    with pytest.raises(ValueError, match=rf"argument `{name}`, expected a "
+                       rf"positive integer. Received: {name}="):
+        AccuracyMonitor(data, data, **kwargs)
+
+
+@jax_only("benchmarks/gpu_jax.py runs on Keras' JAX backend")
+def test_gpu_benchmark_script_runs_on_cpu(manual_dir, tmp_path):
+    """benchmarks/gpu_jax.py, three iterations on the CPU."""
+    from benchmarks import gpu_jax
+
+    result = gpu_jax.main(["--manual-dir", str(manual_dir), "--max-steps", "3",
+                           "--batch-size", "16", "--json-out",
+                           str(tmp_path / "out.json"), "--progress-file",
+                           str(tmp_path / "progress.txt")])
+    assert result["iterations"] == 3
+    assert result["train_images"] == 54000
+    assert result["nfe_backward_last_step"] >= 7
+    assert "iteration 1: " in (tmp_path / "progress.txt").read_text()
+    assert 0.0 <= result["test_accuracy"] <= 100.0
+    assert result["nfe_forward_test_batch"] >= 8
+    assert (tmp_path / "out.json").exists()
+    assert result["jit_compile"]
+
+
+@jax_only("benchmarks/gpu_jax.py runs on Keras' JAX backend")
+def test_gpu_benchmark_long_recipe_compiles_its_step(manual_dir, tmp_path):
+    """gpu_jax.py --long: augmentation in the step, still compiled by XLA.
+
+    RandomTranslation declares that it does not support XLA; left so, Keras
+    trains eagerly, 300 times slower on a GPU.
+    """
+    from benchmarks import gpu_jax
+
+    result = gpu_jax.main(["--manual-dir", str(manual_dir), "--long", "--epochs",
+                           "2", "--max-steps", "2", "--batch-size", "16",
+                           "--train-on-held-out"])
+    assert result["jit_compile"]
+    assert result["train_images"] == 60000
+    assert result["options"]["shift"] == 2
+    assert result["options"]["weight_decay"] == 0.05
+    assert result["iterations"] == 4
+    assert len(result["test_accuracy_per_epoch"]) == 2

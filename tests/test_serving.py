@@ -21,20 +21,35 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import tensorflow as tf
 
+from conftest import tensorflow_only
 from helpers import small_conv_dynamics
 from keras_node import NeuralODE
-from keras_node.serving import export_classifier
+from keras_node.serving import export_saved_model
+
+pytestmark = tensorflow_only("SavedModels and their server are TensorFlow's")
 
 NAME = "mnist"
 
 
 def small_classifier(seed):
     keras.utils.set_random_seed(seed)
-    images = keras.Input((28, 28, 1))
+    images = keras.Input((28, 28, 1), name="images")
     x = keras.layers.Conv2D(4, 4, strides=4)(images)
     x = NeuralODE(small_conv_dynamics(4))(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(images, keras.layers.Dense(10)(x))
+
+
+# A second signature for another form of the input, as the MNIST example
+# adds: uint8 pixels without the channel axis.
+PIXELS = {"predict_pixels": (
+    tf.TensorSpec((None, 28, 28), tf.uint8, name="pixels"),
+    lambda pixels: tf.cast(pixels, tf.float32)[..., None] / 255.0)}
+
+
+def export_classifier(model, base, version=None):
+    return export_saved_model(model, base, version, classifier=True,
+                              signatures=PIXELS)
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +342,45 @@ def test_server_refuses_a_folder_without_versions(tmp_path):
 def test_export_needs_a_model(tmp_path):
     with pytest.raises(TypeError, match=r"argument `model`, expected a Keras "
                        r"model or the path of a .keras file. Received: 3"):
-        export_classifier(3, tmp_path)
+        export_saved_model(3, tmp_path)
+
+
+def test_export_serves_any_model_by_its_input_names(tmp_path):
+    # Not a classifier: a neural-ODE regressor with two named inputs.
+    keras.utils.set_random_seed(0)
+    state = keras.Input((3,), name="state")
+    scale = keras.Input((1,), name="scale")
+    x = NeuralODE(keras.Sequential([keras.layers.Dense(3, activation="tanh")
+                                    ]))(state)
+    model = keras.Model([state, scale], x * scale)
+    path = export_saved_model(model, tmp_path)
+    loaded = tf.saved_model.load(str(path))
+    signature = loaded.signatures["serving_default"]
+    assert set(signature.structured_input_signature[1]) == {"state", "scale"}
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(4, 3)).astype("float32"),
+          rng.normal(size=(4, 1)).astype("float32")]
+    out = signature(state=tf.constant(xs[0]), scale=tf.constant(xs[1]))
+    assert set(out) == {"outputs"}
+    np.testing.assert_allclose(out["outputs"], model.predict(xs, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_export_argument_errors(tmp_path):
+    keras.utils.set_random_seed(0)
+    x = keras.Input((3,), name="x")
+    two = keras.Model(x, [keras.layers.Dense(2)(x), keras.layers.Dense(2)(x)])
+    with pytest.raises(ValueError, match=r"argument `classifier`: a "
+                       r"classifier model has one output \(the logits\), "
+                       r"but this model has 2"):
+        export_saved_model(two, tmp_path, classifier=True)
+    one = small_classifier(0)
+    with pytest.raises(ValueError, match=r"argument `signatures`: "
+                       r"'serving_default' is the model's own signature"):
+        export_saved_model(one, tmp_path,
+                           signatures={"serving_default": PIXELS[
+                               "predict_pixels"]})
+    assert not any(tmp_path.iterdir())  # nothing half-written
 
 
 def connect(url):

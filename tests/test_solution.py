@@ -1,10 +1,11 @@
 """Forward solutions and evaluation counts against ground truth."""
 
+import keras
 import numpy as np
 import pytest
 import scipy.linalg
-import tensorflow as tf
 
+from conftest import tensorflow_only
 from helpers import CosineRate, Linear
 from keras_node import NeuralODE, solvers
 
@@ -49,7 +50,7 @@ def test_error_follows_tolerance():
 def test_float32_state_keeps_dtype():
     ode = NeuralODE(Linear(A), t1=1.0)
     out = ode(H0.astype("float32"))
-    assert out.dtype == tf.float32
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
     np.testing.assert_allclose(out, linear_solution(0.0, 1.0), atol=1e-2)
 
 
@@ -61,9 +62,13 @@ class _Counting(Linear):
         return super().call(h)
 
 
+@tensorflow_only("eager TensorFlow calls the dynamics once an evaluation; "
+                 "JAX traces loops once")
 @pytest.mark.parametrize("first_step_size", [None, 0.05])
 def test_evaluation_counts_equal_real_calls(first_step_size):
     """Eagerly, every evaluation is a Python call that we can count."""
+    import tensorflow as tf
+
     dynamics = _Counting(A, dtype="float64")
     ode = NeuralODE(dynamics, t1=2.0, dtype="float64",
                     solver=solvers.DormandPrince(first_step_size))
@@ -89,7 +94,7 @@ def test_automatic_first_step_saves_evaluations():
                         solver=solvers.DormandPrince(first_step_size),
                         dtype="float64")
         ode(H0)
-        counts[first_step_size] = ode.num_forward_evals.numpy()
+        counts[first_step_size] = float(ode.num_forward_evals)
     assert counts[None] < counts[1e-3]
 
 
@@ -101,7 +106,7 @@ def test_automatic_first_step_saves_evaluations():
 def test_save_at_returns_the_state_at_each_time(t0, t1, save_at):
     ode = NeuralODE(Linear(A, dtype="float64"), t0=t0, t1=t1, rtol=1e-9,
                     atol=1e-9, save_at=save_at, dtype="float64")
-    hs = ode(tf.constant(H0))
+    hs = ode(H0)
     assert hs.shape == (len(H0), len(save_at), 2)
     expected = np.stack([linear_solution(t0, t) for t in save_at], axis=1)
     np.testing.assert_allclose(hs, expected, rtol=SOLUTION_TOL,
@@ -109,7 +114,7 @@ def test_save_at_returns_the_state_at_each_time(t0, t1, save_at):
     # One solve: as many evaluations as a solve to the last time alone.
     alone = NeuralODE(ode.dynamics, t0=t0, t1=save_at[-1], rtol=1e-9,
                       atol=1e-9, dtype="float64")
-    alone(tf.constant(H0))
+    alone(H0)
     assert float(ode.num_forward_evals) == float(alone.num_forward_evals)
 
 

@@ -1,15 +1,20 @@
 """Checkpoints that survive kills and damage, against uninterrupted runs."""
 
 import json
+import pathlib
 
 import keras
 import numpy as np
 import pytest
 
+from conftest import BACKEND
 from helpers import mlp_dynamics
 from keras_node import NeuralODE
 from keras_node.training import (CheckpointError, ResumableCheckpoint,
-                                 save_model_atomic, write_atomic)
+                                 StopAtIteration, agree_on_checkpoint,
+                                 distribution_strategy, peers_watched,
+                                 save_model_atomic, worker_folder,
+                                 write_atomic)
 
 
 def model_and_data(seed=0):
@@ -136,3 +141,78 @@ def test_atomic_writes_leave_the_old_file_on_a_crash(tmp_path, monkeypatch):
     save_model_atomic(model, tmp_path / "model.keras")
     assert keras.models.load_model(tmp_path / "model.keras").count_params() \
         == model.count_params()
+
+
+def test_stop_at_iteration_counts_the_optimizer_steps(tmp_path):
+    # A run resumed at step 6 stops at step 10, as the whole run would.
+    model, x, y = model_and_data()
+    model.fit(x[:24], y[:24], batch_size=4, epochs=1, verbose=0)  # 6 steps
+    model.fit(x, y, batch_size=4, epochs=5, verbose=0,
+              callbacks=[StopAtIteration(10)])
+    assert int(model.optimizer.iterations.numpy()) == 10
+
+
+@pytest.mark.parametrize("total", [0, 2.5, True])
+def test_stop_at_iteration_argument(total):
+    with pytest.raises(ValueError, match=r"argument `total`, expected a "
+                       rf"positive integer. Received: total={total!r}"):
+        StopAtIteration(total)
+
+
+def test_distribution_strategy_names():
+    with pytest.raises(ValueError, match=r"argument `name`, expected one of "
+                       r"\('auto', 'default', 'mirrored', 'multiworker'\). "
+                       r"Received: name='tpu'"):
+        distribution_strategy("tpu")
+    strategy = distribution_strategy("default")
+    if BACKEND == "jax":
+        assert strategy is None
+        with pytest.raises(ValueError, match=r"The 'mirrored' strategy needs "
+                           r"Keras' TensorFlow backend; Keras is using 'jax'"):
+            distribution_strategy("mirrored")
+    else:
+        import tensorflow as tf
+
+        assert strategy is tf.distribute.get_strategy()
+        mirrored = distribution_strategy("mirrored")  # the 2 logical CPUs
+        assert mirrored.num_replicas_in_sync == 2
+
+
+class _Resolver:
+    def __init__(self, cluster, task_type, task_id):
+        self.task_type, self.task_id = task_type, task_id
+        self._cluster = cluster
+
+    def cluster_spec(self):
+        return type("Spec", (), {"as_dict": lambda _: self._cluster})()
+
+
+@pytest.mark.parametrize("cluster, task, folder", [
+    ({}, ("worker", 0), "out"),  # not a cluster
+    ({"worker": ["a", "b"]}, ("worker", 0), "out"),  # the first worker leads
+    ({"worker": ["a", "b"]}, ("worker", 1), "out/.worker-1"),
+    ({"chief": ["c"], "worker": ["a"]}, ("chief", 0), "out"),
+    ({"chief": ["c"], "worker": ["a"]}, ("worker", 0), "out/.worker-0"),
+])
+def test_worker_folder_only_the_chief_writes_to_out(cluster, task, folder):
+    strategy = type("Strategy", (), {})()
+    strategy.cluster_resolver = _Resolver(cluster, *task)
+    assert worker_folder(strategy, "out") == pathlib.Path(folder)
+    assert worker_folder(None, "out") == pathlib.Path("out")
+
+
+def test_single_worker_resume_and_peers_watched_pass_through(tmp_path):
+    model, x, y = model_and_data()
+    checkpoint = ResumableCheckpoint(tmp_path, save_every=3)
+    checkpoint.set_model(model)
+    with peers_watched(None):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                  callbacks=[checkpoint, StopAtIteration(7)])
+    fresh_model, _, _ = model_and_data()
+    again = ResumableCheckpoint(tmp_path, save_every=3)
+    again.set_model(fresh_model)
+    again.restore()
+    assert agree_on_checkpoint(None, again) == 7  # saved at the end of fit
+    with pytest.raises(KeyError):  # other errors pass unchanged
+        with peers_watched(None):
+            raise KeyError("x")

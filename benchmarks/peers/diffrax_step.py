@@ -1,6 +1,6 @@
 """Times a training step of the MNIST neural-ODE model in JAX + diffrax.
 
-    .venv-jax/bin/python benchmarks/peers/diffrax_step.py \
+    .venv-jax/bin/python -m benchmarks.peers.diffrax_step \
         [--solver dopri5|tsit5|bosh3] [--adjoint backsolve|recursive] \
         [--conv slices|stock] \
         [--steps 10] [--warmup 3] [--batch-size 128]

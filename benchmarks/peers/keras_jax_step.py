@@ -1,6 +1,6 @@
 """Times a training step of ours on Keras' JAX backend (for GPUs).
 
-    KERAS_BACKEND=jax python benchmarks/peers/keras_jax_step.py \
+    KERAS_BACKEND=jax python -m benchmarks.peers.keras_jax_step \
         [--steps 10] [--warmup 3] [--batch-size 128]
 
 `benchmarks/train_step.py --child` times ours on TensorFlow, which the
@@ -18,7 +18,6 @@ import os
 import pathlib
 import platform
 import resource
-import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -26,11 +25,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def measure(steps, warmup, batch_size):
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    sys.path.insert(0, str(ROOT / "examples"))
     import jax
     import keras
     import numpy as np
-    from mnist_common import build_model
+    from examples.mnist_common import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model()

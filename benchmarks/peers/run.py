@@ -1,7 +1,7 @@
 """Times our MNIST neural-ODE train step against torchdiffeq and diffrax.
 
     bash benchmarks/peers/setup.sh        # once: .venv-torch and .venv-jax
-    python benchmarks/peers/run.py --rounds 3 --steps 10
+    python -m benchmarks.peers.run --rounds 3 --steps 10
 
 Runs ours (`benchmarks/train_step.py --child 1e-3`, with this Python) and each
 peer (`torchdiffeq_step.py`, `diffrax_step.py`, with its venv's Python) in
@@ -83,18 +83,18 @@ def command(library, steps, warmup, batch_size, gpu=False, solver=None,
             common += ["--solver", solver]
     if library == OURS:
         if gpu:
-            return [sys.executable, str(HERE / "keras_jax_step.py"), *common]
-        return [sys.executable, str(ROOT / "benchmarks/train_step.py"),
+            return [sys.executable, "-m", "benchmarks.peers.keras_jax_step", *common]
+        return [sys.executable, "-m", "benchmarks.train_step",
                 "--child", "1e-3", *common]
     if library == "torchdiffeq":
         if gpu:
-            return [sys.executable, str(HERE / "torchdiffeq_step.py"),
+            return [sys.executable, "-m", "benchmarks.peers.torchdiffeq_step",
                     "--device", "cuda", *common]
         return [str(ROOT / ".venv-torch/bin/python"),
-                str(HERE / "torchdiffeq_step.py"), *common]
+                "-m", "benchmarks.peers.torchdiffeq_step", *common]
     _, adjoint, conv = library.split("-")
     python = sys.executable if gpu else str(ROOT / ".venv-jax/bin/python")
-    return [python, str(HERE / "diffrax_step.py"),
+    return [python, "-m", "benchmarks.peers.diffrax_step",
             "--adjoint", adjoint, "--conv", conv, *common]
 
 

@@ -1,6 +1,6 @@
 """Times a training step of the MNIST neural-ODE model in PyTorch + torchdiffeq.
 
-    .venv-torch/bin/python benchmarks/peers/torchdiffeq_step.py \
+    .venv-torch/bin/python -m benchmarks.peers.torchdiffeq_step \
         [--method dopri5|tsit5|bosh3|rk4] [--gradient adjoint|backprop] \
         [--num-steps 4] [--steps 10] [--warmup 3] [--batch-size 128] \
         [--device cuda]

@@ -1,4 +1,23 @@
-"""Makes Keras 3's `model.fit` work under `MultiWorkerMirroredStrategy`.
+"""Every use of Keras' private API (`keras.src`), in one place.
+
+Checked against Keras 3.15.1 (and used since 3.6):
+
+- `flatten_layers(model)`: `Layer._flatten_layers`, every layer nested in a
+  model, also inside subclassed layers (`model.layers` lists the direct
+  children only). Used by `LogEvaluationCounts` to find `NeuralODE` layers.
+- `calling_model(layer)`: the outermost layer of the call in progress (the
+  `CallContext`'s `entry_layer` in Keras' global state), so that a layer
+  learns which model it runs in, also in a subclassed model.
+- `has_functional_sibling(layer)`: walks the functional graph through
+  `_inbound_nodes`, `_outbound_nodes` and their nodes' `operation` and
+  `parent_nodes`, to find whether a layer's model holds another of its
+  class (the evaluation counts' naming rule).
+- `patch_keras_multi_worker_fit()`: makes Keras 3's `model.fit` work under
+  `MultiWorkerMirroredStrategy` (public as
+  `keras_node.training.patch_keras_multi_worker_fit`). Keras 3.15.1's
+  TensorFlow trainer has both defects below; on any other version it patches
+  only what it finds unchanged (it reads the functions' source), and does
+  nothing where Keras has changed them.
 
 Keras 3 (up to at least 3.15) cannot `fit` under a multi-worker strategy
 (keras-team/keras#20585). Its TensorFlow trainer fails twice:
@@ -22,11 +41,49 @@ import inspect
 _PATCHED = "_keras_node_multi_worker_patch"
 
 
+def flatten_layers(model):
+    """Every layer nested in `model`, itself excluded."""
+    return list(model._flatten_layers(include_self=False))
+
+
+def calling_model(layer):
+    """The outermost layer of the call in progress, None if it is `layer`.
+
+    On TensorFlow, and in eager calls, a model's call enters first; Keras'
+    JAX trainer calls the model statelessly, so there the entry is the first
+    layer it calls.
+    """
+    from keras.src.backend.common import global_state
+
+    context = global_state.get_global_attribute("current_call_ctx")
+    entry = getattr(context, "entry_layer", None)
+    return None if entry is layer else entry
+
+
+def has_functional_sibling(layer):
+    """Whether `layer`'s functional graph holds another layer of its class."""
+    seen = set()
+    stack = list(layer._inbound_nodes) + list(layer._outbound_nodes)
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        op = node.operation
+        if op is not layer and isinstance(op, type(layer)):
+            return True
+        stack.extend(node.parent_nodes)
+        stack.extend(op._outbound_nodes)
+        stack.extend(op._inbound_nodes)
+    return False
+
+
 def patch_keras_multi_worker_fit():
     """Patches Keras' TensorFlow trainer where it needs it; returns what it did.
 
     Idempotent. Returns the list of patched functions' names (empty when the
-    installed Keras needs no patch, or when this already ran).
+    installed Keras needs no patch, or when this already ran). Only the
+    TensorFlow backend's trainer is patched.
     """
     import tensorflow as tf
     from keras.src.backend.tensorflow import trainer

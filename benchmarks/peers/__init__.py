@@ -1,0 +1,1 @@
+"""Our train step against the peers: `python -m benchmarks.peers.run`."""

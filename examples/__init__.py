@@ -1,0 +1,1 @@
+"""The examples: run each from the repository root, `python -m examples.<name>`."""
