@@ -92,8 +92,14 @@ def make_datasets(arrays, batch_size, seed, shift=0, rotate=0.0,
         augmentations.append(keras.layers.RandomRotation(
             rotate / 360, fill_mode="constant", seed=seed))
     if augmentations:
-        augment = keras.Sequential(augmentations)
-        train = train.map(lambda x, y: (augment(x, training=True), y),
+        # Each layer on its own: a preprocessing layer runs in tf.data on
+        # any Keras backend, a `keras.Sequential` of them only on TF's.
+        def augment(x):
+            for layer in augmentations:
+                x = layer(x, training=True)
+            return x
+
+        train = train.map(lambda x, y: (augment(x), y),
                           num_parallel_calls=tf.data.AUTOTUNE)
     train = train.skip(skip_batches).prefetch(tf.data.AUTOTUNE)
     evaluate = lambda split: (tf.data.Dataset

@@ -46,9 +46,9 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             error_mask=mask, save_at=times, **forward)
         ys = _on_backward(ys, counts[0], on_backward_evals)
     else:
-        ys, counts = _odeint_adjoint(
+        ys, counts = _make_solve(
             fn, t0, tuple(times), forward, adjoint, mask, seminorm,
-            on_backward_evals, y0, params)
+            on_backward_evals)(y0, params)
     _raise_if_failed(counts, forward)
     hs, kinetic = ys if kinetic_energy else (ys, None)
     return hs, kinetic, counts
@@ -84,17 +84,11 @@ def _on_backward(nest, num_evals, callback):
     return identity(nest)
 
 
-def _odeint_adjoint(fn, t0, times, forward, adjoint, state_mask, seminorm,
-                    on_backward_evals, y0, params):
-    """As the TensorFlow backend's `odeint_adjoint`, `fn` taking `params`."""
-    if state_mask is None:
-        state_mask = jax.tree.map(lambda _: True, y0)
-    return _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
-                       on_backward_evals)(y0, params)
-
-
 def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
                 on_backward_evals):
+    """`(y0, params) -> (ys, counts)` with the adjoint as its gradient, as
+    the TensorFlow backend's `odeint_adjoint` (`fn` takes `params`)."""
+
     @jax.custom_vjp
     def solve(y0, params):
         return _solver.integrate(
@@ -121,9 +115,9 @@ def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
             dparams = [-d.astype(g.dtype) for d, g in zip(dparams, g0)]
             return f, jax.tree.map(jnp.negative, dy), dparams
 
-        mask = (state_mask, state_mask, [not seminorm] * len(params))
         state, num_evals = _solver.integrate_adjoint(
-            _TFP, adjoint_fn, t0, times, ys, dys, g0, mask=mask, **adjoint)
+            _TFP, adjoint_fn, t0, times, ys, dys, g0, state_mask=state_mask,
+            seminorm=seminorm, **adjoint)
         jax.debug.callback(on_backward_evals, num_evals)
         _, dy0, dparams = state
         return dy0, [d.astype(p.dtype) for d, p in zip(dparams, params)]

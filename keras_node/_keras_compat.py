@@ -1,6 +1,8 @@
 """Every use of Keras' private API (`keras.src`), in one place.
 
-Checked against Keras 3.15.1 (and used since 3.6):
+Checked against Keras 3.15.1. On another version each piece that is gone
+fails with a `RuntimeError` naming it, the version checked and the version
+found (`_private`); the patch reads the source of what it patches.
 
 - `flatten_layers(model)`: `Layer._flatten_layers`, every layer nested in a
   model, also inside subclassed layers (`model.layers` lists the direct
@@ -36,14 +38,32 @@ batch, the second averages scalars with `axis=None`. Nothing else changes,
 and nothing changes at all for other strategies.
 """
 
+import contextlib
 import inspect
 
+import keras
+
 _PATCHED = "_keras_node_multi_worker_patch"
+CHECKED = "3.15.1"
+
+
+@contextlib.contextmanager
+def _private(what):
+    """Turns a missing private piece of Keras into a clear error."""
+    try:
+        yield
+    except (ImportError, AttributeError) as error:
+        raise RuntimeError(
+            f"keras-node uses Keras' private {what}, checked against Keras "
+            f"{CHECKED}; Keras {keras.__version__} does not have it "
+            f"({type(error).__name__}: {error}). Install keras=={CHECKED}, "
+            "or a keras-node release that supports this Keras.") from error
 
 
 def flatten_layers(model):
     """Every layer nested in `model`, itself excluded."""
-    return list(model._flatten_layers(include_self=False))
+    with _private("Layer._flatten_layers"):
+        return list(model._flatten_layers(include_self=False))
 
 
 def calling_model(layer):
@@ -53,29 +73,39 @@ def calling_model(layer):
     JAX trainer calls the model statelessly, so there the entry is the first
     layer it calls.
     """
-    from keras.src.backend.common import global_state
+    with _private("call context (keras.src.backend.common.global_state)"):
+        from keras.src.backend.common import global_state
 
-    context = global_state.get_global_attribute("current_call_ctx")
+        context = global_state.get_global_attribute("current_call_ctx")
     entry = getattr(context, "entry_layer", None)
     return None if entry is layer else entry
 
 
 def has_functional_sibling(layer):
     """Whether `layer`'s functional graph holds another layer of its class."""
-    seen = set()
-    stack = list(layer._inbound_nodes) + list(layer._outbound_nodes)
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        op = node.operation
-        if op is not layer and isinstance(op, type(layer)):
-            return True
-        stack.extend(node.parent_nodes)
-        stack.extend(op._outbound_nodes)
-        stack.extend(op._inbound_nodes)
-    return False
+    with _private("functional graph (Layer._inbound_nodes, Node.operation)"):
+        seen = set()
+        stack = list(layer._inbound_nodes) + list(layer._outbound_nodes)
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            op = node.operation
+            if op is not layer and isinstance(op, type(layer)):
+                return True
+            stack.extend(node.parent_nodes)
+            stack.extend(op._outbound_nodes)
+            stack.extend(op._inbound_nodes)
+        return False
+
+
+def tensorflow_trainer():
+    """Keras' TensorFlow trainer module (what the patch below changes)."""
+    with _private("TensorFlow trainer (keras.src.backend.tensorflow)"):
+        from keras.src.backend.tensorflow import trainer
+
+        return trainer
 
 
 def patch_keras_multi_worker_fit():
@@ -86,8 +116,8 @@ def patch_keras_multi_worker_fit():
     TensorFlow backend's trainer is patched.
     """
     import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer
 
+    trainer = tensorflow_trainer()
     patched = []
     reduce_per_replica = trainer.reduce_per_replica
     if (not getattr(reduce_per_replica, _PATCHED, False)

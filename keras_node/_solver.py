@@ -102,11 +102,12 @@ def tableau(sub, method):
     return {"tsit5": _TSIT5, "bosh3": _BOSH3, **_FIXED}[method]
 
 
-def check_derivative(name, f, state_shape):
+def check_derivative(name, f, state_shape, state=None):
     """Raises unless the dynamics `name`'s output `f` fits the state.
 
     `f` is what the dynamics returned (a tensor, or a symbolic one); shapes
-    may hold None (unknown), which matches anything.
+    may hold None (unknown), which matches anything. `state` describes the
+    state in the message (default: "the state <shape>").
     """
     shape = getattr(f, "shape", None)
     if shape is None or isinstance(f, (tuple, list, dict)):
@@ -119,7 +120,8 @@ def check_derivative(name, f, state_shape):
             a is not None and b is not None and a != b
             for a, b in zip(shape, state_shape)):
         raise ValueError(derivative_message(
-            name, f"the state {state_shape}", f"output shape {shape}"))
+            name, state or f"the state {state_shape}",
+            f"output shape {shape}"))
 
 
 def derivative_message(name, expected, received=None):
@@ -571,22 +573,31 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
     return ys, counts, status
 
 
-def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *, mask,
-                      **options):
+def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *,
+                      state_mask, seminorm, **options):
     """The backward pass of a solve saved at `times`, as torchdiffeq's.
 
     Solves the adjoint system `adjoint_fn` (state `(y, a, g)`) from the last
     output time back to `t0`, one segment per output time: at each time
     the state restarts from the forward solution `ys` there and that time's
-    cotangent from `dys` joins the adjoint `a`. `g0` starts the parameter
-    integrals; `options` go to `integrate` (a fixed-step method takes the
-    forward solve's steps, in reverse).
+    cotangent from `dys` joins the adjoint `a`. `g0` (a list) starts the
+    parameter integrals; `options` go to `integrate` (a fixed-step method
+    takes the forward solve's steps, in reverse).
+
+    The error control sees the components of `y` and `a` that `state_mask`
+    keeps (a nest of bools like one state; None for all) and, unless
+    `seminorm`, the parameter integrals `g`. With `seminorm` it leaves them
+    out (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE"): they feed
+    back into nothing, so their error need not limit the step size.
 
     Returns:
         `((y0, a0, g), num_evals)`, the evaluations of all segments.
     """
     tf = sub.tf
     at = lambda nest, i: tf.nest.map_structure(lambda x: x[i], nest)
+    if state_mask is None:
+        state_mask = tf.nest.map_structure(lambda _: True, at(ys, 0))
+    mask = (state_mask, state_mask, [not seminorm] * len(g0))
     last = len(times) - 1
     state = (at(ys, last), at(dys, last), g0)
     num_evals = 0

@@ -99,9 +99,7 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
             controls the step size (those left out are integrals that feed
             back into nothing), or None for all.
         seminorm: if True, the backward solve's error control ignores the
-            parameter-gradient components (Kidger, Chen & Lyons 2021, "Hey,
-            that's not an ODE"): they are integrals that feed back into
-            nothing, so their error need not limit the step size.
+            parameter-gradient components (see `integrate_adjoint`).
         on_backward_evals: called in the backward pass with the int32 count
             of evaluations of the adjoint system.
 
@@ -109,9 +107,6 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
         `(ys, counts)`, `ys` like `y0` with a new leading axis, one entry
         per output time, `counts` as `integrate`'s.
     """
-    if state_mask is None:
-        state_mask = tf.nest.map_structure(lambda _: True, y0)
-
     @tf.custom_gradient
     def solve(*flat_y0):
         y0_ = tf.nest.pack_sequence_as(y0, flat_y0)
@@ -141,11 +136,10 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
                 return (f, tf.nest.map_structure(tf.negative, vjp[0]),
                         [-g for g in vjp[1:]])
 
-            mask = (state_mask, state_mask, [not seminorm] * len(params))
             state, num_backward = _solver.integrate_adjoint(
                 _TFP, adjoint_fn, t0, times, ys, dys,
-                [tf.zeros(p.shape, p.dtype) for p in params], mask=mask,
-                **adjoint_options)
+                [tf.zeros(p.shape, p.dtype) for p in params],
+                state_mask=state_mask, seminorm=seminorm, **adjoint_options)
             on_backward_evals(num_backward)
             _, dy0, dparams = state
             by_ref = {p.ref(): g for p, g in zip(params, dparams)}

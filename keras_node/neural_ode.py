@@ -122,6 +122,16 @@ class NeuralODE(keras.layers.Layer):
             solvers step onto every one of these times. Loss terms on any
             of the states get their gradients from one backward pass.
             Defaults to `None`: only `h(t1)`, no time axis.
+        augment_dim: the number of zero channels to append to the state's
+            last axis before the solve (features of a vector, channels of
+            an `NHWC` image) and to drop after it: Dupont et al.'s (2019)
+            augmented neural ODE, whose flow can separate what a plain
+            one's cannot (trajectories of an ODE do not cross). The
+            dynamics then map `(..., channels + augment_dim)` to the same
+            shape; the output keeps the input's shape. An argument of the
+            layer rather than a wrapper, so that the dynamics' shape check,
+            the counts and the kinetic energy (over all channels) see the
+            state actually solved. Defaults to `0`, none.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -162,6 +172,7 @@ class NeuralODE(keras.layers.Layer):
         gradient="adjoint",
         kinetic_energy=0.0,
         save_at=None,
+        augment_dim=0,
         **kwargs,
     ):
         moved = sorted(set(kwargs) & set(_MOVED))
@@ -195,6 +206,14 @@ class NeuralODE(keras.layers.Layer):
                            "a non-negative float", kinetic_energy)
         self.save_at = (None if save_at is None
                         else _save_times(save_at, self.t0, self.t1))
+        if isinstance(augment_dim, bool) or not isinstance(
+                augment_dim, numbers.Integral):
+            raise invalid(TypeError, "augment_dim", "a non-negative integer",
+                          augment_dim)
+        if augment_dim < 0:
+            raise invalid(ValueError, "augment_dim", "a non-negative integer",
+                          augment_dim)
+        self.augment_dim = int(augment_dim)
         self._time_dependent = "t" in inspect.signature(
             dynamics.call
         ).parameters
@@ -282,8 +301,21 @@ class NeuralODE(keras.layers.Layer):
         self._steps_accepted = counter("steps_accepted")
         self._steps_rejected = counter("steps_rejected")
         # A symbolic call builds the dynamics (also those without `build`).
-        spec = self._dynamics_output_spec(input_shape)
-        _solver.check_derivative(self.dynamics.name, spec, input_shape)
+        state_shape = self._augmented(input_shape)
+        spec = self._dynamics_output_spec(state_shape)
+        _solver.check_derivative(
+            self.dynamics.name, spec, state_shape,
+            state=f"the state {state_shape}" + (
+                f" ({input_shape[-1]} channels and "
+                f"augment_dim={self.augment_dim})" if self.augment_dim
+                else ""))
+
+    def _augmented(self, shape):
+        """The solver's state shape for inputs of `shape`."""
+        shape = tuple(shape)
+        if not self.augment_dim:
+            return shape
+        return (*shape[:-1], shape[-1] + self.augment_dim)
 
     def save_own_variables(self, store):
         if keras.backend.backend() == "jax":  # the host's count, saved too
@@ -295,7 +327,8 @@ class NeuralODE(keras.layers.Layer):
         if len(store.keys()) == 2:
             store = {"0": store["0"], "1": store["1"], "2": 0.0, "3": 0.0}
         super().load_own_variables(store)
-        self._backward_evals_host = float(self._backward_evals.value)
+        if keras.backend.backend() == "jax":
+            self._backward_evals_host = float(self._backward_evals.value)
 
     def _dynamics_output_spec(self, input_shape):
         state = keras.KerasTensor(
@@ -333,6 +366,9 @@ class NeuralODE(keras.layers.Layer):
                 for layer in flatten_layers(model)):
             self.note_shared_model()
         h0 = keras.ops.cast(inputs, self._state_dtype(inputs.dtype))
+        if self.augment_dim:  # zero channels, dropped after the solve
+            h0 = keras.ops.pad(h0, [[0, 0]] * (len(h0.shape) - 1)
+                               + [[0, self.augment_dim]])
         forward, adjoint = self._solve_options()
         hs, kinetic, counts = _backend().solve(
             self.dynamics, h0, time_dependent=self._time_dependent,
@@ -354,6 +390,8 @@ class NeuralODE(keras.layers.Layer):
             batch = keras.ops.cast(keras.ops.shape(energy)[0], energy.dtype)
             self.add_loss(sign * self.kinetic_energy
                           * keras.ops.sum(energy) / batch)
+        if self.augment_dim:
+            hs = hs[..., :inputs.shape[-1]]
         hs = hs[0] if self.save_at is None else keras.ops.moveaxis(hs, 0, 1)
         return keras.ops.cast(hs, inputs.dtype)
 
@@ -407,6 +445,7 @@ class NeuralODE(keras.layers.Layer):
             "gradient": keras.saving.serialize_keras_object(self.gradient),
             "kinetic_energy": self.kinetic_energy,
             "save_at": None if self.save_at is None else list(self.save_at),
+            "augment_dim": self.augment_dim,
         }
         return {**super().get_config(), **config}
 

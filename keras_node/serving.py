@@ -119,9 +119,6 @@ def export_saved_model(model, base_path, version=None, *, classifier=False,
     path = pathlib.Path(base_path) / str(version)
     staging = path.with_name(f".{version}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    tf.saved_model.save(
-        module, str(staging),
-        signatures={name: function.get_concrete_function()
-                    for name, function in functions.items()})
+    tf.saved_model.save(module, str(staging), signatures=functions)
     os.rename(staging, path)
     return path

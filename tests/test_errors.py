@@ -350,3 +350,16 @@ def test_missing_tfp_internals_are_named():
                        r"_RungeKuttaSolverInternalState, "
                        r"DormandPrince\._solve, which keras-node uses"):
         check_private(module, "0.25.9")
+
+
+def test_missing_keras_internals_are_named():
+    from keras_node import _keras_compat
+
+    class Bare:  # a "model" of a Keras without `_flatten_layers`
+        pass
+
+    with pytest.raises(RuntimeError, match=r"keras-node uses Keras' private "
+                       r"Layer._flatten_layers, checked against Keras "
+                       rf"3\.15\.1; Keras {keras.__version__} does not have "
+                       r"it \(AttributeError: "):
+        _keras_compat.flatten_layers(Bare())

@@ -69,6 +69,7 @@ def test_config_round_trip():
     assert isinstance(restored.dynamics, keras.Sequential)
 
 
+@pytest.mark.slow
 def test_save_at_adds_a_time_axis_and_saves(tmp_path):
     inputs = keras.Input((6, 6, 2))
     h = keras.layers.Conv2D(4, 1)(inputs)
@@ -125,6 +126,7 @@ def test_fit_logs_evaluation_counts():
     assert float(ode.num_backward_evals) == batches[-1]["nfe_backward"]
 
 
+@pytest.mark.slow
 def test_two_layers_get_prefixed_counts():
     model = conv_model(name_a="first_ode", two_odes=True)
     x, y = data()
@@ -148,6 +150,7 @@ class _TwoODEs(keras.Model):
         return self.second(self.first(x))
 
 
+@pytest.mark.slow
 def test_two_layers_in_a_subclassed_model_log_distinct_counts():
     keras.utils.set_random_seed(3)
     model = _TwoODEs(name="two_odes")
@@ -174,6 +177,7 @@ def test_two_layers_in_a_subclassed_model_log_distinct_counts():
     assert logs["second_ode_nfe_forward"] > logs["first_ode_nfe_forward"]
 
 
+@pytest.mark.slow
 def test_keras_save_load_reproduces_and_keeps_training(tmp_path):
     model = conv_model()
     x, y = data()
@@ -184,7 +188,8 @@ def test_keras_save_load_reproduces_and_keeps_training(tmp_path):
     # The counters are saved with the layer's weights.
     counters = lambda m: [float(m.get_layer("neural_ode").num_forward_evals),
                           float(m.get_layer("neural_ode").num_backward_evals)]
-    assert counters(loaded) == counters(model) and min(counters(model)) >= 8
+    assert counters(loaded) == counters(model)
+    assert all(c >= 8 and (c - 2) % 6 == 0 for c in counters(model))
     np.testing.assert_array_equal(model.predict(x, verbose=0),
                                   loaded.predict(x, verbose=0))
     config = loaded.get_layer("neural_ode").get_config()
@@ -204,6 +209,7 @@ def test_keras_save_load_reproduces_and_keeps_training(tmp_path):
     assert any(not np.array_equal(b, a) for b, a in zip(before, after))
 
 
+@pytest.mark.slow
 @tensorflow_only("exporting a SavedModel")
 def test_savedmodel_serves_in_fresh_process(tmp_path):
     model = conv_model()
@@ -224,6 +230,7 @@ def test_savedmodel_serves_in_fresh_process(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @tensorflow_only("tf.distribute")
 def test_mirrored_strategy_on_two_cpu_devices():
     import tensorflow as tf
@@ -294,6 +301,7 @@ def test_jit_compile_auto_trains_without_xla_on_tensorflow():
     assert model.jit_compile is (BACKEND == "jax")
 
 
+@pytest.mark.slow
 @tensorflow_only("tf.distribute")
 @pytest.mark.parametrize("kinetic_energy", [0.0, 0.1])
 def test_mirrored_training_matches_single_device(kinetic_energy):
@@ -335,6 +343,7 @@ def test_mirrored_training_matches_single_device(kinetic_energy):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_fit_with_kinetic_energy_straightens_the_dynamics():
     regularised = kinetic_energy_after_fit(0.1)
     assert regularised < 0.9 * kinetic_energy_after_fit(0.0)

@@ -96,6 +96,7 @@ def test_corrupt_file_is_named(manual_dir, tmp_path):
         mnist_data.check_manual_dir(tmp_path)
 
 
+@pytest.mark.slow
 def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = mnist.main(data_args + QUICK + ["--max-steps", "12",
@@ -104,7 +105,12 @@ def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
     assert [int(i) for i in ITER_LINE.findall(printed)] == [1, 11]
     assert metrics["iterations"] == 12
     assert 0.0 <= metrics["test_accuracy"] <= 100.0
-    assert metrics["nfe_forward_last_20"] >= 8
+    # Dormand-Prince counts, 2 + 6 per step, every iteration (not a double
+    # count, not the mean of two).
+    for point in json.loads((out / "history.json").read_text())[
+            "iterations"]:
+        for key in ("nfe_forward", "nfe_backward"):
+            assert point[key] >= 8 and (point[key] - 2) % 6 == 0, point
     assert json.loads((out / "metrics.json").read_text()) == metrics
     history = json.loads((out / "history.json").read_text())
     assert [p["iteration"] for p in history["accuracy"]] == [1, 11]
@@ -144,6 +150,7 @@ def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
     assert again["test_accuracy"] == metrics["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_iter_lines_start_their_own_line_beside_the_progress_bar(
         data_args, tmp_path, capsys):
     argv = data_args + QUICK + ["--max-steps", "5", "--eval-every", "2"]
@@ -158,6 +165,7 @@ def test_iter_lines_start_their_own_line_beside_the_progress_bar(
             assert "━" in printed  # the bar was there
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_the_loss_and_evaluation_counts(data_args,
                                                          tmp_path):
     import tensorflow as tf
@@ -173,6 +181,7 @@ def test_tensorboard_logs_the_loss_and_evaluation_counts(data_args,
         assert f"batch_{name}" in tags, sorted(tags)
 
 
+@pytest.mark.slow
 def test_final_run_watches_the_test_split(data_args, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = mnist.main(data_args + QUICK + [
@@ -186,6 +195,7 @@ def test_final_run_watches_the_test_split(data_args, tmp_path, capsys):
     assert (out / "accuracy.png").is_file()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "examples.mnist", *data_args,
@@ -255,6 +265,7 @@ def test_bad_options_are_refused(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_solver_and_gradient_options_reach_the_model(data_args, tmp_path):
     out = tmp_path / "run"
     metrics = mnist.main(data_args + QUICK + [
@@ -269,6 +280,7 @@ def test_solver_and_gradient_options_reach_the_model(data_args, tmp_path):
     assert ode.gradient == gradients.Backprop()
 
 
+@pytest.mark.slow
 def test_crash_after_training_resumes_at_the_end(data_args, tmp_path,
                                                  monkeypatch, capsys):
     # Killed after `fit` returned, before model.keras was written: the
@@ -297,7 +309,10 @@ def test_crash_after_training_resumes_at_the_end(data_args, tmp_path,
     assert "history.json is damaged" in printed
     assert metrics["iterations"] == 7
     assert not (out / "backup").exists()  # removed once all is written
-    for name in ("model.keras", "metrics.json", "saved_model/1"):
+    artifacts = ["model.keras", "metrics.json"]
+    if BACKEND == "tensorflow":
+        artifacts.append("saved_model/1")
+    for name in artifacts:
         assert (out / name).exists(), name
 
 
@@ -327,6 +342,7 @@ def test_accuracy_monitor_arguments(kwargs, name):
         AccuracyMonitor(data, data, **kwargs)
 
 
+@pytest.mark.slow
 @jax_only("benchmarks/gpu_jax.py runs on Keras' JAX backend")
 def test_gpu_benchmark_script_runs_on_cpu(manual_dir, tmp_path):
     """benchmarks/gpu_jax.py, three iterations on the CPU."""
@@ -338,14 +354,16 @@ def test_gpu_benchmark_script_runs_on_cpu(manual_dir, tmp_path):
                            str(tmp_path / "progress.txt")])
     assert result["iterations"] == 3
     assert result["train_images"] == 54000
-    assert result["nfe_backward_last_step"] >= 7
+    assert (result["nfe_backward_last_step"] - 2) % 6 == 0
     assert "iteration 1: " in (tmp_path / "progress.txt").read_text()
     assert 0.0 <= result["test_accuracy"] <= 100.0
     assert result["nfe_forward_test_batch"] >= 8
+    assert (result["nfe_forward_test_batch"] - 2) % 6 == 0
     assert (tmp_path / "out.json").exists()
     assert result["jit_compile"]
 
 
+@pytest.mark.slow
 @jax_only("benchmarks/gpu_jax.py runs on Keras' JAX backend")
 def test_gpu_benchmark_long_recipe_compiles_its_step(manual_dir, tmp_path):
     """gpu_jax.py --long: augmentation in the step, still compiled by XLA.

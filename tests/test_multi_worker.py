@@ -143,11 +143,10 @@ def test_a_user_script_resumes_after_a_lost_worker(tmp_path):
 
 
 def test_patch_applies_once_and_only_to_multi_worker_strategies():
-    from keras.src.backend.tensorflow import trainer
-
-    from keras_node._keras_compat import _PATCHED
+    from keras_node._keras_compat import _PATCHED, tensorflow_trainer
     from keras_node.training import patch_keras_multi_worker_fit
 
+    trainer = tensorflow_trainer()
     originals = (trainer.reduce_per_replica,
                  trainer.TensorFlowTrainer._maybe_symbolic_build)
     patched = patch_keras_multi_worker_fit()

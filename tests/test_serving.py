@@ -273,6 +273,7 @@ def test_bad_requests_get_tf_serving_errors(server, path, body, raw, status,
     assert process.poll() is None
 
 
+@pytest.mark.slow
 def test_concurrent_clients_mixed_good_and_bad(server, exported):
     url, process = server
     _, model = exported
@@ -296,6 +297,7 @@ def test_concurrent_clients_mixed_good_and_bad(server, exported):
     assert process.poll() is None
 
 
+@pytest.mark.slow
 def test_new_version_is_hot_loaded(server, exported, tmp_path):
     url, _ = server
     base, _ = exported
@@ -455,6 +457,7 @@ def test_silent_client_is_disconnected(server):
     assert time.monotonic() - started < 20  # --request-timeout 2
 
 
+@pytest.mark.slow
 def test_busy_server_answers_503_with_retry_after(exported):
     base, _ = exported
     server = start_server(base, "--max-concurrent-runs", "1",
@@ -487,6 +490,7 @@ def _raw_request(url, path, body):
         return error.code, error.headers, json.loads(error.read())
 
 
+@pytest.mark.slow
 def test_version_published_in_pieces_loads_and_failures_are_reported(
         server, exported, tmp_path):
     url, _ = server

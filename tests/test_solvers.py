@@ -153,6 +153,7 @@ def test_backprop_equals_finite_differences_of_the_discrete_solve(
     assert float(ode.num_backward_evals) == float(ode.num_forward_evals)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ADAPTIVE)
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_gradients_converge_to_the_analytic_gradient(name, gradient):
@@ -196,6 +197,7 @@ SOLVER_GRADIENTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver, gradient", SOLVER_GRADIENTS)
 def test_every_solver_and_gradient_keeps_the_layer_contract(
         solver, gradient, tmp_path):
