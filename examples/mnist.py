@@ -71,7 +71,8 @@ def main(argv=None):
             solver, gradient = solver_and_gradient(
                 args.solver, args.num_steps, args.gradient, args.adjoint_norm)
             model = build_model(solver=solver, gradient=gradient,
-                                kinetic_energy=args.kinetic_energy)
+                                kinetic_energy=args.kinetic_energy,
+                                augment_dim=args.augment_dim)
             model.compile(
                 optimizer=make_optimizer(args.learning_rate, total_steps,
                                          args.weight_decay, args.ema),

@@ -15,11 +15,12 @@ from keras_node import NeuralODE, gradients, solvers
 
 
 def build_model(rtol=1e-3, atol=1e-3, solver="dopri5", gradient="adjoint",
-                kinetic_energy=0.0):
+                kinetic_energy=0.0, augment_dim=0):
     """The tutorial's model: 28x28x1 images to 10 logits.
 
     `solver` and `gradient` are `NeuralODE`'s; `rtol` and `atol` apply to
-    adaptive solvers only.
+    adaptive solvers only. `augment_dim` zero channels join the 64 of the
+    ODE's state (an augmented neural ODE).
     """
     solver = solvers.get(solver)
     tolerances = dict(rtol=rtol, atol=atol) if solver.adaptive else {}
@@ -33,11 +34,12 @@ def build_model(rtol=1e-3, atol=1e-3, solver="dopri5", gradient="adjoint",
     x = layers.Conv2D(64, 4, strides=2)(x)                         # 6x6
     dynamics = keras.Sequential([
         layers.Conv2D(64, 3, padding="same", activation="tanh"),
-        layers.Conv2D(64, 3, padding="same", activation="tanh"),
+        layers.Conv2D(64 + augment_dim, 3, padding="same", activation="tanh"),
     ], name="dynamics")
     x = NeuralODE(dynamics, t0=0.0, t1=1.0, solver=solver,
                   gradient=gradients.get(gradient),
-                  kinetic_energy=kinetic_energy, **tolerances)(x)
+                  kinetic_energy=kinetic_energy, augment_dim=augment_dim,
+                  **tolerances)(x)
     # With 64 groups for 64 channels, GroupNorm standardises each channel
     # over its 6x6 positions, so with the usual beta = 0 the mean of
     # relu(.) below barely differs between images, and training idles for

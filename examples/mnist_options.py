@@ -46,6 +46,9 @@ def parse_args(argv=None, description=None):
         help="weight of the kinetic-energy regulariser (Finlay et al. "
         "2020), which keeps the dynamics straight and the solver's steps "
         "few (default: %(default)s, off)")
+    add("--augment-dim", type=int, default=0,
+        help="zero channels added to the ODE's 64 (an augmented neural "
+        "ODE, Dupont et al. 2019) (default: %(default)s, none)")
     add("--ema", type=float, default=0.0,
         help="keep an exponential moving average of the weights with this "
         "momentum (e.g. 0.99) and end with the averaged weights; 0 turns it "
@@ -122,6 +125,9 @@ def parse_args(argv=None, description=None):
     if not TENSORFLOW and args.strategy not in ("auto", "default"):
         parser.error(f"--strategy {args.strategy} needs Keras' TensorFlow "
                      f"backend; on {keras.backend.backend()} use auto")
+    if args.augment_dim < 0:
+        parser.error(f"--augment-dim must be at least 0, got "
+                     f"{args.augment_dim}")
     if not 0 <= args.ema < 1:
         parser.error(f"--ema must be in [0, 1), got {args.ema}")
     if not 0 <= args.shift < 14:

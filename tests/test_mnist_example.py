@@ -249,6 +249,7 @@ def test_benchmark_recipes_are_valid_options():
     (["--kinetic-energy", "nan"],
      "--kinetic-energy must be at least 0, got nan"),
     (["--rotate", "-5"], "--rotate must be in [0, 180] degrees, got -5.0"),
+    (["--augment-dim", "-1"], "--augment-dim must be at least 0, got -1"),
     (["--solver", "rk45"], "invalid choice: 'rk45'"),
     (["--solver", "rk4", "--num-steps", "0"],
      "--num-steps must be a positive integer, got 0"),
@@ -270,7 +271,7 @@ def test_solver_and_gradient_options_reach_the_model(data_args, tmp_path):
     out = tmp_path / "run"
     metrics = mnist.main(data_args + QUICK + [
         "--max-steps", "2", "--out", str(out), "--solver", "rk4",
-        "--num-steps", "3", "--gradient", "backprop"])
+        "--num-steps", "3", "--gradient", "backprop", "--augment-dim", "2"])
     # RK4: four evaluations a step, each differentiated once.
     assert metrics["nfe_forward_last_20"] == 12
     assert metrics["nfe_backward_last_20"] == 12
@@ -278,6 +279,7 @@ def test_solver_and_gradient_options_reach_the_model(data_args, tmp_path):
     ode = next(l for l in model.layers if isinstance(l, NeuralODE))
     assert ode.solver == solvers.RK4(num_steps=3)
     assert ode.gradient == gradients.Backprop()
+    assert ode.augment_dim == 2 and ode.dynamics.output_shape[-1] == 66
 
 
 @pytest.mark.slow
