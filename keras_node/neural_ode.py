@@ -313,7 +313,7 @@ class NeuralODE(keras.layers.Layer):
     def _augmented(self, shape):
         """The solver's state shape for inputs of `shape`."""
         shape = tuple(shape)
-        if not self.augment_dim:
+        if not self.augment_dim or shape[-1] is None:
             return shape
         return (*shape[:-1], shape[-1] + self.augment_dim)
 
