@@ -76,6 +76,14 @@ def export_saved_model(model, base_path, version=None, *, classifier=False,
             f"Version {version} already exists in {base_path}; TF Serving "
             "versions are immutable. Pass another `version` or leave it "
             "unset for the next one.")
+    if not getattr(model, "inputs", None):
+        raise ValueError(
+            "Received an invalid value for argument `model`, expected a "
+            "model with declared inputs (functional or Sequential with an "
+            "`Input`), whose names and shapes make the signature. Received: "
+            f"{type(model).__name__} {model.name!r} without `inputs` (a "
+            "subclassed model): wrap it, `keras.Model(inputs, "
+            "subclassed(inputs))`.")
     if classifier and len(model.outputs) != 1:
         raise ValueError(
             "Received an invalid value for argument `classifier`: a "

@@ -382,6 +382,14 @@ def test_export_argument_errors(tmp_path):
         export_saved_model(one, tmp_path,
                            signatures={"serving_default": PIXELS[
                                "predict_pixels"]})
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return 2 * x
+
+    with pytest.raises(ValueError, match=r"argument `model`, expected a "
+                       r"model with declared inputs .* Received: Subclassed "
+                       r"'subclassed' without `inputs`"):
+        export_saved_model(Subclassed(name="subclassed"), tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
