@@ -61,13 +61,12 @@ class EvaluationCounts(keras.metrics.Metric):
         )
 
 
-def named_counts(layer, shared=None):
+def named_counts(layer):
     """`{"nfe_forward": ..., "nfe_backward": ..., "steps_accepted": ...,
     "steps_rejected": ...}`, prefixed with the layer's name when its model
-    holds other `NeuralODE` layers (`shared`, else as the layer found out
-    when called)."""
-    if shared is None:
-        shared = layer.shares_model or has_functional_sibling(layer)
+    holds other `NeuralODE` layers (as `NeuralODE.note_model` found, or its
+    functional graph shows)."""
+    shared = layer.shares_model or has_functional_sibling(layer)
     prefix = layer.name + "_" if shared else ""
     return {prefix + FORWARD: layer.num_forward_evals,
             prefix + BACKWARD: layer.num_backward_evals,

@@ -38,10 +38,8 @@ class LogEvaluationCounts(keras.callbacks.Callback):
         from keras_node._nfe_metric import named_counts
 
         jax.effects_barrier()  # the backward count of this step is in
-        layers = [layer for layer in flatten_layers(self.model)
-                  if isinstance(layer, NeuralODE)]
-        for layer in layers:
-            if len(layers) > 1:
-                layer.note_shared_model()
-            logs.update({name: float(value) for name, value in named_counts(
-                layer, shared=len(layers) > 1).items()})
+        for layer in flatten_layers(self.model):
+            if isinstance(layer, NeuralODE):
+                layer.note_model(self.model)
+                logs.update({name: float(value) for name, value
+                             in named_counts(layer).items()})

@@ -361,10 +361,8 @@ class NeuralODE(keras.layers.Layer):
     def call(self, inputs):
         _check_floating(inputs)
         model = calling_model(self)
-        if model is not None and any(
-                isinstance(layer, NeuralODE) and layer is not self
-                for layer in flatten_layers(model)):
-            self.note_shared_model()
+        if model is not None:
+            self.note_model(model)
         h0 = keras.ops.cast(inputs, self._state_dtype(inputs.dtype))
         if self.augment_dim:  # zero channels, dropped after the solve
             h0 = keras.ops.pad(h0, [[0, 0]] * (len(h0.shape) - 1)
@@ -395,10 +393,13 @@ class NeuralODE(keras.layers.Layer):
         hs = hs[0] if self.save_at is None else keras.ops.moveaxis(hs, 0, 1)
         return keras.ops.cast(hs, inputs.dtype)
 
-    def note_shared_model(self):
-        """Marks that this layer's model holds other `NeuralODE` layers:
-        its counts are then logged under its name (warns once)."""
-        if not self.shares_model:
+    def note_model(self, model):
+        """Marks this layer as sharing `model` if that holds other
+        `NeuralODE` layers: its counts are then logged under its name
+        (warns once)."""
+        if not self.shares_model and any(
+                isinstance(layer, NeuralODE) and layer is not self
+                for layer in flatten_layers(model)):
             self.shares_model = True
             warnings.warn(
                 f"NeuralODE '{self.name}' shares its model with other "

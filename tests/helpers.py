@@ -113,6 +113,21 @@ def linear_gradients(a, h0, w, t1):
     return w @ scipy.linalg.expm(a * t1), da.T
 
 
+def _loss(ode, loss_fn, with_losses):
+    """`(h0, trainable, others) -> (loss, others after)` of `ode`, the
+    layer's own losses added `with_losses`: on JAX by `stateless_call`, on
+    TensorFlow (which ignores `trainable` and `others`) by a call."""
+    def loss(h0, trainable=None, others=None):
+        if keras.backend.backend() == "jax":
+            out, others, losses = ode.stateless_call(
+                trainable, others, h0, return_losses=True)
+        else:
+            out, losses = ode(h0), ode.losses
+        return loss_fn(out) + with_losses * sum(losses), others
+
+    return loss
+
+
 def gradients(ode, h0, loss_fn, with_losses=False):
     """`[dL/dh0] + dL/d(weights)` by the backend's own autodiff.
 
@@ -120,22 +135,17 @@ def gradients(ode, h0, loss_fn, with_losses=False):
     `with_losses`, the layer's own losses (the regulariser) are added. On
     JAX the gradient is compiled (`jax.jit`), as Keras' JAX trainer does.
     """
+    loss = _loss(ode, loss_fn, with_losses)
     if keras.backend.backend() == "jax":
         import jax
 
         if not ode.built:
             ode(h0)  # creates the variables
-        others = [v.value for v in ode.non_trainable_variables]
-
-        def loss(h, trainable):
-            out, others_after, losses = ode.stateless_call(
-                trainable, others, h, return_losses=True)
-            return loss_fn(out) + with_losses * sum(losses), others_after
-
         (dh0, dweights), others_after = jax.jit(jax.grad(
             loss, argnums=(0, 1), has_aux=True))(
                 keras.ops.convert_to_tensor(h0),
-                [v.value for v in ode.trainable_variables])
+                [v.value for v in ode.trainable_variables],
+                [v.value for v in ode.non_trainable_variables])
         # The forward counts, as a stateful call would leave them.
         for variable, value in zip(ode.non_trainable_variables,
                                    others_after):
@@ -147,34 +157,25 @@ def gradients(ode, h0, loss_fn, with_losses=False):
     h0 = tf.constant(h0)
     with tf.GradientTape() as tape:
         tape.watch(h0)
-        out = ode(h0)
-        loss = loss_fn(out) + with_losses * sum(ode.losses)
-    return tape.gradient(loss, [h0] + ode.trainable_variables)
+        value, _ = loss(h0)
+    return tape.gradient(value, [h0] + ode.trainable_variables)
 
 
 def compiled_loss(ode, loss_fn, with_losses=False):
     """`h0 -> float(loss_fn(ode(h0)))`, compiled, with the current weights
     (and the layer's own losses added, `with_losses`)."""
+    loss = _loss(ode, loss_fn, with_losses)
     if keras.backend.backend() == "jax":
         import jax
 
-        @jax.jit
-        def jax_loss(h, trainable, others):
-            out, _, losses = ode.stateless_call(trainable, others, h,
-                                                return_losses=True)
-            return loss_fn(out) + with_losses * sum(losses)
-
-        return lambda h: float(jax_loss(
+        jitted = jax.jit(lambda *args: loss(*args)[0])
+        return lambda h: float(jitted(
             h, [v.value for v in ode.trainable_variables],
             [v.value for v in ode.non_trainable_variables]))
     import tensorflow as tf
 
-    @tf.function
-    def loss(h):
-        out = ode(h)
-        return loss_fn(out) + with_losses * sum(ode.losses)
-
-    return lambda h: float(loss(tf.constant(h)))
+    traced = tf.function(lambda h: loss(h)[0])
+    return lambda h: float(traced(tf.constant(h)))
 
 
 def finite_difference_check(ode, h0, loss_fn, eps=1e-6, samples=6, seed=0,
