@@ -11,6 +11,7 @@ if keras.backend.backend() not in ("tensorflow", "jax"):
 
 from keras_node import gradients, solvers  # noqa: E402
 from keras_node.neural_ode import NeuralODE  # noqa: E402
+from keras_node.normalizing_flow import ContinuousNormalizingFlow  # noqa: E402
 
-__all__ = ["NeuralODE", "gradients", "solvers"]
+__all__ = ["ContinuousNormalizingFlow", "NeuralODE", "gradients", "solvers"]
 __version__ = "0.2.0.dev0"

@@ -26,7 +26,8 @@ _TFP = substrate("jax")
 
 
 def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
-          gradient, seminorm, kinetic_energy, on_backward_evals):
+          gradient, seminorm, on_backward_evals, kinetic=False,
+          jacobian=False, trace=None, noise=None):
     """As the TensorFlow backend's `solve`; `on_backward_evals` runs on the
     host."""
     non_trainable = [v.value for v in dynamics.non_trainable_variables]
@@ -37,8 +38,9 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         _solver.check_derivative(dynamics.name, out, h.shape)
         return out.astype(h.dtype)
 
-    fn, y0, mask = _solver.augment(_TFP.tf, dynamics_fn, h0,
-                                   kinetic_energy)
+    fn, y0, mask = _solver.augment(
+        _TFP.tf, dynamics_fn, h0, vjp=_vjp, kinetic=kinetic,
+        jacobian=jacobian, trace=trace, noise=noise)
     params = [v.value for v in dynamics.trainable_variables]
     if gradient == "backprop":
         ys, counts = _solver.integrate(
@@ -50,8 +52,15 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             fn, t0, tuple(times), forward, adjoint, mask, seminorm,
             on_backward_evals)(y0, params)
     _raise_if_failed(counts, forward)
-    hs, kinetic = ys if kinetic_energy else (ys, None)
-    return hs, kinetic, counts
+    hs, integrals = ys if mask else (ys, {})
+    integrals = {k: v for k, v in integrals.items() if k != "noise"}
+    return hs, integrals, counts
+
+
+def _vjp(g, x):
+    """`(g(x), pullback)`, as the TensorFlow backend's."""
+    y, pullback = jax.vjp(g, x)
+    return y, lambda v: pullback(v)[0]
 
 
 def _raise_if_failed(counts, forward):

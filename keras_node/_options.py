@@ -61,6 +61,13 @@ def finite_float(name, value):
     return float(value)
 
 
+def non_negative_float(name, value):
+    value = finite_float(name, value)
+    if value < 0:
+        raise invalid(ValueError, name, "a non-negative float", value)
+    return value
+
+
 def positive_float(name, value):
     value = finite_float(name, value)
     if value <= 0:

@@ -387,27 +387,79 @@ def _initial_step_size(tf, fn, t0, y0, f0, rtol, atol, max_step, mask,
     return tf.stop_gradient(tf.minimum(tf.minimum(100.0 * h0, h1), max_step))
 
 
-def augment(tf, fn, y0, kinetic_energy):
-    """`(fn, y0, error_mask)` of the solve, with the kinetic energy if asked.
+INTEGRALS = ("divergence", "kinetic", "jacobian")
 
-    With `kinetic_energy` zero, `fn` and `y0` unchanged and no mask. Else the
-    state is `(y, r)`, `r' = |f(t, y)|^2` per example (summed over all axes
-    but the batch axis) and `r(t0) = 0`, so that `r(t1)` is Finlay et al.'s
-    (2020) kinetic energy of each example's path. `r` feeds back into
-    nothing, so the error control leaves it out: the regulariser adds no
-    steps. Extra arguments of `fn` (JAX's weights) pass through.
+
+def augment(tf, fn, y0, *, vjp=None, kinetic=False, jacobian=False,
+            trace=None, noise=None):
+    """`(fn, y0, error_mask)` of the solve, with the integrals asked for.
+
+    With none asked, `fn` and `y0` unchanged and no mask. Else the state is
+    `(y, extra)`, `extra` a dict of per-example integrals (shape
+    `(batch,)`, zero at the start; the derivative's Jacobian `J = df/dy`
+    is taken per example):
+
+    - `"divergence"` (`trace` `"exact"` or `"hutchinson"`): the integral of
+      `trace(J)`, exact (one vector-Jacobian product per state element) or
+      Hutchinson's estimate `noise^T J noise`. A continuous normalizing
+      flow's change of log-density is minus this integral.
+    - `"kinetic"` (`kinetic`): of `|f|^2`, Finlay et al.'s (2020) kinetic
+      energy.
+    - `"jacobian"` (`jacobian`): of `|noise^T J|^2`, Hutchinson's estimate of
+      the squared Frobenius norm of `J` (Finlay et al.'s other regulariser).
+
+    `noise` (like `y0`, needed by the estimates) rides in `extra["noise"]`
+    with derivative zero, so that it is constant over the solve and passes
+    every backend's gradient machinery as state. `vjp(g, x)` is the
+    backend's `(g(x), pullback)`. Only `y` and the divergence control the
+    step size: the regularisers feed back into nothing and add no steps.
+    Extra arguments of `fn` (JAX's weights) pass through.
     """
-    if not kinetic_energy:
+    names = [name for name, on in zip(INTEGRALS, (trace, kinetic, jacobian))
+             if on]
+    if not names:
         return fn, y0, None
-
     axes = list(range(1, len(y0.shape)))
+    zero = tf.zeros_like(tf.reduce_sum(y0, axis=axes))
+    extra = {name: zero for name in names}
+    mask = {name: name == "divergence" for name in names}
+    if noise is not None:
+        extra["noise"], mask["noise"] = noise, False
+    probed = jacobian or trace == "hutchinson"
 
     def augmented(t, state, *args):
-        f = fn(t, state[0], *args)
-        return f, tf.reduce_sum(tf.square(f), axis=axes)
+        y, extra = state
+        out = {}
+        if trace or jacobian:
+            f, pullback = vjp(lambda x: fn(t, x, *args), y)
+        else:
+            f = fn(t, y, *args)
+        if probed:
+            probe = pullback(extra["noise"])  # noise^T J, per example
+            out["noise"] = tf.zeros_like(extra["noise"])
+        if trace == "hutchinson":
+            out["divergence"] = tf.reduce_sum(probe * extra["noise"], axis=axes)
+        elif trace == "exact":
+            out["divergence"] = _exact_trace(tf, pullback, y)
+        if kinetic:
+            out["kinetic"] = tf.reduce_sum(tf.square(f), axis=axes)
+        if jacobian:
+            out["jacobian"] = tf.reduce_sum(tf.square(probe), axis=axes)
+        return f, out
 
-    r0 = tf.zeros_like(tf.reduce_sum(y0, axis=axes))
-    return augmented, (y0, r0), (True, False)
+    return augmented, (y0, extra), (True, mask)
+
+
+def _exact_trace(tf, pullback, y):
+    """`trace(dg/dy)` per example from `pullback`, one product per element of
+    an example's state (its rows of the Jacobian, one at a time)."""
+    size = math.prod(y.shape[1:])
+    flat = lambda x: tf.reshape(x, [-1, size])
+    trace = tf.zeros_like(tf.reduce_sum(flat(y), axis=1))
+    for i in range(size):
+        unit = tf.reshape(tf.one_hot(i, size, dtype=y.dtype), y.shape[1:])
+        trace += flat(pullback(tf.zeros_like(y) + unit))[:, i]
+    return trace
 
 
 def fixed_grid(t_start, times, num_steps=None, step_size=None):

@@ -9,7 +9,8 @@ _TFP = substrate("tensorflow")
 
 
 def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
-          gradient, seminorm, kinetic_energy, on_backward_evals):
+          gradient, seminorm, on_backward_evals, kinetic=False,
+          jacobian=False, trace=None, noise=None):
     """The states at `times` (stacked first) from `h0`, and the counts.
 
     Args:
@@ -22,15 +23,17 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         gradient: `"adjoint"` or `"backprop"`.
         seminorm: whether the adjoint's error norm leaves out the parameter
             gradients.
-        kinetic_energy: the regulariser's weight; if zero, no integral.
         on_backward_evals: called in the backward pass with the number of
             evaluations it made.
+        kinetic, jacobian, trace, noise: the integrals to solve beside the
+            state, as `_solver.augment`'s arguments.
 
     Returns:
-        `(hs, kinetic, counts)`: `hs` with a leading axis of the output
-        times, `kinetic` the kinetic energy accumulated up to each of them
-        (None if `kinetic_energy` is zero), `counts` the int32 vector of the
-        forward solve's evaluations, accepted and rejected steps.
+        `(hs, integrals, counts)`: `hs` with a leading axis of the output
+        times, `integrals` a dict of those asked for (`"divergence"`,
+        `"kinetic"`, `"jacobian"`), each per example and accumulated up to
+        each output time, `counts` the int32 vector of the forward solve's
+        evaluations, accepted and rejected steps and status.
     """
 
     def fn(t, h):
@@ -46,7 +49,9 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         with tf.control_dependencies([same]):
             return tf.cast(f, h.dtype)
 
-    fn, y0, mask = _solver.augment(tf, fn, h0, kinetic_energy)
+    fn, y0, mask = _solver.augment(tf, fn, h0, vjp=_vjp, kinetic=kinetic,
+                                   jacobian=jacobian, trace=trace,
+                                   noise=noise)
     if gradient == "backprop":
         ys, counts = _solver.integrate(
             _TFP, fn, t0, times[-1], y0, error_mask=mask,
@@ -58,8 +63,21 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             fn, y0, t0, times, forward_options=forward,
             adjoint_options=adjoint, state_mask=mask, seminorm=seminorm,
             on_backward_evals=on_backward_evals)
-    hs, kinetic = ys if kinetic_energy else (ys, None)
-    return hs, kinetic, counts
+    hs, integrals = ys if mask else (ys, {})
+    integrals = {k: v for k, v in integrals.items() if k != "noise"}
+    return hs, integrals, counts
+
+
+def _vjp(g, x):
+    """`(g(x), pullback)`, `pullback(v)` the vector-Jacobian product
+    `v^T dg/dx` (callable several times; differentiable again)."""
+    with tf.GradientTape(persistent=True,
+                         watch_accessed_variables=False) as tape:
+        tape.watch(x)
+        y = g(x)
+    return y, lambda v: tape.gradient(
+        y, x, output_gradients=v,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
 def _on_backward(nest, callback):

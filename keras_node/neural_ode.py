@@ -9,7 +9,8 @@ import keras
 
 from keras_node import _nfe_metric, _solver, gradients, solvers
 from keras_node._keras_compat import calling_model, flatten_layers
-from keras_node._options import finite_float, invalid, positive_float
+from keras_node._options import (finite_float, invalid, non_negative_float,
+                                 positive_float)
 
 # keras-node 0.1.0's flat arguments, now options of the solver or gradient.
 _MOVED = {"adjoint_rtol": "gradients.Adjoint(rtol=...)",
@@ -132,6 +133,17 @@ class NeuralODE(keras.layers.Layer):
             layer rather than a wrapper, so that the dynamics' shape check,
             the counts and the kinetic energy (over all channels) see the
             state actually solved. Defaults to `0`, none.
+        jacobian_norm: weight of Finlay et al.'s other regulariser, a
+            non-negative float: this times the batch mean of `integral of
+            |e^T df/dh|^2 dt`, Hutchinson's unbiased estimate of the
+            integrated squared Frobenius norm of the dynamics' Jacobian,
+            with one standard Gaussian probe `e` per example, drawn afresh
+            at each call and fixed over its solve. Solved beside `h` as the
+            kinetic energy is (it adds no steps), at the cost of one
+            vector-Jacobian product per evaluation (and second derivatives
+            in the backward pass). Defaults to `0.0`, off.
+        seed: an integer seeding the probes of `jacobian_norm`, or `None`
+            (only with `jacobian_norm` on). Defaults to `None`.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -173,6 +185,8 @@ class NeuralODE(keras.layers.Layer):
         kinetic_energy=0.0,
         save_at=None,
         augment_dim=0,
+        jacobian_norm=0.0,
+        seed=None,
         **kwargs,
     ):
         moved = sorted(set(kwargs) & set(_MOVED))
@@ -200,10 +214,13 @@ class NeuralODE(keras.layers.Layer):
         self.solver = solvers.get(solver)
         self.gradient = gradients.get(gradient)
         self.rtol, self.atol = self._tolerances(rtol, atol)
-        self.kinetic_energy = finite_float("kinetic_energy", kinetic_energy)
-        if self.kinetic_energy < 0:
-            raise invalid(ValueError, "kinetic_energy",
-                           "a non-negative float", kinetic_energy)
+        self.kinetic_energy = non_negative_float("kinetic_energy",
+                                                 kinetic_energy)
+        self.jacobian_norm = non_negative_float("jacobian_norm", jacobian_norm)
+        self.seed = check_seed(seed, unused=None if self.jacobian_norm else
+                               "no probes are drawn with jacobian_norm=0")
+        self.seed_generator = (keras.random.SeedGenerator(seed)
+                               if self.jacobian_norm else None)
         self.save_at = (None if save_at is None
                         else _save_times(save_at, self.t0, self.t1))
         if isinstance(augment_dim, bool) or not isinstance(
@@ -292,8 +309,10 @@ class NeuralODE(keras.layers.Layer):
     def build(self, input_shape):
         # Under a distribution strategy each replica counts its own solve;
         # reading gives the mean over replicas.
+        # (An initializer, not a value: Keras' symbolic build of a subclassed
+        # model creates variables in a stateless scope.)
         counter = lambda name: keras.Variable(
-            0.0, dtype="float32", trainable=False, name=name,
+            "zeros", shape=(), dtype="float32", trainable=False, name=name,
             aggregation="mean", synchronization="on_read",
         )
         self._forward_evals = counter("num_forward_evals")
@@ -354,12 +373,12 @@ class NeuralODE(keras.layers.Layer):
         return (input_shape[0], len(self.save_at), *input_shape[1:])
 
     def compute_output_spec(self, inputs):
-        _check_floating(inputs)
+        check_floating(inputs)
         return keras.KerasTensor(self.compute_output_shape(inputs.shape),
                                  dtype=inputs.dtype)
 
     def call(self, inputs):
-        _check_floating(inputs)
+        check_floating(inputs)
         model = calling_model(self)
         if model is not None:
             self.note_model(model)
@@ -367,31 +386,54 @@ class NeuralODE(keras.layers.Layer):
         if self.augment_dim:  # zero channels, dropped after the solve
             h0 = keras.ops.pad(h0, [[0, 0]] * (len(h0.shape) - 1)
                                + [[0, self.augment_dim]])
-        forward, adjoint = self._solve_options()
-        hs, kinetic, counts = _backend().solve(
-            self.dynamics, h0, time_dependent=self._time_dependent,
-            t0=self.t0, times=self.output_times, forward=forward,
-            adjoint=adjoint, gradient=self.gradient.name,
-            seminorm=getattr(self.gradient, "norm", None) == "seminorm",
-            kinetic_energy=self.kinetic_energy,
-            on_backward_evals=self._record_backward_evals)
-        counts = keras.ops.cast(counts, "float32")
-        for i, counter in enumerate((self._forward_evals, self._steps_accepted,
-                                     self._steps_rejected)):
-            counter.assign(counts[i])
-        if kinetic is not None:
-            # r integrates |f|^2 from t0 on: negative when t1 < t0.
-            sign = 1.0 if self.t1 > self.t0 else -1.0
-            # The mean over the batch, as a sum: Keras 3.15's `ops.mean`
-            # computes float64 in float32 on JAX.
-            energy = kinetic[-1]
-            batch = keras.ops.cast(keras.ops.shape(energy)[0], energy.dtype)
-            self.add_loss(sign * self.kinetic_energy
-                          * keras.ops.sum(energy) / batch)
+        noise = None
+        if self.jacobian_norm:
+            noise = draw_noise("gaussian", h0, self.seed_generator)
+        hs, integrals = self._solve(h0, kinetic=bool(self.kinetic_energy),
+                                    jacobian=bool(self.jacobian_norm),
+                                    noise=noise)
+        penalty = self._regularisation(integrals, self.kinetic_energy,
+                                       self.jacobian_norm)
+        if penalty is not None:
+            self.add_loss(penalty)
         if self.augment_dim:
             hs = hs[..., :inputs.shape[-1]]
         hs = hs[0] if self.save_at is None else keras.ops.moveaxis(hs, 0, 1)
         return keras.ops.cast(hs, inputs.dtype)
+
+    def _solve(self, h0, *, reverse=False, **integrals):
+        """The states at the output times (stacked first) from `h0`, and the
+        integrals asked for (`_solver.augment`'s keywords) at those times;
+        records the counts. `reverse`: from `t1` back to `t0` instead (one
+        output time, `t0`). The solve of `call` and of
+        `ContinuousNormalizingFlow`."""
+        t0, times = ((self.t1, (self.t0,)) if reverse
+                     else (self.t0, self.output_times))
+        forward, adjoint = self._solve_options(reverse)
+        hs, integrals, counts = _backend().solve(
+            self.dynamics, h0, time_dependent=self._time_dependent,
+            t0=t0, times=times, forward=forward, adjoint=adjoint,
+            gradient=self.gradient.name,
+            seminorm=getattr(self.gradient, "norm", None) == "seminorm",
+            on_backward_evals=self._record_backward_evals, **integrals)
+        counts = keras.ops.cast(counts, "float32")
+        for i, counter in enumerate((self._forward_evals, self._steps_accepted,
+                                     self._steps_rejected)):
+            counter.assign(counts[i])
+        return hs, integrals
+
+    def _regularisation(self, integrals, kinetic_energy, jacobian_norm):
+        """The regularisers' loss: their weighted integrals up to the last
+        output time, averaged over the batch; None without any."""
+        # The integrals run from t0 on: negative when t1 < t0.
+        sign = 1.0 if self.t1 > self.t0 else -1.0
+        penalty = None
+        for name, weight in (("kinetic", kinetic_energy),
+                             ("jacobian", jacobian_norm)):
+            if name in integrals:
+                term = sign * weight * batch_mean(integrals[name][-1])
+                penalty = term if penalty is None else penalty + term
+        return penalty
 
     def note_model(self, model):
         """Marks this layer as sharing `model` if that holds other
@@ -417,16 +459,17 @@ class NeuralODE(keras.layers.Layer):
         else:
             self._backward_evals.assign(keras.ops.cast(num_evals, "float32"))
 
-    def _solve_options(self):
+    def _solve_options(self, reverse=False):
         """Keyword arguments of the forward and the backward solve."""
+        ends = (f"from t0={self.t0} to t1={self.t1}",
+                f"from t1={self.t1} back to t0={self.t0}")
         forward = dict(
             self.solver.options(), rtol=self.rtol, atol=self.atol,
-            what=f"NeuralODE '{self.name}' (forward solve from t0={self.t0} "
-                 f"to t1={self.t1})",
+            what=f"NeuralODE '{self.name}' (forward solve {ends[reverse]})",
         )
         adjoint = dict(
-            forward, what=f"NeuralODE '{self.name}' (adjoint solve from "
-                          f"t1={self.t1} back to t0={self.t0})",
+            forward,
+            what=f"NeuralODE '{self.name}' (adjoint solve {ends[not reverse]})",
         )
         if isinstance(self.gradient, gradients.Adjoint) and \
                 self.solver.adaptive:
@@ -447,6 +490,8 @@ class NeuralODE(keras.layers.Layer):
             "kinetic_energy": self.kinetic_energy,
             "save_at": None if self.save_at is None else list(self.save_at),
             "augment_dim": self.augment_dim,
+            "jacobian_norm": self.jacobian_norm,
+            "seed": self.seed,
         }
         return {**super().get_config(), **config}
 
@@ -519,7 +564,35 @@ def _save_times(save_at, t0, t1):
     return tuple(times)
 
 
-def _check_floating(inputs):
+def draw_noise(kind, like, seed):
+    """Probe vectors shaped like `like`: standard `"gaussian"` or
+    `"rademacher"` (+1 or -1, equally likely), one per example."""
+    shape = keras.ops.shape(like)
+    if kind == "gaussian":
+        return keras.random.normal(shape, dtype=like.dtype, seed=seed)
+    signs = keras.random.randint(shape, 0, 2, seed=seed)
+    return keras.ops.cast(2 * signs - 1, like.dtype)
+
+
+def batch_mean(values):
+    """The mean over the batch, as a sum: Keras 3.15's `ops.mean` computes
+    float64 in float32 on JAX."""
+    batch = keras.ops.cast(keras.ops.shape(values)[0], values.dtype)
+    return keras.ops.sum(values) / batch
+
+
+def check_seed(seed, unused=None):
+    """`seed`, checked: None or an integer; None if `unused` says why
+    nothing is drawn."""
+    if seed is not None and (isinstance(seed, bool)
+                             or not isinstance(seed, numbers.Integral)):
+        raise invalid(TypeError, "seed", "None or an integer", seed)
+    if seed is not None and unused:
+        raise invalid(ValueError, "seed", f"None: {unused}", seed)
+    return seed
+
+
+def check_floating(inputs):
     dtype = keras.backend.standardize_dtype(inputs.dtype)
     if not keras.backend.is_float_dtype(dtype):
         raise TypeError(

@@ -1,10 +1,13 @@
-"""The class docstring's example runs and prints what it says."""
+"""The docstrings' examples run and print what they say."""
 
 import doctest
 
-from keras_node import neural_ode
+import pytest
+
+from keras_node import neural_ode, normalizing_flow
 
 
-def test_docstring_example_runs():
-    result = doctest.testmod(neural_ode, raise_on_error=False, verbose=False)
-    assert result.attempted >= 5 and result.failed == 0
+@pytest.mark.parametrize("module", [neural_ode, normalizing_flow])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, raise_on_error=False, verbose=False)
+    assert result.attempted >= 4 and result.failed == 0

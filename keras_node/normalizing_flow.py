@@ -1,0 +1,210 @@
+"""The `ContinuousNormalizingFlow` model."""
+
+import math
+import numbers
+
+import keras
+
+from keras_node import gradients, solvers
+from keras_node._options import invalid, non_negative_float
+from keras_node.neural_ode import (NeuralODE, batch_mean, check_floating,
+                                   check_seed, draw_noise)
+
+_TRACES = ("exact", "hutchinson")
+_NOISES = ("gaussian", "rademacher")
+
+
+@keras.saving.register_keras_serializable(package="keras_node")
+class ContinuousNormalizingFlow(keras.Model):
+    """A density model: a neural ODE carrying the data to a standard normal.
+
+    FFJORD's continuous normalizing flow (Grathwohl et al. 2019). The flow
+    runs from data to base: `log_prob(x)` solves `dz/dt = dynamics(t, z)`
+    from `z(t0) = x` to `t1` beside the integral of the divergence
+    `trace(df/dz)`, and by the instantaneous change of variables
+
+        log p(x) = log N(z(t1); 0, I) + integral from t0 to t1 of trace(df/dz)
+
+    (Chen et al. 2018). `sample(n)` draws `z` from the base and solves the
+    same dynamics back from `t1` to `t0`. The divergence is exact (one
+    vector-Jacobian product per element of an example, for small
+    dimensions) or Hutchinson's unbiased estimate `e^T (df/dz) e`, with one
+    probe `e` per example, Gaussian or Rademacher, drawn at each call and
+    fixed over its solve. The divergence's integral is under the solver's
+    error control with the state.
+
+    Train it as any Keras model, without labels: `compile(optimizer)` and
+    `fit(x)`; the loss is the negative mean log-likelihood (in nats, with
+    `sample_weight` a weighted mean) plus the regularisers' losses.
+    `evaluate(x)` reports the same (with the regularisers, if any); the
+    held-out negative log-likelihood alone is `-log_prob(x).mean()`.
+
+    Solvers, tolerances, gradient methods and the evaluation counts are the
+    `NeuralODE`'s (the flow holds one, `ode`): the gradient is the adjoint
+    by default, `"backprop"` differentiates the solver. Both backends; on
+    JAX, as for `NeuralODE`, `"backprop"` needs a fixed-step solver and the
+    counts reach `fit`'s logs through
+    `keras_node.callbacks.LogEvaluationCounts`.
+
+    Args:
+        dynamics: a Keras layer or model mapping the state `z` of shape
+            `(batch, *event_shape)` to `dz/dt` of the same shape, optionally
+            taking the time as an argument `t` (as `NeuralODE`'s).
+        t0, t1: the times of the data and of the base distribution, finite
+            floats, `t1 != t0`. Default to `0.0` and `1.0`.
+        rtol, atol, solver, gradient: as `NeuralODE`'s.
+        trace: `"exact"` or `"hutchinson"`. Defaults to `"exact"`.
+        noise: the probes' distribution, `"gaussian"` or `"rademacher"`;
+            only with Hutchinson's trace or `jacobian_norm`, which share one
+            probe. Defaults to `None`: `"gaussian"` where probes are drawn.
+        kinetic_energy, jacobian_norm: the weights of Finlay et al.'s (2020)
+            regularisers, as `NeuralODE`'s. Default to `0.0`, off.
+        seed: an integer seeding the probes and `sample`, or `None`.
+        **kwargs: base model arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: data points, a floating tensor `(batch, *event_shape)`.
+
+    Returns:
+        `log p(x)` per example, `(batch,)`, in the inputs' dtype.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> from keras_node import ContinuousNormalizingFlow
+    >>> dynamics = keras.Sequential([keras.layers.Dense(16, activation="tanh"),
+    ...                              keras.layers.Dense(2)])
+    >>> flow = ContinuousNormalizingFlow(dynamics, t1=0.5)
+    >>> flow.compile(keras.optimizers.Adam(1e-2))
+    >>> x = np.random.default_rng(0).normal(size=(64, 2)).astype("float32")
+    >>> _ = flow.fit(x, batch_size=32, epochs=1, verbose=0)
+    >>> tuple(flow.log_prob(x[:3]).shape), tuple(flow.sample(5, seed=1).shape)
+    ((3,), (5, 2))
+    """
+
+    def __init__(self, dynamics, t0=0.0, t1=1.0, rtol=None, atol=None,
+                 solver="dopri5", gradient="adjoint", trace="exact",
+                 noise=None, kinetic_energy=0.0, jacobian_norm=0.0,
+                 seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.ode = NeuralODE(dynamics, t0=t0, t1=t1, rtol=rtol, atol=atol,
+                             solver=solver, gradient=gradient, name="ode")
+        if trace not in _TRACES:
+            raise invalid(ValueError, "trace", '"exact" or "hutchinson"',
+                          trace)
+        self.trace = trace
+        self.kinetic_energy = non_negative_float("kinetic_energy",
+                                                 kinetic_energy)
+        self.jacobian_norm = non_negative_float("jacobian_norm", jacobian_norm)
+        self._probed = trace == "hutchinson" or bool(self.jacobian_norm)
+        if noise is not None and noise not in _NOISES:
+            raise invalid(ValueError, "noise",
+                          'None, "gaussian" or "rademacher"', noise)
+        if noise is not None and not self._probed:
+            raise invalid(ValueError, "noise",
+                          'None: no probes are drawn with trace="exact" and '
+                          "jacobian_norm=0", noise)
+        self.noise = noise
+        self.seed = check_seed(seed)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.event_shape = None
+
+    @property
+    def dynamics(self):
+        return self.ode.dynamics
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2 or None in input_shape[1:]:
+            raise ValueError(
+                "Received an invalid value for argument `input_shape`, "
+                "expected (batch, *event_shape) with a known event shape. "
+                f"Received: input_shape={input_shape}")
+        self.event_shape = input_shape[1:]
+        self.ode.build(input_shape)
+
+    def compute_output_spec(self, inputs):
+        check_floating(inputs)
+        return keras.KerasTensor(inputs.shape[:1], dtype=inputs.dtype)
+
+    def call(self, inputs):
+        check_floating(inputs)
+        z0 = keras.ops.cast(inputs, self.ode._state_dtype(inputs.dtype))
+        noise = None
+        if self._probed:
+            noise = draw_noise(self.noise or "gaussian", z0,
+                               self.seed_generator)
+        zs, integrals = self.ode._solve(
+            z0, trace=self.trace, kinetic=bool(self.kinetic_energy),
+            jacobian=bool(self.jacobian_norm), noise=noise)
+        penalty = self.ode._regularisation(integrals, self.kinetic_energy,
+                                           self.jacobian_norm)
+        if penalty is not None:
+            self.add_loss(penalty)
+        log_prob = _standard_normal_log_prob(zs[0]) + \
+            integrals["divergence"][-1]
+        return keras.ops.cast(log_prob, inputs.dtype)
+
+    def log_prob(self, x):
+        """`log p(x)` per example, in nats: the model's call."""
+        return self(x)
+
+    def sample(self, num_samples, seed=None):
+        """`num_samples` draws from the model, `(num_samples, *event_shape)`:
+        base draws solved back from `t1` to `t0`. `seed`: an integer, or
+        `None` for the model's own seed generator."""
+        if isinstance(num_samples, bool) or not isinstance(
+                num_samples, numbers.Integral) or num_samples < 1:
+            raise invalid(ValueError, "num_samples", "a positive integer",
+                          num_samples)
+        if self.event_shape is None:
+            raise ValueError(
+                "ContinuousNormalizingFlow.sample needs the event shape: "
+                "call, fit or build the model first.")
+        check_seed(seed)
+        dtype = self.ode._state_dtype(self.compute_dtype)
+        z = keras.random.normal(
+            (int(num_samples), *self.event_shape), dtype=dtype,
+            seed=self.seed_generator if seed is None else seed)
+        xs, _ = self.ode._solve(z, reverse=True)
+        return xs[0]
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        """The negative mean log-likelihood, plus any added losses."""
+        if sample_weight is None:
+            loss = -batch_mean(y_pred)
+        else:
+            weight = keras.ops.cast(sample_weight, y_pred.dtype)
+            loss = -keras.ops.sum(weight * y_pred) / keras.ops.sum(weight)
+        for extra in self.losses:
+            loss = loss + keras.ops.cast(extra, loss.dtype)
+        return loss
+
+    def get_config(self):
+        ode = self.ode.get_config()
+        config = {key: ode[key] for key in (
+            "dynamics", "t0", "t1", "rtol", "atol", "solver", "gradient")}
+        config.update(trace=self.trace, noise=self.noise,
+                      kinetic_energy=self.kinetic_energy,
+                      jacobian_norm=self.jacobian_norm, seed=self.seed,
+                      name=self.name, trainable=self.trainable)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["dynamics"] = keras.saving.deserialize_keras_object(
+            config["dynamics"])
+        for key, module in (("solver", solvers), ("gradient", gradients)):
+            if isinstance(config.get(key), dict):
+                config[key] = module.get(config[key])
+        return cls(**config)
+
+
+def _standard_normal_log_prob(z):
+    """`log N(z; 0, I)` per example, over all axes but the first."""
+    axes = list(range(1, len(z.shape)))
+    size = math.prod(z.shape[1:])
+    return (-0.5 * keras.ops.sum(keras.ops.square(z), axis=axes)
+            - 0.5 * size * math.log(2 * math.pi))

@@ -1,0 +1,228 @@
+"""`ContinuousNormalizingFlow` and the Jacobian regulariser, against ground
+truth: the exact log-density of a linear flow, the Hutchinson estimate's
+mean, finite differences, and the entropy of the Gaussian it learns."""
+
+import keras
+import numpy as np
+import pytest
+import scipy.linalg
+from keras import ops
+
+from conftest import BACKEND
+from helpers import Linear, finite_difference_check, mlp_dynamics
+from keras_node import ContinuousNormalizingFlow, NeuralODE, solvers
+from keras_node.callbacks import LogEvaluationCounts
+
+A = np.array([[-0.3, 1.0], [0.2, 0.5]])
+TIGHT = dict(rtol=1e-10, atol=1e-10)
+X = np.random.default_rng(0).normal(size=(5, 2))
+
+
+def linear_flow(a=A, **kwargs):
+    return ContinuousNormalizingFlow(Linear(a, dtype="float64"),
+                                     dtype="float64", **kwargs)
+
+
+def normal_log_prob(z):
+    return -0.5 * np.sum(z ** 2, axis=1) - 0.5 * z.shape[1] * np.log(2 * np.pi)
+
+
+@pytest.mark.parametrize("t0, t1", [(0.0, 1.0), (0.5, -0.25)])
+def test_log_prob_of_a_linear_flow_is_exact(t0, t1):
+    # z(t1) = x expm(A (t1 - t0))^T; log p changes by -trace(A) (t1 - t0).
+    flow = linear_flow(t0=t0, t1=t1, **TIGHT)
+    z1 = X @ scipy.linalg.expm(A * (t1 - t0)).T
+    expected = normal_log_prob(z1) + np.trace(A) * (t1 - t0)
+    np.testing.assert_allclose(flow.log_prob(X), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_hutchinson_estimate_is_unbiased(noise):
+    # Each example's estimate is e^T A e (t1 - t0), its mean trace(A) (t1 -
+    # t0): within four standard errors over 4,000 examples.
+    x = np.random.default_rng(1).normal(size=(4000, 2))
+    exact = linear_flow(**TIGHT).log_prob(x)
+    flow = linear_flow(trace="hutchinson", noise=noise, seed=2, **TIGHT)
+    errors = np.asarray(flow.log_prob(x)) - np.asarray(exact)
+    assert np.std(errors) > 0.1  # an estimate, not the exact trace
+    assert abs(np.mean(errors)) < 4 * np.std(errors) / np.sqrt(len(x))
+
+
+def test_rademacher_probes_are_exact_on_a_diagonal_jacobian():
+    # e^T D e = trace(D) for every e of +-1 entries (Gaussian's are not).
+    d = np.diag([0.4, -1.1])
+    flows = [linear_flow(d, trace="hutchinson", noise=noise, seed=3, **TIGHT)
+             for noise in ("rademacher", "gaussian")]
+    exact = linear_flow(d, **TIGHT).log_prob(X)
+    np.testing.assert_allclose(flows[0].log_prob(X), exact, rtol=1e-9)
+    assert not np.allclose(flows[1].log_prob(X), exact, rtol=1e-3)
+
+
+def test_sample_solves_base_draws_back_to_the_data():
+    flow = linear_flow(t1=0.7, **TIGHT)
+    flow.build((None, 2))
+    samples = flow.sample(6, seed=4)
+    z = keras.random.normal((6, 2), dtype="float64", seed=4)
+    expected = np.asarray(z) @ scipy.linalg.expm(-A * 0.7).T
+    np.testing.assert_allclose(samples, expected, rtol=1e-9, atol=1e-12)
+    # Without a seed, the model's own generator: fresh draws each time.
+    assert not np.allclose(flow.sample(6), flow.sample(6))
+
+
+@pytest.mark.parametrize("solver, gradient", [
+    ("dopri5", "adjoint"), ("rk4", "backprop"),
+    # The adjoint of fixed steps is exact as the steps shrink, not for RK4's
+    # default 8 (off by 2e-5 here).
+    (solvers.RK4(num_steps=64), "adjoint")])
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_log_prob_gradients_match_finite_differences(solver, gradient, trace):
+    keras.utils.set_random_seed(5)
+    options = TIGHT if solver == "dopri5" else {}
+    flow = ContinuousNormalizingFlow(
+        mlp_dynamics(8, 2, dtype="float64"), dtype="float64", solver=solver,
+        gradient=gradient, trace=trace, **options)
+    # The same probes at every call, as finite differences need.
+    flow.seed_generator = 6
+    finite_difference_check(flow, X, lambda log_p: ops.sum(log_p),
+                            rtol=1e-5)
+
+
+def test_jacobian_norm_estimates_the_frobenius_norm():
+    # E|e^T A|^2 = |A|_F^2 for standard Gaussian e, over t1 - t0 = 1.5.
+    h0 = np.random.default_rng(7).normal(size=(4000, 2))
+    ode = NeuralODE(Linear(A, dtype="float64"), t1=1.5, dtype="float64",
+                    jacobian_norm=0.2, seed=8, **TIGHT)
+    ode(h0)
+    [loss] = ode.losses
+    probes = np.random.default_rng(9).normal(size=(100_000, 2))
+    per_example = 0.2 * 1.5 * np.sum((probes @ A) ** 2, axis=1)
+    expected = 0.2 * 1.5 * np.sum(A ** 2)
+    np.testing.assert_allclose(np.mean(per_example), expected, rtol=0.02)
+    assert abs(float(loss) - expected) < 4 * np.std(per_example) / np.sqrt(
+        len(h0))
+
+
+@pytest.mark.parametrize("layer", ["ode", "flow"])
+def test_regularised_gradients_match_finite_differences(layer):
+    keras.utils.set_random_seed(10)
+    options = dict(kinetic_energy=0.3, jacobian_norm=0.5, **TIGHT)
+    dynamics = mlp_dynamics(8, 2, dtype="float64")
+    if layer == "ode":
+        model = NeuralODE(dynamics, dtype="float64", seed=0, **options)
+        loss_fn = lambda h: ops.sum(h ** 2)
+    else:
+        model = ContinuousNormalizingFlow(dynamics, dtype="float64",
+                                          trace="hutchinson", **options)
+        loss_fn = ops.sum
+    model.seed_generator = 11  # the same probes at every call
+    finite_difference_check(model, X, loss_fn, with_losses=True, rtol=1e-5)
+
+
+def test_fit_learns_a_gaussian_to_its_entropy():
+    # Data from N(0, diag(4, 1/4)): a linear flow can map it to N(0, I)
+    # exactly, and the best held-out NLL is the entropy, log(2 pi e).
+    rng = np.random.default_rng(12)
+    scale = np.array([2.0, 0.5], "float32")
+    train, test = (rng.normal(size=(n, 2)).astype("float32") * scale
+                   for n in (2048, 4096))
+    flow = ContinuousNormalizingFlow(Linear(np.zeros((2, 2))), seed=13)
+    flow.compile(keras.optimizers.Adam(0.05))
+    history = flow.fit(train, batch_size=256, epochs=8, verbose=0,
+                       callbacks=[LogEvaluationCounts()])
+    entropy = np.log(2 * np.pi * np.e)
+    nll = -float(np.mean(flow.log_prob(test)))
+    assert history.history["loss"][0] > entropy + 0.5
+    assert nll < entropy + 0.02
+    assert history.history["nfe_forward"][-1] >= 8
+    assert history.history["nfe_backward"][-1] >= 8
+
+
+def test_config_round_trip_and_saving(tmp_path):
+    flow = ContinuousNormalizingFlow(
+        mlp_dynamics(8, 2), t0=0.5, t1=2.0, rtol=1e-4, atol=1e-5,
+        solver="tsit5", gradient="backprop" if BACKEND == "tensorflow"
+        else "adjoint", trace="hutchinson", noise="rademacher",
+        kinetic_energy=0.1, jacobian_norm=0.2, seed=3, name="density")
+    x = X.astype("float32")
+    flow(x)
+    config = flow.get_config()
+    clone = ContinuousNormalizingFlow.from_config(config)
+    assert clone.get_config() == config
+    flow.save(tmp_path / "flow.keras")
+    loaded = keras.saving.load_model(tmp_path / "flow.keras")
+    ours = lambda config: {k: v for k, v in config.items() if k != "dynamics"}
+    assert ours(loaded.get_config()) == ours(config)
+    for model in (flow, loaded):
+        model.seed_generator = 4  # the same probes
+    np.testing.assert_allclose(loaded.log_prob(x), flow.log_prob(x),
+                               rtol=1e-6)
+    np.testing.assert_allclose(loaded.sample(3, seed=5),
+                               flow.sample(3, seed=5), rtol=1e-6)
+
+
+def test_neural_ode_config_keeps_the_jacobian_norm():
+    ode = NeuralODE(mlp_dynamics(8, 2), jacobian_norm=0.25, seed=4)
+    config = ode.get_config()
+    assert (config["jacobian_norm"], config["seed"]) == (0.25, 4)
+    assert NeuralODE.from_config(config).get_config() == config
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(trace="stochastic"), ValueError,
+     r'argument `trace`, expected "exact" or "hutchinson". '
+     r"Received: trace='stochastic'"),
+    (dict(trace="hutchinson", noise="uniform"), ValueError,
+     r'argument `noise`, expected None, "gaussian" or "rademacher". '
+     r"Received: noise='uniform'"),
+    (dict(noise="gaussian"), ValueError,
+     r'argument `noise`, expected None: no probes are drawn with '
+     r'trace="exact" and jacobian_norm=0. Received: noise=\'gaussian\''),
+    (dict(seed=1.5), TypeError,
+     r"argument `seed`, expected None or an integer. Received: seed=1.5"),
+    (dict(jacobian_norm=-1.0), ValueError,
+     r"argument `jacobian_norm`, expected a non-negative float. "
+     r"Received: jacobian_norm=-1.0"),
+    (dict(kinetic_energy="a lot"), TypeError,
+     r"argument `kinetic_energy`, expected a finite float. "
+     r"Received: kinetic_energy='a lot'"),
+    (dict(t1=0.0), ValueError, r"argument `t1`, expected a time other"),
+])
+def test_flow_argument_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ContinuousNormalizingFlow(mlp_dynamics(8, 2), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(seed=3), ValueError,
+     r"argument `seed`, expected None: no probes are drawn with "
+     r"jacobian_norm=0. Received: seed=3"),
+    (dict(jacobian_norm=0.1, seed="x"), TypeError,
+     r"argument `seed`, expected None or an integer. Received: seed='x'"),
+    (dict(jacobian_norm=float("nan")), ValueError,
+     r"argument `jacobian_norm`, expected a finite float. "
+     r"Received: jacobian_norm=nan"),
+])
+def test_neural_ode_jacobian_norm_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        NeuralODE(mlp_dynamics(8, 2), **kwargs)
+
+
+def test_sample_errors():
+    flow = ContinuousNormalizingFlow(mlp_dynamics(8, 2))
+    with pytest.raises(ValueError, match=r"sample needs the event shape: "
+                       r"call, fit or build the model first"):
+        flow.sample(3)
+    flow.build((None, 2))
+    with pytest.raises(ValueError, match=r"argument `num_samples`, expected "
+                       r"a positive integer. Received: num_samples=0"):
+        flow.sample(0)
+    with pytest.raises(TypeError, match=r"argument `seed`, expected None or "
+                       r"an integer. Received: seed=0.5"):
+        flow.sample(2, seed=0.5)
+    with pytest.raises(ValueError, match=r"argument `input_shape`, expected "
+                       r"\(batch, \*event_shape\) with a known event shape. "
+                       r"Received: input_shape=\(None, None\)"):
+        ContinuousNormalizingFlow(mlp_dynamics(8, 2)).build((None, None))
+    with pytest.raises(TypeError, match=r"argument `inputs`, expected a "
+                       r"floating tensor"):
+        flow.log_prob(np.zeros((2, 2), "int32"))
