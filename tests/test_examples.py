@@ -1,7 +1,9 @@
-"""The trajectory and augmented-ODE examples: their data, and short runs.
+"""The trajectory, augmented-ODE and flow examples: their data, and short
+runs.
 
-The figures they are for (losses against torchdiffeq, NODE against ANODE)
-come from longer runs: `benchmarks/spiral.py`, `examples/annuli.py`.
+The figures they are for (losses against torchdiffeq, NODE against ANODE,
+flows against TFP's FFJORD) come from longer runs: `benchmarks/spiral.py`,
+`examples/annuli.py`, `examples/cnf.py`, `benchmarks/cnf.py`.
 """
 
 import json
@@ -9,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from examples import annuli, spiral
+from examples import annuli, cnf, spiral
 
 
 def test_annuli_data_are_the_papers():
@@ -59,3 +61,48 @@ def test_spiral_example_runs_and_writes_its_figures(tmp_path, capsys):
     assert json.loads((tmp_path / "spiral.json").read_text())[
         "final_loss"] == result["final_loss"]
     assert (tmp_path / "spiral.png").stat().st_size > 0
+
+
+def test_toy_densities_are_ffjords():
+    moons = cnf.two_moons(4000, seed=0)
+    assert moons.shape == (4000, 2) and moons.dtype == np.float32
+    # Two half circles of radius 2 (noise 0.2 after scaling) about centres
+    # (-1, -0.5) and (1, 0.5).
+    radii = [np.linalg.norm(moons - centre, axis=1)
+             for centre in ([-1.0, -0.5], [1.0, 0.5])]
+    off_circle = np.min([np.abs(radius - 2.0) for radius in radii], axis=0)
+    assert np.mean(off_circle < 0.6) > 0.99
+    gaussians = cnf.eight_gaussians(8000, seed=0) * np.sqrt(2)
+    angles = np.round(np.arctan2(gaussians[:, 1], gaussians[:, 0])
+                      / (np.pi / 4)) % 8
+    assert np.all(np.bincount(angles.astype(int), minlength=8) > 800)
+    np.testing.assert_allclose(np.mean(np.linalg.norm(gaussians, axis=1)),
+                               4.0, atol=0.1)
+
+
+@pytest.mark.slow
+def test_cnf_example_runs_and_writes_its_figures(tmp_path, capsys):
+    summary = cnf.main(["--iterations", "3", "--batch-size", "64",
+                        "--units", "16", "--test-points", "400",
+                        "--print-every", "1", "--tol", "1e-3",
+                        "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "two_moons iteration 3: loss " in printed
+    assert "eight_gaussians: held-out negative log-likelihood " in printed
+    saved = json.loads((tmp_path / "cnf.json").read_text())
+    for name in ("two_moons", "eight_gaussians"):
+        assert [p["iteration"] for p in saved["iterations"][name]] == [1, 2, 3]
+        assert np.isfinite(summary[name]["held_out_nll"])
+        assert summary[name]["nfe_forward_last_20"] > 0
+        assert (tmp_path / f"cnf_{name}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--iterations", "0", "--iterations must be positive"),
+    ("--tol", "-1e-3", "--tol must be positive"),
+    ("--jacobian-norm", "-1", "--jacobian-norm must be at least 0"),
+])
+def test_cnf_example_rejects_bad_options(option, value, message, capsys):
+    with pytest.raises(SystemExit):
+        cnf.parse_args([f"{option}={value}"])
+    assert message in capsys.readouterr().err
