@@ -108,9 +108,15 @@ def train(name, args, verbose=True):
     points, started = [], time.perf_counter()
 
     def record(batch, logs):
-        points.append({"iteration": len(points) + 1,
+        # Keras logs the epoch's running mean; this batch's own loss is
+        # what it added to it.
+        k, mean = len(points) + 1, float(logs["loss"])
+        previous = points[-1]["mean_loss"] if points else 0.0
+        points.append({"iteration": k,
                        "seconds": time.perf_counter() - started,
-                       **{k: float(v) for k, v in logs.items()}})
+                       **{key: float(v) for key, v in logs.items()},
+                       "mean_loss": mean,
+                       "loss": k * mean - (k - 1) * previous})
         if verbose and len(points) % args.print_every == 0:
             p = points[-1]
             print(f"{name} iteration {len(points)}: loss {p['loss']:.4f}, "
