@@ -50,15 +50,21 @@ class ContinuousNormalizingFlow(keras.Model):
         dynamics: a Keras layer or model mapping the state `z` of shape
             `(batch, *event_shape)` to `dz/dt` of the same shape, optionally
             taking the time as an argument `t` (as `NeuralODE`'s).
-        t0, t1: the times of the data and of the base distribution, finite
-            floats, `t1 != t0`. Default to `0.0` and `1.0`.
-        rtol, atol, solver, gradient: as `NeuralODE`'s.
+        t0: the time of the data, a finite float. Defaults to `0.0`.
+        t1: the time of the base distribution, a finite float other than
+            `t0`. Defaults to `1.0`.
+        rtol: as `NeuralODE`'s.
+        atol: as `NeuralODE`'s.
+        solver: as `NeuralODE`'s.
+        gradient: as `NeuralODE`'s.
         trace: `"exact"` or `"hutchinson"`. Defaults to `"exact"`.
         noise: the probes' distribution, `"gaussian"` or `"rademacher"`;
             only with Hutchinson's trace or `jacobian_norm`, which share one
             probe. Defaults to `None`: `"gaussian"` where probes are drawn.
-        kinetic_energy, jacobian_norm: the weights of Finlay et al.'s (2020)
-            regularisers, as `NeuralODE`'s. Default to `0.0`, off.
+        kinetic_energy: the weight of Finlay et al.'s (2020) kinetic-energy
+            regulariser, as `NeuralODE`'s. Defaults to `0.0`, off.
+        jacobian_norm: the weight of their Jacobian-norm regulariser, as
+            `NeuralODE`'s. Defaults to `0.0`, off.
         seed: an integer seeding the probes and `sample`, or `None`.
         **kwargs: base model arguments (`name`, `dtype`, ...).
 

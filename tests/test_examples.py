@@ -78,6 +78,16 @@ def test_toy_densities_are_ffjords():
     assert np.all(np.bincount(angles.astype(int), minlength=8) > 800)
     np.testing.assert_allclose(np.mean(np.linalg.norm(gaussians, axis=1)),
                                4.0, atol=0.1)
+    # The true density integrates to 1 (a Riemann sum over [-5, 5]^2), and
+    # its NLL on its own samples is the mixture's entropy: about 8 separate
+    # Gaussians', log(8) + log(2 pi e 0.125) = 2.838.
+    grid = np.linspace(-5, 5, 401)
+    points = np.stack(np.meshgrid(grid, grid), -1).reshape(-1, 2)
+    mass = np.sum(np.exp(cnf.eight_gaussians_log_prob(points))) * 0.025 ** 2
+    np.testing.assert_allclose(mass, 1.0, atol=1e-3)
+    nll = -np.mean(cnf.eight_gaussians_log_prob(
+        cnf.eight_gaussians(100_000, seed=1).astype("float64")))
+    assert 2.82 < nll < 2.84
 
 
 @pytest.mark.slow
