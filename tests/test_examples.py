@@ -116,3 +116,15 @@ def test_cnf_example_rejects_bad_options(option, value, message, capsys):
     with pytest.raises(SystemExit):
         cnf.parse_args([f"{option}={value}"])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example, argv, message", [
+    (annuli, ["--iterations=0"], "--iterations must be positive"),
+    (annuli, ["--points=-5"], "--points must be positive"),
+    (annuli, ["--augment-dims", "0", "-1"], "--augment-dims must be at least 0"),
+    (spiral, ["--iterations=0"], "--iterations must be positive"),
+])
+def test_examples_reject_bad_options(example, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        example.main(argv)
+    assert message in capsys.readouterr().err

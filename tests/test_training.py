@@ -216,3 +216,36 @@ def test_single_worker_resume_and_peers_watched_pass_through(tmp_path):
     with pytest.raises(KeyError):  # other errors pass unchanged
         with peers_watched(None):
             raise KeyError("x")
+
+
+class _DisagreeingWorkers:
+    """A strategy whose other worker's checkpoint is at iteration 4."""
+
+    def run(self, fn):
+        return None
+
+    def experimental_local_results(self, _):
+        import tensorflow as tf
+
+        return [tf.constant([7, 4])]
+
+
+def test_workers_that_cannot_agree_on_a_checkpoint_exit(tmp_path,
+                                                        monkeypatch):
+    from keras_node import training
+
+    model, x, y = model_and_data()
+    checkpoint = ResumableCheckpoint(tmp_path, save_every=100)
+    checkpoint.set_model(model)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+              callbacks=[checkpoint, StopAtIteration(7)])
+    fresh_model, _, _ = model_and_data()
+    again = ResumableCheckpoint(tmp_path, save_every=100)
+    again.set_model(fresh_model)
+    again.restore()  # iteration 7; this worker has none at 4
+    monkeypatch.setattr(training, "_multi_worker", lambda strategy: True)
+    with pytest.raises(SystemExit, match=(
+            r"This worker's checkpoint is at iteration 7, another's at 4: "
+            r"the workers cannot resume together. Remove every worker's "
+            r"checkpoint folder \(.*\) to start over.")):
+        agree_on_checkpoint(_DisagreeingWorkers(), again)
