@@ -65,6 +65,7 @@ DIRECTIONS = {
 
 def parse_args(argv=None):
     from examples.cnf import DATASETS
+    from examples.options import check_ranges
 
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -92,15 +93,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("runs/benchmarks/cnf.json"))
     args = parser.parse_args(argv)
-    for name in ("iterations", "rounds", "batch_size", "units", "depth",
-                 "test_points"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.warmup < 0:
-        parser.error("--warmup must be at least 0")
-    for name in ("learning_rate", "tol", "kinetic_energy", "jacobian_norm"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+    check_ranges(parser, args,
+                 positive=("iterations", "rounds", "batch_size", "units",
+                           "depth", "test_points", "learning_rate", "tol",
+                           "kinetic_energy", "jacobian_norm"),
+                 non_negative=("warmup",))
     return args
 
 

@@ -24,6 +24,7 @@ import pathlib
 import keras
 import numpy as np
 
+from examples.options import check_ranges
 from keras_node import NeuralODE
 from keras_node.callbacks import LogEvaluationCounts
 
@@ -123,9 +124,8 @@ def main(argv=None):
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("runs/annuli"))
     args = parser.parse_args(argv)
-    for name in ("iterations", "batch_size", "points"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+    check_ranges(parser, args,
+                 positive=("iterations", "batch_size", "points"))
     if min(args.augment_dims) < 0:
         parser.error("--augment-dims must be at least 0")
 

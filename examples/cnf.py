@@ -22,6 +22,7 @@ import time
 import keras
 import numpy as np
 
+from examples.options import check_ranges
 from keras_node import ContinuousNormalizingFlow
 from keras_node.callbacks import LogEvaluationCounts
 
@@ -192,16 +193,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("runs/cnf"))
     args = parser.parse_args(argv)
-    for name in ("iterations", "batch_size", "units", "depth", "test_points",
-                 "print_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("learning_rate", "tol", "t1"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("kinetic_energy", "jacobian_norm"):
-        if not getattr(args, name) >= 0:
-            parser.error(f"--{name.replace('_', '-')} must be at least 0")
+    check_ranges(parser, args,
+                 positive=("iterations", "batch_size", "units", "depth",
+                           "test_points", "print_every", "learning_rate",
+                           "tol", "t1"),
+                 non_negative=("kinetic_energy", "jacobian_norm"))
     return args
 
 

@@ -21,6 +21,7 @@ import time
 import keras
 import numpy as np
 
+from examples.options import check_ranges
 from keras_node import NeuralODE, gradients
 
 TRUE_A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
@@ -140,9 +141,7 @@ def main(argv=None):
                         default=pathlib.Path("runs/spiral"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    for name in ("iterations", "test_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+    check_ranges(parser, args, positive=("iterations", "test_every"))
 
     t, true_y = true_trajectory()
     keras.utils.set_random_seed(args.seed)
