@@ -7,8 +7,8 @@ import keras
 
 from keras_node import gradients, solvers
 from keras_node._options import invalid, non_negative_float
-from keras_node.neural_ode import (NeuralODE, batch_mean, check_floating,
-                                   check_seed, draw_noise)
+from keras_node.neural_ode import (NeuralODE, check_floating, check_seed,
+                                   draw_noise)
 
 _TRACES = ("exact", "hutchinson")
 _NOISES = ("gaussian", "rademacher")
@@ -34,8 +34,10 @@ class ContinuousNormalizingFlow(keras.Model):
     error control with the state.
 
     Train it as any Keras model, without labels: `compile(optimizer)` and
-    `fit(x)`; the loss is the negative mean log-likelihood (in nats, with
-    `sample_weight` a weighted mean) plus the regularisers' losses.
+    `fit(x)`; the loss is the negative mean log-likelihood (in nats;
+    `sample_weight` weighs it as Keras weighs its losses) plus the
+    regularisers' losses, and `compile` takes no `loss`. Under a
+    `tf.distribute` strategy each replica solves its share of the batch.
     `evaluate(x)` reports the same (with the regularisers, if any); the
     held-out negative log-likelihood alone is `-log_prob(x).mean()`.
 
@@ -175,16 +177,24 @@ class ContinuousNormalizingFlow(keras.Model):
         xs, _ = self.ode._solve(z, reverse=True)
         return xs[0]
 
+    def compile(self, optimizer="rmsprop", loss=None, **kwargs):
+        """Keras' `compile`, without `loss`: the loss is the flow's own."""
+        if loss is not None:
+            raise invalid(ValueError, "loss", "None: the loss of a "
+                          "ContinuousNormalizingFlow is its negative "
+                          "log-likelihood", loss)
+        super().compile(optimizer=optimizer, **kwargs)
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
                      training=True):
-        """The negative mean log-likelihood, plus any added losses."""
-        if sample_weight is None:
-            loss = -batch_mean(y_pred)
-        else:
-            weight = keras.ops.cast(sample_weight, y_pred.dtype)
-            loss = -keras.ops.sum(weight * y_pred) / keras.ops.sum(weight)
-        for extra in self.losses:
-            loss = loss + keras.ops.cast(extra, loss.dtype)
+        """The negative mean log-likelihood, plus any added losses (the
+        regularisers), each reduced as Keras reduces its losses (also
+        across the replicas of a distribution strategy)."""
+        loss = _NegativeLogLikelihood(name="nll", dtype=y_pred.dtype)(
+            y_pred, y_pred, sample_weight)
+        if self.losses:  # Keras' own aggregation of the added losses
+            loss = loss + keras.ops.cast(super().compute_loss(
+                x, y, y_pred, sample_weight, training), loss.dtype)
         return loss
 
     def get_config(self):
@@ -206,6 +216,13 @@ class ContinuousNormalizingFlow(keras.Model):
             if isinstance(config.get(key), dict):
                 config[key] = module.get(config[key])
         return cls(**config)
+
+
+class _NegativeLogLikelihood(keras.losses.Loss):
+    """`-log p(x)` from the model's output `log p(x)` (no labels)."""
+
+    def call(self, y_true, y_pred):
+        return -y_pred
 
 
 def _standard_normal_log_prob(z):

@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 from keras import ops
 
-from conftest import BACKEND
+from conftest import BACKEND, tensorflow_only
 from helpers import Linear, finite_difference_check, mlp_dynamics
 from keras_node import ContinuousNormalizingFlow, NeuralODE, solvers
 from keras_node.callbacks import LogEvaluationCounts
@@ -226,3 +226,37 @@ def test_sample_errors():
     with pytest.raises(TypeError, match=r"argument `inputs`, expected a "
                        r"floating tensor"):
         flow.log_prob(np.zeros((2, 2), "int32"))
+
+
+@pytest.mark.slow
+@tensorflow_only("tf.distribute")
+def test_two_replicas_train_as_one_device():
+    # The same global batches on one device and on two replicas: the loss
+    # is reduced across replicas as Keras reduces its own, so the weights
+    # end the same (up to the solvers' tolerance on each half-batch).
+    import tensorflow as tf
+
+    x = np.random.default_rng(14).normal(size=(64, 2)).astype("float32")
+    weights = []
+    for devices in (["/cpu:0"], ["/cpu:0", "/cpu:1"]):
+        keras.utils.set_random_seed(15)
+        with tf.distribute.MirroredStrategy(devices).scope():
+            flow = ContinuousNormalizingFlow(
+                mlp_dynamics(8, 2), rtol=1e-6, atol=1e-6,
+                kinetic_energy=0.1)
+            flow.compile(keras.optimizers.SGD(0.1))
+        history = flow.fit(x, batch_size=32, epochs=2, shuffle=False,
+                           verbose=0).history
+        weights.append([w.numpy() for w in flow.trainable_variables])
+        losses = history["loss"]
+    for one, two in zip(*weights):
+        np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
+    assert losses[1] < losses[0]
+
+
+def test_compile_takes_no_loss():
+    flow = ContinuousNormalizingFlow(mlp_dynamics(8, 2))
+    with pytest.raises(ValueError, match=r"argument `loss`, expected None: "
+                       r"the loss of a ContinuousNormalizingFlow is its "
+                       r"negative log-likelihood. Received: loss='mse'"):
+        flow.compile("adam", loss="mse")
