@@ -98,8 +98,8 @@ class ContinuousNormalizingFlow(keras.Model):
         self.ode = NeuralODE(dynamics, t0=t0, t1=t1, rtol=rtol, atol=atol,
                              solver=solver, gradient=gradient, name="ode")
         if trace not in _TRACES:
-            raise invalid(ValueError, "trace", '"exact" or "hutchinson"',
-                          trace)
+            raise invalid(ValueError if isinstance(trace, str) else TypeError,
+                          "trace", '"exact" or "hutchinson"', trace)
         self.trace = trace
         self.kinetic_energy = non_negative_float("kinetic_energy",
                                                  kinetic_energy)
@@ -162,7 +162,10 @@ class ContinuousNormalizingFlow(keras.Model):
         base draws solved back from `t1` to `t0`. `seed`: an integer, or
         `None` for the model's own seed generator."""
         if isinstance(num_samples, bool) or not isinstance(
-                num_samples, numbers.Integral) or num_samples < 1:
+                num_samples, numbers.Integral):
+            raise invalid(TypeError, "num_samples", "a positive integer",
+                          num_samples)
+        if num_samples < 1:
             raise invalid(ValueError, "num_samples", "a positive integer",
                           num_samples)
         if self.event_shape is None:

@@ -171,6 +171,9 @@ def test_neural_ode_config_keeps_the_jacobian_norm():
     (dict(trace="stochastic"), ValueError,
      r'argument `trace`, expected "exact" or "hutchinson". '
      r"Received: trace='stochastic'"),
+    (dict(trace=None), TypeError,
+     r'argument `trace`, expected "exact" or "hutchinson". '
+     r"Received: trace=None"),
     (dict(trace="hutchinson", noise="uniform"), ValueError,
      r'argument `noise`, expected None, "gaussian" or "rademacher". '
      r"Received: noise='uniform'"),
@@ -216,6 +219,9 @@ def test_sample_errors():
     with pytest.raises(ValueError, match=r"argument `num_samples`, expected "
                        r"a positive integer. Received: num_samples=0"):
         flow.sample(0)
+    with pytest.raises(TypeError, match=r"argument `num_samples`, expected "
+                       r"a positive integer. Received: num_samples=2.0"):
+        flow.sample(2.0)
     with pytest.raises(TypeError, match=r"argument `seed`, expected None or "
                        r"an integer. Received: seed=0.5"):
         flow.sample(2, seed=0.5)
