@@ -243,10 +243,16 @@ def test_two_replicas_train_as_one_device():
     import tensorflow as tf
 
     x = np.random.default_rng(14).normal(size=(64, 2)).astype("float32")
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     weights = []
-    for devices in (["/cpu:0"], ["/cpu:0", "/cpu:1"]):
+    # Reduction to one device, not collective ops: TF caches a collective
+    # instance's shape per process, and the other tests' strategies reuse
+    # the instance keys with other shapes.
+    for strategy in (tf.distribute.get_strategy(),
+                     tf.distribute.MirroredStrategy(
+                         devices, tf.distribute.ReductionToOneDevice())):
         keras.utils.set_random_seed(15)
-        with tf.distribute.MirroredStrategy(devices).scope():
+        with strategy.scope():
             flow = ContinuousNormalizingFlow(
                 mlp_dynamics(8, 2), rtol=1e-6, atol=1e-6,
                 kinetic_energy=0.1)
