@@ -52,9 +52,7 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             fn, t0, tuple(times), forward, adjoint, mask, seminorm,
             on_backward_evals)(y0, params)
     _raise_if_failed(counts, forward)
-    hs, integrals = ys if mask else (ys, {})
-    integrals = {k: v for k, v in integrals.items() if k != "noise"}
-    return hs, integrals, counts
+    return (*_solver.integrals_of(ys, mask), counts)
 
 
 def _vjp(g, x):

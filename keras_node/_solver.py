@@ -450,6 +450,15 @@ def augment(tf, fn, y0, *, vjp=None, kinetic=False, jacobian=False,
     return augmented, (y0, extra), (True, mask)
 
 
+def integrals_of(ys, error_mask):
+    """`(hs, integrals)` of a solution of `augment`'s state (its error
+    mask tells): the states and the dict of integrals, without the noise."""
+    if error_mask is None:
+        return ys, {}
+    hs, extra = ys
+    return hs, {k: v for k, v in extra.items() if k != "noise"}
+
+
 def _exact_trace(tf, pullback, y):
     """`trace(dg/dy)` per example from `pullback`, one product per element of
     an example's state (its rows of the Jacobian, one at a time)."""

@@ -63,9 +63,7 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             fn, y0, t0, times, forward_options=forward,
             adjoint_options=adjoint, state_mask=mask, seminorm=seminorm,
             on_backward_evals=on_backward_evals)
-    hs, integrals = ys if mask else (ys, {})
-    integrals = {k: v for k, v in integrals.items() if k != "noise"}
-    return hs, integrals, counts
+    return (*_solver.integrals_of(ys, mask), counts)
 
 
 def _vjp(g, x):

@@ -389,11 +389,9 @@ class NeuralODE(keras.layers.Layer):
         noise = None
         if self.jacobian_norm:
             noise = draw_noise("gaussian", h0, self.seed_generator)
-        hs, integrals = self._solve(h0, kinetic=bool(self.kinetic_energy),
-                                    jacobian=bool(self.jacobian_norm),
-                                    noise=noise)
-        penalty = self._regularisation(integrals, self.kinetic_energy,
-                                       self.jacobian_norm)
+        hs, _, penalty = self._solve(
+            h0, kinetic_energy=self.kinetic_energy,
+            jacobian_norm=self.jacobian_norm, noise=noise)
         if penalty is not None:
             self.add_loss(penalty)
         if self.augment_dim:
@@ -401,12 +399,18 @@ class NeuralODE(keras.layers.Layer):
         hs = hs[0] if self.save_at is None else keras.ops.moveaxis(hs, 0, 1)
         return keras.ops.cast(hs, inputs.dtype)
 
-    def _solve(self, h0, *, reverse=False, **integrals):
-        """The states at the output times (stacked first) from `h0`, and the
-        integrals asked for (`_solver.augment`'s keywords) at those times;
-        records the counts. `reverse`: from `t1` back to `t0` instead (one
-        output time, `t0`). The solve of `call` and of
-        `ContinuousNormalizingFlow`."""
+    def _solve(self, h0, *, reverse=False, kinetic_energy=0.0,
+                jacobian_norm=0.0, trace=None, noise=None):
+        """Solves from `h0` and records the counts; the solve of `call` and
+        of `ContinuousNormalizingFlow`.
+
+        Returns `(hs, divergence, penalty)`: the states at the output times
+        (stacked first); with `trace` (`_solver.augment`'s, as `noise`),
+        the divergence integrated up to each of them, else None; and the
+        regularisers' loss for these weights (their integrals up to the last
+        output time, averaged over the batch), None with both off.
+        `reverse`: from `t1` back to `t0` instead (one output time, `t0`).
+        """
         t0, times = ((self.t1, (self.t0,)) if reverse
                      else (self.t0, self.output_times))
         forward, adjoint = self._solve_options(reverse)
@@ -415,25 +419,22 @@ class NeuralODE(keras.layers.Layer):
             t0=t0, times=times, forward=forward, adjoint=adjoint,
             gradient=self.gradient.name,
             seminorm=getattr(self.gradient, "norm", None) == "seminorm",
-            on_backward_evals=self._record_backward_evals, **integrals)
+            on_backward_evals=self._record_backward_evals,
+            kinetic=bool(kinetic_energy), jacobian=bool(jacobian_norm),
+            trace=trace, noise=noise)
         counts = keras.ops.cast(counts, "float32")
         for i, counter in enumerate((self._forward_evals, self._steps_accepted,
                                      self._steps_rejected)):
             counter.assign(counts[i])
-        return hs, integrals
-
-    def _regularisation(self, integrals, kinetic_energy, jacobian_norm):
-        """The regularisers' loss: their weighted integrals up to the last
-        output time, averaged over the batch; None without any."""
-        # The integrals run from t0 on: negative when t1 < t0.
-        sign = 1.0 if self.t1 > self.t0 else -1.0
+        # The integrals run from the solve's start: negative backward in time.
+        sign = 1.0 if times[-1] > t0 else -1.0
         penalty = None
         for name, weight in (("kinetic", kinetic_energy),
                              ("jacobian", jacobian_norm)):
             if name in integrals:
                 term = sign * weight * batch_mean(integrals[name][-1])
                 penalty = term if penalty is None else penalty + term
-        return penalty
+        return hs, integrals.get("divergence"), penalty
 
     def note_model(self, model):
         """Marks this layer as sharing `model` if that holds other

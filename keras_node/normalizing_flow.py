@@ -1,12 +1,11 @@
 """The `ContinuousNormalizingFlow` model."""
 
 import math
-import numbers
 
 import keras
 
 from keras_node import gradients, solvers
-from keras_node._options import invalid, non_negative_float
+from keras_node._options import invalid, non_negative_float, positive_int
 from keras_node.neural_ode import (NeuralODE, check_floating, check_seed,
                                    draw_noise)
 
@@ -142,15 +141,12 @@ class ContinuousNormalizingFlow(keras.Model):
         if self._probed:
             noise = draw_noise(self.noise or "gaussian", z0,
                                self.seed_generator)
-        zs, integrals = self.ode._solve(
-            z0, trace=self.trace, kinetic=bool(self.kinetic_energy),
-            jacobian=bool(self.jacobian_norm), noise=noise)
-        penalty = self.ode._regularisation(integrals, self.kinetic_energy,
-                                           self.jacobian_norm)
+        zs, divergence, penalty = self.ode._solve(
+            z0, trace=self.trace, kinetic_energy=self.kinetic_energy,
+            jacobian_norm=self.jacobian_norm, noise=noise)
         if penalty is not None:
             self.add_loss(penalty)
-        log_prob = _standard_normal_log_prob(zs[0]) + \
-            integrals["divergence"][-1]
+        log_prob = _standard_normal_log_prob(zs[0]) + divergence[-1]
         return keras.ops.cast(log_prob, inputs.dtype)
 
     def log_prob(self, x):
@@ -161,13 +157,7 @@ class ContinuousNormalizingFlow(keras.Model):
         """`num_samples` draws from the model, `(num_samples, *event_shape)`:
         base draws solved back from `t1` to `t0`. `seed`: an integer, or
         `None` for the model's own seed generator."""
-        if isinstance(num_samples, bool) or not isinstance(
-                num_samples, numbers.Integral):
-            raise invalid(TypeError, "num_samples", "a positive integer",
-                          num_samples)
-        if num_samples < 1:
-            raise invalid(ValueError, "num_samples", "a positive integer",
-                          num_samples)
+        num_samples = positive_int("num_samples", num_samples)
         if self.event_shape is None:
             raise ValueError(
                 "ContinuousNormalizingFlow.sample needs the event shape: "
@@ -175,9 +165,9 @@ class ContinuousNormalizingFlow(keras.Model):
         check_seed(seed)
         dtype = self.ode._state_dtype(self.compute_dtype)
         z = keras.random.normal(
-            (int(num_samples), *self.event_shape), dtype=dtype,
+            (num_samples, *self.event_shape), dtype=dtype,
             seed=self.seed_generator if seed is None else seed)
-        xs, _ = self.ode._solve(z, reverse=True)
+        xs, _, _ = self.ode._solve(z, reverse=True)
         return xs[0]
 
     def compile(self, optimizer="rmsprop", loss=None, **kwargs):
