@@ -25,6 +25,8 @@ import pathlib
 import platform
 import subprocess
 
+from benchmarks.machine import cpu_model
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "data"
 IMAGES = ROOT / "docs" / "images"
@@ -47,7 +49,7 @@ def provenance():
         except ImportError:
             pass
     return {"date": datetime.date.today().isoformat(), "commit": commit,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
             "versions": versions}
 
 

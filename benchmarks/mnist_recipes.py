@@ -13,10 +13,10 @@ with the machine it ran on.
 """
 
 import json
-import os
 import pathlib
-import platform
 import sys
+
+from benchmarks.machine import describe
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,7 @@ def main(argv=None):
     print(json.dumps({
         "benchmark": "mnist_recipe", "recipe": name,
         "options": RECIPES[name] + rest, "metrics": metrics,
-        "machine": {"platform": platform.platform(),
-                    "cpu_count": os.cpu_count()},
+        "machine": describe(),
     }, indent=2))
 
 

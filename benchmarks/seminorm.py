@@ -19,13 +19,12 @@ take the same steps.
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import keras
 import numpy as np
 
+from benchmarks.machine import describe
 from keras_node import NeuralODE, gradients
 
 A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
@@ -101,8 +100,7 @@ def main(argv=None):
         "runs": runs,
         "backward_ratio_seminorm_to_full":
             runs[1]["nfe_backward_mean"] / runs[0]["nfe_backward_mean"],
-        "machine": {"platform": platform.platform(),
-                    "cpu_count": os.cpu_count()},
+        "machine": describe(),
     }, indent=2))
 
 

@@ -16,7 +16,6 @@ import concurrent.futures
 import json
 import os
 import pathlib
-import platform
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 import urllib.request
 
 import numpy as np
+
+from benchmarks.machine import describe
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -118,8 +119,7 @@ def main(argv=None):
             server.terminate()
             server.wait(timeout=30)
     print(json.dumps({"benchmark": "serving", "runs": runs,
-                      "machine": {"platform": platform.platform(),
-                                  "cpu_count": os.cpu_count()}}, indent=2))
+                      "machine": describe()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ import collections
 import concurrent.futures
 import http.client
 import json
-import os
 import pathlib
-import platform
 import socket
 import tempfile
 import threading
@@ -34,7 +32,8 @@ import time
 
 import numpy as np
 
-from serving import export_untrained, start_server
+from benchmarks.machine import describe
+from benchmarks.serving import export_untrained, start_server
 
 NAME = "mnist"
 PREDICT = f"/v1/models/{NAME}:predict"
@@ -194,9 +193,7 @@ def main(argv=None):
     print(json.dumps({
         "benchmark": "serving_probe", "mixed_load": load, "big_body": body,
         "server_alive_at_end": alive,
-        "machine": {"platform": platform.platform(),
-                    "cpu_count": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": describe(),
     }, indent=2))
 
 

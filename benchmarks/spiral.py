@@ -18,11 +18,12 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+
+from benchmarks.machine import describe
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -90,9 +91,7 @@ def main(argv=None):
         "loss_ratio": median["keras-node"]["final_loss"]
         / median["torchdiffeq"]["final_loss"],
         "runs": runs,
-        "machine": {"platform": platform.platform(),
-                    "cpu_count": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": describe(),
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -15,11 +15,12 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
 import time
+
+from benchmarks.machine import describe
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -74,14 +75,9 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
 def machine():
     import tensorflow as tf
 
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-    }
+    return {**describe(),
+            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+            "tensorflow": tf.__version__}
 
 
 def main(argv=None):
@@ -111,13 +107,14 @@ def main(argv=None):
     runs = []
     for tolerance in args.tolerances:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", str(tolerance),
+            [sys.executable, "-m", "benchmarks.train_step", "--child",
+             str(tolerance),
              "--steps", str(args.steps), "--warmup", str(args.warmup),
              "--batch-size", str(args.batch_size),
              "--adjoint-norm", args.adjoint_norm, "--solver", args.solver,
              "--gradient", args.gradient, "--num-steps", str(args.num_steps)]
             + ["--jit-compile"] * args.jit_compile,
-            check=True, capture_output=True, text=True,
+            check=True, capture_output=True, text=True, cwd=ROOT,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         ).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))

@@ -28,10 +28,11 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
+
+from benchmarks.machine import describe
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -253,10 +254,7 @@ def main(argv=None):
         "gpu": args.gpu,
         "summary": summary,
         "runs": runs,
-        "machine": {"platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": describe(),
     }
     print(table(summary, ratios))
     text = json.dumps(result, indent=2)
