@@ -5,8 +5,9 @@
 Times, each as the median of `--repeats` runs of a compiled `tf.function` on
 the same batch of 128 random images: one evaluation of the dynamics (two
 3x3 convolutions on 128x6x6x64), one evaluation of the adjoint system (the
-dynamics and their vector-Jacobian product), the forward pass of the whole
-model, the forward and backward pass (gradients, no optimizer), and the
+dynamics and their vector-Jacobian product), the solver alone (the same
+solve, forward and backward, with dynamics `-h * w` that cost almost
+nothing), the forward pass of the whole model, the forward and backward pass (gradients, no optimizer), and the
 full train step (`train_on_batch`). From the evaluation counts it splits the
 step into dynamics work (forward NFE x one evaluation + backward NFE x one
 adjoint evaluation) and the rest (down-sampling and head layers, the
@@ -43,6 +44,7 @@ def main(argv=None):
     import numpy as np
     import tensorflow as tf
     from examples.mnist_common import build_model
+    from keras_node import NeuralODE
 
     keras.utils.set_random_seed(0)
     model = build_model()
@@ -68,6 +70,28 @@ def main(argv=None):
         return tape.gradient(f, [h] + ode.dynamics.trainable_variables,
                              output_gradients=f)
 
+    # The solver's own cost: the same solve (settings, state shape, forward
+    # and backward) with dynamics that cost almost nothing.
+    class Scale(keras.layers.Layer):
+        """dh/dt = -h * w, one weight per channel."""
+
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=input_shape[-1:],
+                                     initializer="ones")
+
+        def call(self, h):
+            return -h * self.w
+
+    cheap = NeuralODE(Scale(), t0=ode.t0, t1=ode.t1, rtol=ode.rtol,
+                      atol=ode.atol, solver=ode.solver, gradient=ode.gradient)
+
+    @tf.function
+    def solver_only():
+        with tf.GradientTape() as tape:
+            tape.watch(h)
+            out = cheap(h)
+        return tape.gradient(out, h, output_gradients=out)
+
     @tf.function
     def forward():
         return model(x, training=True)
@@ -81,6 +105,8 @@ def main(argv=None):
     times = {
         "dynamics_evaluation_s": median_time(dynamics, args.repeats),
         "adjoint_evaluation_s": median_time(adjoint_evaluation, args.repeats),
+        "solver_only_forward_backward_s": median_time(solver_only,
+                                                      args.repeats),
         "model_forward_s": median_time(forward, args.repeats),
         "forward_backward_s": median_time(forward_backward, args.repeats),
         "train_step_s": median_time(

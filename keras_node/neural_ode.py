@@ -66,13 +66,15 @@ class NeuralODE(keras.layers.Layer):
     supported: dynamics that update state during the solve
     (`BatchNormalization`'s moving statistics, for example), dynamics with
     several inputs or outputs, gradients with respect to `t0` or `t1`.
-    XLA on TensorFlow: `compile(jit_compile=True)` works, about as fast, but
-    XLA drops an adaptive solver's `max_num_steps` error (an exhausted
-    budget returns NaN instead), so on TensorFlow a layer with an adaptive
-    solver sets `supports_jit = False` and `jit_compile="auto"` keeps to
-    plain TensorFlow; fixed-step solvers have no budget and allow XLA. On
-    JAX, where no solve can raise inside a loop anyway, `"auto"` compiles
-    the train step.
+    XLA on TensorFlow: `compile(jit_compile=True)` works, but XLA drops an
+    adaptive solver's `max_num_steps` error (an exhausted budget returns NaN
+    instead), so on TensorFlow a layer with an adaptive solver sets
+    `supports_jit = False` and `jit_compile="auto"` keeps to TensorFlow's
+    graph without XLA; fixed-step solvers have no budget and allow XLA. On
+    a CPU, leave XLA off (as `"auto"` does on a machine without GPUs): there
+    a train step with RK4 and backprop measured 16 times slower under XLA
+    (see the troubleshooting guide). On JAX, where no solve can raise
+    inside a loop anyway, `"auto"` compiles the train step.
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
     `tfp-nightly`). On JAX the gradients reach the initial state and the

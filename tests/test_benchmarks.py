@@ -1,9 +1,14 @@
 """The benchmarks' shared parts; their long runs are not tests."""
 
 import importlib
+import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
+
+from conftest import tensorflow_only
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # What the peers' and the GPU scripts need besides this environment.
@@ -35,3 +40,18 @@ def test_machine_records_the_cpu_and_the_onednn_setting(monkeypatch):
     assert isinstance(machine["cpu"], str) and machine["cpu"]
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
     assert describe()["tf_enable_onednn_opts"] is None
+
+
+@tensorflow_only("benchmarks/train_step.py times the TensorFlow backend")
+def test_train_step_runs_each_tolerance_in_a_child_process():
+    """The documented command: the parent starts one child per tolerance
+    (a fresh process each, for its own peak memory) and gathers their
+    JSON."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_step", "--tolerances",
+         "1e-2", "--steps", "1", "--warmup", "1", "--batch-size", "4"],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    (run,) = report["runs"]
+    assert run["tolerance"] == 1e-2 and run["nfe_forward"] > 0
+    assert run["median_step_s"] > 0 and report["machine"]["tensorflow"]
