@@ -3,15 +3,16 @@
     python -m benchmarks.profile_step [--repeats 20]
 
 Times, each as the median of `--repeats` runs of a compiled `tf.function` on
-the same batch of 128 random images: one evaluation of the dynamics (two
-3x3 convolutions on 128x6x6x64), one evaluation of the adjoint system (the
+the same batch of 128 random images: one evaluation of the dynamics (two 3x3
+convolutions on 128x6x6x64), one evaluation of the adjoint system (the
 dynamics and their vector-Jacobian product), the solver alone (the same
 solve, forward and backward, with dynamics `-h * w` that cost almost
-nothing), the forward pass of the whole model, the forward and backward pass (gradients, no optimizer), and the
-full train step (`train_on_batch`). From the evaluation counts it splits the
-step into dynamics work (forward NFE x one evaluation + backward NFE x one
-adjoint evaluation) and the rest (down-sampling and head layers, the
-solver's own arithmetic and loop overhead, the optimizer). Prints JSON.
+nothing), the forward pass of the whole model, the forward and backward pass
+(gradients, no optimizer), and the full train step (`train_on_batch`). From
+the evaluation counts it splits the step into dynamics work (forward NFE x
+one evaluation + backward NFE x one adjoint evaluation) and the rest
+(down-sampling and head layers, the solver's own arithmetic and loop overhead,
+the optimizer). Prints JSON.
 """
 
 import argparse
