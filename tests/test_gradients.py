@@ -108,8 +108,12 @@ def test_gradients_under_tf_function_match_eager():
     h0 = np.random.default_rng(4).normal(size=(4, 3)).astype("float32")
     eager = gradients(ode, h0, tf.reduce_sum)
     graph = tf.function(lambda: gradients(ode, h0, tf.reduce_sum))()
+    # float32: graph mode rewrites the arithmetic (grappler), and the
+    # adaptive solves carry the rounding differences; on an AMD EPYC without
+    # oneDNN they reached 1.4e-6 on gradients of up to 2.2. A wrong graph
+    # gradient differs by far more.
     for e, g in zip(eager, graph):
-        np.testing.assert_allclose(e, g, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(e, g, rtol=1e-5, atol=1e-5)
 
 
 def test_seminorm_takes_fewer_backward_steps():
