@@ -55,3 +55,26 @@ def test_train_step_runs_each_tolerance_in_a_child_process():
     (run,) = report["runs"]
     assert run["tolerance"] == 1e-2 and run["nfe_forward"] > 0
     assert run["median_step_s"] > 0 and report["machine"]["tensorflow"]
+
+
+@tensorflow_only("benchmarks/peers/dynamics_cost.py times TensorFlow")
+def test_dynamics_cost_child_times_the_readme_dynamics():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peers.dynamics_cost", "--child",
+         "tensorflow", "--repeats", "1", "--batch-size", "4"],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    run = json.loads(result.stdout)
+    assert run["library"] == "tensorflow"
+    assert 0 < run["forward_s"] and 0 < run["forward_backward_s"]
+
+
+def test_dynamics_cost_ratio_is_ours_over_torch_of_the_medians():
+    from benchmarks.peers.dynamics_cost import summarize
+
+    runs = {"tensorflow": [{"forward_s": s, "forward_backward_s": 2 * s}
+                           for s in (1.0, 3.0, 2.0)],
+            "torch": [{"forward_s": s, "forward_backward_s": 8 * s}
+                      for s in (4.0, 5.0, 6.0)]}
+    summary = summarize(runs)
+    assert summary["tensorflow"]["forward_s"] == 2.0
+    assert summary["ratio"] == {"forward_s": 0.4, "forward_backward_s": 0.1}

@@ -1,0 +1,159 @@
+"""One evaluation of the README model's dynamics, ours against PyTorch's.
+
+    python -m benchmarks.peers.dynamics_cost [--rounds 3] [--repeats 50]
+
+A train step with a fixed-step solver and backprop is little more than its
+dynamics' evaluations, forward and backward, so the kernels of the two
+frameworks bound what any solver code can win there. This times them alone:
+the dynamics of `examples/mnist.py` (two 3x3 convolutions 64->64 with tanh,
+on a 128x6x6x64 state), as a compiled `tf.function` with Keras' layers (this
+Python) and as `torchdiffeq_step.Dynamics` (`.venv-torch`), each in a fresh
+process, alternated for `--rounds` rounds. Each run reports the median over
+`--repeats` calls of the forward evaluation and of the forward evaluation
+with the gradient to the state and to every weight (what backprop through a
+solver step differentiates). Prints one JSON object: per framework the
+median over rounds, `ratio` (ours over PyTorch's) for both, every round's
+raw result and the machine.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+from benchmarks.machine import describe
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIELDS = ["forward_s", "forward_backward_s"]
+
+
+def median_time(fn, repeats):
+    fn()  # trace and warm up
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_tensorflow(repeats, batch_size):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from examples.mnist_common import build_model
+
+    keras.utils.set_random_seed(0)
+    ode = next(layer for layer in build_model().layers
+               if layer.__class__.__name__ == "NeuralODE")
+    dynamics = ode.dynamics
+    h = tf.constant(np.random.default_rng(0).normal(
+        size=(batch_size, 6, 6, 64)).astype("float32"))
+
+    @tf.function
+    def forward():
+        return dynamics(h)
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            tape.watch(h)
+            f = dynamics(h)
+        return tape.gradient(f, [h, *dynamics.trainable_variables])
+
+    # `.numpy()` waits for the result.
+    return {"library": "tensorflow", "version": tf.__version__,
+            "forward_s": median_time(lambda: forward().numpy(), repeats),
+            "forward_backward_s": median_time(
+                lambda: [g.numpy() for g in forward_backward()], repeats)}
+
+
+def measure_torch(repeats, batch_size, threads):
+    import torch
+
+    from benchmarks.peers.torchdiffeq_step import Dynamics
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dynamics = Dynamics()
+    h = torch.randn(batch_size, 64, 6, 6)
+
+    def forward():
+        with torch.no_grad():
+            return dynamics(0.0, h)
+
+    def forward_backward():
+        x = h.clone().requires_grad_(True)
+        f = dynamics(0.0, x)
+        return torch.autograd.grad(f, [x, *dynamics.parameters()],
+                                   torch.ones_like(f))
+
+    return {"library": "torch", "version": torch.__version__,
+            "forward_s": median_time(forward, repeats),
+            "forward_backward_s": median_time(forward_backward, repeats)}
+
+
+def run_child(library, repeats, batch_size, threads):
+    python = sys.executable if library == "tensorflow" else str(
+        ROOT / ".venv-torch/bin/python")
+    if not pathlib.Path(python).exists():
+        sys.exit(f"{python} is missing: run `bash benchmarks/peers/setup.sh` "
+                 "first.")
+    process = subprocess.run(
+        [python, "-m", "benchmarks.peers.dynamics_cost", "--child", library,
+         "--repeats", str(repeats), "--batch-size", str(batch_size),
+         "--threads", str(threads)],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    lines = process.stdout.strip().splitlines()
+    if process.returncode != 0 or not lines:
+        sys.exit(f"{library} failed (exit {process.returncode}):\n"
+                 f"{process.stderr[-3000:]}")
+    print(lines[-1], file=sys.stderr, flush=True)
+    return json.loads(lines[-1])
+
+
+def summarize(runs):
+    summary = {library: {field: statistics.median(r[field] for r in results)
+                         for field in FIELDS}
+               for library, results in runs.items()}
+    summary["ratio"] = {field: summary["tensorflow"][field]
+                        / summary["torch"][field] for field in FIELDS}
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="PyTorch's intra-op threads (as the peers' "
+                             "train steps)")
+    parser.add_argument("--child", choices=["tensorflow", "torch"],
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child == "tensorflow":
+        print(json.dumps(measure_tensorflow(args.repeats, args.batch_size)))
+        return
+    if args.child == "torch":
+        print(json.dumps(measure_torch(args.repeats, args.batch_size,
+                                       args.threads)))
+        return
+    runs = {"tensorflow": [], "torch": []}
+    for _ in range(args.rounds):
+        for library in runs:
+            runs[library].append(run_child(library, args.repeats,
+                                           args.batch_size, args.threads))
+    print(json.dumps({**summarize(runs), "runs": runs,
+                      "batch_size": args.batch_size,
+                      "machine": describe()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
