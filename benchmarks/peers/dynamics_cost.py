@@ -23,23 +23,12 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import time
 
 from benchmarks.machine import describe
+from benchmarks.profile_step import median_time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIELDS = ["forward_s", "forward_backward_s"]
-
-
-def median_time(fn, repeats):
-    fn()  # trace and warm up
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure_tensorflow(repeats, batch_size):
