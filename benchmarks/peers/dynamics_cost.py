@@ -18,13 +18,12 @@ raw result and the machine.
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 
 from benchmarks.machine import describe
+from benchmarks.peers.run import run_json
 from benchmarks.profile_step import median_time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -90,21 +89,13 @@ def measure_torch(repeats, batch_size, threads):
 def run_child(library, repeats, batch_size, threads):
     python = sys.executable if library == "tensorflow" else str(
         ROOT / ".venv-torch/bin/python")
-    if not pathlib.Path(python).exists():
-        sys.exit(f"{python} is missing: run `bash benchmarks/peers/setup.sh` "
-                 "first.")
-    process = subprocess.run(
+    result = run_json(
         [python, "-m", "benchmarks.peers.dynamics_cost", "--child", library,
          "--repeats", str(repeats), "--batch-size", str(batch_size),
-         "--threads", str(threads)],
-        capture_output=True, text=True, cwd=ROOT, check=False,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    lines = process.stdout.strip().splitlines()
-    if process.returncode != 0 or not lines:
-        sys.exit(f"{library} failed (exit {process.returncode}):\n"
-                 f"{process.stderr[-3000:]}")
-    print(lines[-1], file=sys.stderr, flush=True)
-    return json.loads(lines[-1])
+         "--threads", str(threads)], library)
+    if result is None:
+        sys.exit(f"{library} failed: see above.")
+    return result
 
 
 def summarize(runs):

@@ -107,21 +107,28 @@ def run_once(library, steps, warmup, batch_size, gpu=False, solver=None,
     limit leaves what it had measured.
     """
     argv = command(library, steps, warmup, batch_size, gpu, solver, gradient)
+    # JAX may take the GPU (diffrax_step.py defaults to the CPU).
+    env = ({"KERAS_BACKEND": "jax",
+            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "")}
+           if gpu else {})
+    return run_json(argv, label(library, solver, gradient), env)
+
+
+def run_json(argv, what, env=None):
+    """Runs `argv` from the repository root and returns its last line of
+    output as JSON, or None if it failed (reported on stderr as `what`).
+
+    Exits if `argv[0]`, a peer's Python, is missing.
+    """
     if not pathlib.Path(argv[0]).exists():
         sys.exit(f"{argv[0]} is missing: run `bash benchmarks/peers/setup.sh`"
                  " first.")
     process = subprocess.run(
         argv, capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-             # JAX may take the GPU (diffrax_step.py defaults to the CPU).
-             **({"KERAS_BACKEND": "jax",
-                 "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "")}
-                if gpu else {})},
-    )
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
     lines = process.stdout.strip().splitlines()
     if process.returncode != 0 or not lines:
-        print(f"{label(library, solver, gradient)} failed (exit "
-              f"{process.returncode}):\n"
+        print(f"{what} failed (exit {process.returncode}):\n"
               f"{process.stderr[-3000:]}", file=sys.stderr)
         return None
     print(lines[-1], file=sys.stderr, flush=True)
