@@ -78,3 +78,11 @@ def test_dynamics_cost_ratio_is_ours_over_torch_of_the_medians():
     summary = summarize(runs)
     assert summary["tensorflow"]["forward_s"] == 2.0
     assert summary["ratio"] == {"forward_s": 0.4, "forward_backward_s": 0.1}
+
+
+def test_dynamics_cost_stops_when_a_child_fails(monkeypatch):
+    from benchmarks.peers import dynamics_cost
+
+    monkeypatch.setattr(dynamics_cost, "run_json", lambda argv, what: None)
+    with pytest.raises(SystemExit, match="^torch failed: see above.$"):
+        dynamics_cost.run_child("torch", 1, 4, 2)
