@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from examples.mnist_common import (build_model, make_optimizer,  # noqa: E402
-                          stratified_split)
+                                  ode_layer, stratified_split)
 
 from keras_node.callbacks import LogEvaluationCounts  # noqa: E402
 
@@ -136,7 +136,7 @@ def main(argv=None):
 
     keras.utils.set_random_seed(args.seed)
     model = build_model(kinetic_energy=args.kinetic_energy)
-    ode = next(l for l in model.layers if l.__class__.__name__ == "NeuralODE")
+    ode = ode_layer(model)
     encoder = keras.Model(model.input, ode.input)
     trainer = model
     if args.shift:  # as examples/mnist.py's pipeline, here in the step

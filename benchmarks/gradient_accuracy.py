@@ -26,16 +26,14 @@ import tensorflow as tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from examples import mnist_data  # noqa: E402
-from examples.mnist_common import build_model  # noqa: E402
-
-from keras_node import NeuralODE  # noqa: E402
+from examples.mnist_common import build_model, ode_layer  # noqa: E402
 
 
 def gradients(model, x, y, tol, gradient="adjoint"):
     """The loss gradient over `model`'s weights, solved at `tol`."""
     copy = build_model(rtol=tol, atol=tol, gradient=gradient)
     copy.set_weights(model.get_weights())
-    ode = next(l for l in copy.layers if isinstance(l, NeuralODE))
+    ode = ode_layer(copy)
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
             y, copy(x), from_logits=True))

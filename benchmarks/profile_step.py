@@ -44,14 +44,14 @@ def main(argv=None):
     import keras
     import numpy as np
     import tensorflow as tf
-    from examples.mnist_common import build_model
+    from examples.mnist_common import build_model, ode_layer
     from keras_node import NeuralODE
 
     keras.utils.set_random_seed(0)
     model = build_model()
     model.compile(keras.optimizers.Adam(1e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    ode = next(l for l in model.layers if l.__class__.__name__ == "NeuralODE")
+    ode = ode_layer(model)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.random((args.batch_size, 28, 28, 1), "float32"))
     y = tf.constant(rng.integers(0, 10, args.batch_size))

@@ -31,8 +31,8 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
     import keras
     import numpy as np
     import tensorflow as tf
-    from examples.mnist_common import build_model
-    from examples.mnist_common import solver_and_gradient
+    from examples.mnist_common import (build_model, ode_layer,
+                                       solver_and_gradient)
 
     keras.utils.set_random_seed(0)
     solver_, gradient_ = solver_and_gradient(solver, num_steps, gradient,
@@ -47,7 +47,7 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
     rng = np.random.default_rng(0)
     x = tf.constant(rng.random((batch_size, 28, 28, 1), dtype="float32"))
     y = tf.constant(rng.integers(0, 10, batch_size))
-    ode = next(l for l in model.layers if l.__class__.__name__ == "NeuralODE")
+    ode = ode_layer(model)
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()

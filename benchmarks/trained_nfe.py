@@ -22,8 +22,9 @@ import tensorflow as tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from examples import mnist_data  # noqa: E402
+from examples.mnist_common import ode_layer  # noqa: E402
 
-from keras_node import NeuralODE, solvers  # noqa: E402
+from keras_node import solvers  # noqa: E402
 
 
 def main(argv=None):
@@ -35,7 +36,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     x, y = mnist_data.load_mnist(args.manual_dir)["test"]
     model = keras.models.load_model(args.model)
-    ode = next(l for l in model.layers if isinstance(l, NeuralODE))
+    ode = ode_layer(model)
     # Read at each (eager) call, so this changes the solves below.
     ode.solver = solvers.DormandPrince(
         first_step_size=args.first_step_size,

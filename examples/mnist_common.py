@@ -54,6 +54,12 @@ def build_model(rtol=1e-3, atol=1e-3, solver="dopri5", gradient="adjoint",
     return keras.Model(images, logits, name="ode_mnist")
 
 
+def ode_layer(model):
+    """The `NeuralODE` layer of a model from `build_model` (or loaded)."""
+    return next(layer for layer in model.layers
+                if isinstance(layer, NeuralODE))
+
+
 def learning_rate_schedule(peak, total_steps):
     """Linear warm-up over 5% of the steps, then cosine decay to zero."""
     warmup = max(1, total_steps // 20)

@@ -34,12 +34,10 @@ def measure_tensorflow(repeats, batch_size):
     import keras
     import numpy as np
     import tensorflow as tf
-    from examples.mnist_common import build_model
+    from examples.mnist_common import build_model, ode_layer
 
     keras.utils.set_random_seed(0)
-    ode = next(layer for layer in build_model().layers
-               if layer.__class__.__name__ == "NeuralODE")
-    dynamics = ode.dynamics
+    dynamics = ode_layer(build_model()).dynamics
     h = tf.constant(np.random.default_rng(0).normal(
         size=(batch_size, 6, 6, 64)).astype("float32"))
 

@@ -28,13 +28,13 @@ def measure(steps, warmup, batch_size):
     import jax
     import keras
     import numpy as np
-    from examples.mnist_common import build_model
+    from examples.mnist_common import build_model, ode_layer
 
     keras.utils.set_random_seed(0)
     model = build_model()
     model.compile(keras.optimizers.Adam(1e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    ode = next(l for l in model.layers if l.__class__.__name__ == "NeuralODE")
+    ode = ode_layer(model)
     rng = np.random.default_rng(0)
     x = rng.random((batch_size, 28, 28, 1), dtype="float32")
     y = rng.integers(0, 10, batch_size)
