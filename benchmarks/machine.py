@@ -10,22 +10,44 @@ import pathlib
 import platform
 
 
-def cpu_model():
-    """The CPU's model name (Linux), else what `platform` knows."""
+# The vector instructions that decide which kernels oneDNN and PyTorch use:
+# two CPUs of one model name ("AMD EPYC" on a VM) may differ in them.
+VECTOR_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16",
+                   "amx_tile")
+
+
+def _cpuinfo(key):
+    """The first value of `key` in /proc/cpuinfo (Linux), else None."""
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            name, _, value = line.partition(":")
+            if name.strip() == key:
+                return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model():
+    """The CPU's model name (Linux), else what `platform` knows."""
+    return (_cpuinfo("model name") or platform.processor()
+            or platform.machine())
+
+
+def cpu_features():
+    """Which of `VECTOR_FEATURES` the CPU has (Linux), else None."""
+    flags = _cpuinfo("flags")
+    if flags is None:
+        return None
+    return [f for f in VECTOR_FEATURES if f in flags.split()]
 
 
 def describe():
-    """A dict: platform, CPU model and count, Python, and the
-    `TF_ENABLE_ONEDNN_OPTS` setting (None: TensorFlow's default)."""
+    """A dict: platform, CPU model, vector features and count, Python, and
+    the `TF_ENABLE_ONEDNN_OPTS` setting (None: TensorFlow's default)."""
     return {"platform": platform.platform(),
             "cpu": cpu_model(),
+            "cpu_features": cpu_features(),
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
             "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}

@@ -42,6 +42,23 @@ def test_machine_records_the_cpu_and_the_onednn_setting(monkeypatch):
     assert describe()["tf_enable_onednn_opts"] is None
 
 
+def test_machine_records_the_vector_features(monkeypatch):
+    from benchmarks import machine
+
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "flags" in cpuinfo.read_text():
+        flags = next(line for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("flags")).split(":")[1].split()
+        features = machine.describe()["cpu_features"]
+        assert features == [f for f in machine.VECTOR_FEATURES if f in flags]
+    # A flag's prefix is not the flag ("avx512f" is not "avx512_fp16").
+    monkeypatch.setattr(machine, "_cpuinfo",
+                        lambda key: "avx2 avx512_fp16 fma")
+    assert machine.cpu_features() == ["avx2"]
+    monkeypatch.setattr(machine, "_cpuinfo", lambda key: None)
+    assert machine.cpu_features() is None
+
+
 @tensorflow_only("benchmarks/train_step.py times the TensorFlow backend")
 def test_train_step_runs_each_tolerance_in_a_child_process():
     """The documented command: the parent starts one child per tolerance

@@ -57,7 +57,8 @@ def start_workers(data_args, out, ports, *options):
         "multiworker", "--out", str(out), *QUICK, *options])
 
 
-def finish(workers, timeout=600):
+def finish(workers, out, timeout=600):
+    """The workers' exit codes; fails with their logs' tails if they hang."""
     deadline = time.time() + timeout
     codes = []
     for worker in workers:
@@ -66,7 +67,8 @@ def finish(workers, timeout=600):
         except subprocess.TimeoutExpired:
             for w in workers:
                 w.kill()
-            pytest.fail(f"a worker still ran after {timeout} s")
+            pytest.fail(f"a worker still ran after {timeout} s:\n"
+                        + "\n".join(log[-2000:] for log in logs(out)))
     return codes
 
 
@@ -78,7 +80,7 @@ def logs(out):
 def test_two_workers_train_one_model(data_args, tmp_path):
     out = tmp_path / "run"
     codes = finish(start_workers(data_args, out, free_ports(2),
-                                 "--max-steps", "8"))
+                                 "--max-steps", "8"), out)
     assert codes == [0, 0], logs(out)[0][-3000:] + logs(out)[1][-3000:]
 
     # Only the chief writes to --out; the other worker to a scratch folder.
@@ -120,16 +122,17 @@ def test_a_user_script_resumes_after_a_lost_worker(tmp_path):
     deadline = time.time() + 300
     while not list(backup.glob("ckpt-*.json")):
         assert time.time() < deadline and workers[1].poll() is None, (
-            "no checkpoint within 300 s")
+            "no checkpoint within 300 s: " + logs(out)[1][-3000:])
         time.sleep(0.05)
     workers[1].send_signal(signal.SIGKILL)
-    code = finish(workers[:1], timeout=180)[0]
+    code = finish(workers[:1], out, timeout=180)[0]
     workers[1].wait()
-    assert code != 0
-    assert "a worker of the cluster is gone" in logs(out)[0]
+    chief_log = logs(out)[0]
+    assert code != 0, chief_log[-3000:]
+    assert "a worker of the cluster is gone" in chief_log, chief_log[-3000:]
     assert not (out / "result.json").exists()
 
-    codes = finish(start_script(out, free_ports(2), *options))
+    codes = finish(start_script(out, free_ports(2), *options), out)
     assert codes == [0, 0], logs(out)[0][-3000:] + logs(out)[1][-3000:]
     results = [json.loads((folder / "result.json").read_text())
                for folder in (out, out / ".worker-1")]
