@@ -8,11 +8,13 @@ convolutions on 128x6x6x64), one evaluation of the adjoint system (the
 dynamics and their vector-Jacobian product), the solver alone (the same
 solve, forward and backward, with dynamics `-h * w` that cost almost
 nothing), the forward pass of the whole model, the forward and backward pass
-(gradients, no optimizer), and the full train step (`train_on_batch`). From
-the evaluation counts it splits the step into dynamics work (forward NFE x
-one evaluation + backward NFE x one adjoint evaluation) and the rest
-(down-sampling and head layers, the solver's own arithmetic and loop overhead,
-the optimizer). Prints JSON.
+(gradients, no optimizer), the same with the ODE taken out (the
+down-sampling and head layers alone), and the full train step
+(`train_on_batch`). From the evaluation counts it splits the step into
+dynamics work (forward NFE x one evaluation + backward NFE x one adjoint
+evaluation) and the rest (down-sampling and head layers, the solver's own
+arithmetic and loop overhead, the optimizer). `--solver`, `--gradient` and
+`--num-steps` choose the model's solve as in `train_step.py`. Prints JSON.
 """
 
 import argparse
@@ -39,16 +41,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--solver", default="dopri5")
+    parser.add_argument("--gradient", default="adjoint",
+                        choices=["adjoint", "backprop"])
+    parser.add_argument("--num-steps", type=int, default=4,
+                        help="steps of a fixed-step solver")
     args = parser.parse_args(argv)
 
     import keras
     import numpy as np
     import tensorflow as tf
-    from examples.mnist_common import build_model, ode_layer
+    from examples.mnist_common import (build_model, ode_layer,
+                                       solver_and_gradient)
     from keras_node import NeuralODE
 
     keras.utils.set_random_seed(0)
-    model = build_model()
+    solver, gradient = solver_and_gradient(args.solver, args.num_steps,
+                                           args.gradient)
+    model = build_model(solver=solver, gradient=gradient)
     model.compile(keras.optimizers.Adam(1e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     ode = ode_layer(model)
@@ -85,6 +95,10 @@ def main(argv=None):
 
     cheap = NeuralODE(Scale(), t0=ode.t0, t1=ode.t1, rtol=ode.rtol,
                       atol=ode.atol, solver=ode.solver, gradient=ode.gradient)
+    # The model's other layers (the same weights), the ODE taken out: its
+    # state has the shape of its input.
+    around = keras.Sequential([layer for layer in model.layers[1:]
+                               if layer is not ode])
 
     @tf.function
     def solver_only():
@@ -103,6 +117,12 @@ def main(argv=None):
             loss = loss_fn(y, model(x, training=True))
         return tape.gradient(loss, model.trainable_variables)
 
+    @tf.function
+    def around_forward_backward():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, around(x, training=True))
+        return tape.gradient(loss, around.trainable_variables)
+
     times = {
         "dynamics_evaluation_s": median_time(dynamics, args.repeats),
         "adjoint_evaluation_s": median_time(adjoint_evaluation, args.repeats),
@@ -110,6 +130,8 @@ def main(argv=None):
                                                       args.repeats),
         "model_forward_s": median_time(forward, args.repeats),
         "forward_backward_s": median_time(forward_backward, args.repeats),
+        "without_ode_forward_backward_s": median_time(
+            around_forward_backward, args.repeats),
         "train_step_s": median_time(
             lambda: model.train_on_batch(x, y), args.repeats),
     }
@@ -119,6 +141,7 @@ def main(argv=None):
                      + nfe_backward * times["adjoint_evaluation_s"])
     print(json.dumps({
         "benchmark": "profile_step", "batch_size": args.batch_size,
+        "solver": repr(solver), "gradient": repr(gradient),
         "nfe_forward": nfe_forward, "nfe_backward": nfe_backward,
         **times,
         "dynamics_work_s": dynamics_work,

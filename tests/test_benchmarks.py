@@ -74,6 +74,22 @@ def test_train_step_runs_each_tolerance_in_a_child_process():
     assert run["median_step_s"] > 0 and report["machine"]["tensorflow"]
 
 
+@tensorflow_only("benchmarks/profile_step.py times tf.functions")
+def test_profile_step_times_the_chosen_solve_and_the_layers_around_it():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_step", "--repeats", "1",
+         "--batch-size", "4", "--solver", "rk4", "--gradient", "backprop",
+         "--num-steps", "2"],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    assert report["solver"] == "RK4(num_steps=2, step_size=None)"
+    assert report["gradient"] == "Backprop()"
+    assert report["nfe_forward"] == report["nfe_backward"] == 8  # 2 x 4
+    for key in ("dynamics_evaluation_s", "forward_backward_s",
+                "without_ode_forward_backward_s", "train_step_s"):
+        assert report[key] > 0, key
+
+
 @tensorflow_only("benchmarks/peers/dynamics_cost.py times TensorFlow")
 def test_dynamics_cost_child_times_the_readme_dynamics():
     result = subprocess.run(
