@@ -52,7 +52,7 @@ def main(argv=None):
     import numpy as np
     import tensorflow as tf
     from examples.mnist_common import (build_model, ode_layer,
-                                       solver_and_gradient)
+                                       solver_and_gradient, without_ode)
     from keras_node import NeuralODE
 
     keras.utils.set_random_seed(0)
@@ -95,10 +95,7 @@ def main(argv=None):
 
     cheap = NeuralODE(Scale(), t0=ode.t0, t1=ode.t1, rtol=ode.rtol,
                       atol=ode.atol, solver=ode.solver, gradient=ode.gradient)
-    # The model's other layers (the same weights), the ODE taken out: its
-    # state has the shape of its input.
-    around = keras.Sequential([layer for layer in model.layers[1:]
-                               if layer is not ode])
+    around = without_ode(model)
 
     @tf.function
     def solver_only():

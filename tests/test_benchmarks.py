@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import tensorflow_only
@@ -91,14 +92,43 @@ def test_profile_step_times_the_chosen_solve_and_the_layers_around_it():
 
 
 @tensorflow_only("benchmarks/peers/dynamics_cost.py times TensorFlow")
-def test_dynamics_cost_child_times_the_readme_dynamics():
+@pytest.mark.parametrize("part", ["dynamics", "around"])
+def test_dynamics_cost_child_times_the_readme_model(part):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.peers.dynamics_cost", "--child",
-         "tensorflow", "--repeats", "1", "--batch-size", "4"],
-        cwd=ROOT, capture_output=True, text=True, check=True)
+         "tensorflow", "--repeats", "1", "--batch-size", "4", "--part",
+         part], cwd=ROOT, capture_output=True, text=True, check=True)
     run = json.loads(result.stdout)
     assert run["library"] == "tensorflow"
     assert 0 < run["forward_s"] and 0 < run["forward_backward_s"]
+
+
+def test_without_ode_is_the_rest_of_the_model():
+    """The layers around the ODE, no more, no less: with the dynamics'
+    weights they are the model's, and with the ODE put back (the same
+    layers) they give the model's logits."""
+    import keras
+
+    from examples.mnist_common import build_model, ode_layer, without_ode
+
+    model = build_model()
+    ode = ode_layer(model)
+    around = without_ode(model)
+    images = np.random.default_rng(0).random((2, 28, 28, 1), "float32")
+    logits = keras.ops.convert_to_numpy(around(images))
+    assert logits.shape == (2, 10)
+    assert {id(v) for v in around.trainable_variables} | {
+        id(v) for v in ode.trainable_variables} == {
+        id(v) for v in model.trainable_variables}
+    assert not {id(v) for v in around.trainable_variables} & {
+        id(v) for v in ode.trainable_variables}
+    ode_at = model.layers.index(ode) - 1  # model.layers[0]: the input
+    h = images
+    for index, layer in enumerate(around.layers):
+        h = layer(ode(h) if index == ode_at else h)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(h),
+                               keras.ops.convert_to_numpy(model(images)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_dynamics_cost_ratio_is_ours_over_torch_of_the_medians():

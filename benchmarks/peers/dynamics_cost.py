@@ -14,6 +14,10 @@ with the gradient to the state and to every weight (what backprop through a
 solver step differentiates). Prints one JSON object: per framework the
 median over rounds, `ratio` (ours over PyTorch's) for both, every round's
 raw result and the machine.
+
+`--part around` times instead the rest of the model, the ODE taken out:
+the down-sampling layers and the head, from 28x28 images to logits, with
+the gradient to every weight (what a train step adds to the solve).
 """
 
 import argparse
@@ -30,27 +34,35 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIELDS = ["forward_s", "forward_backward_s"]
 
 
-def measure_tensorflow(repeats, batch_size):
+def measure_tensorflow(repeats, batch_size, part="dynamics"):
     import keras
     import numpy as np
     import tensorflow as tf
-    from examples.mnist_common import build_model, ode_layer
+    from examples.mnist_common import build_model, ode_layer, without_ode
 
     keras.utils.set_random_seed(0)
-    dynamics = ode_layer(build_model()).dynamics
-    h = tf.constant(np.random.default_rng(0).normal(
-        size=(batch_size, 6, 6, 64)).astype("float32"))
+    model = build_model()
+    rng = np.random.default_rng(0)
+    if part == "dynamics":
+        net = ode_layer(model).dynamics
+        x = tf.constant(rng.normal(size=(batch_size, 6, 6, 64))
+                        .astype("float32"))
+        wrt = [x]  # the state's gradient too
+    else:
+        net = without_ode(model)
+        x = tf.constant(rng.random((batch_size, 28, 28, 1), "float32"))
+        wrt = []
 
     @tf.function
     def forward():
-        return dynamics(h)
+        return net(x)
 
     @tf.function
     def forward_backward():
         with tf.GradientTape() as tape:
-            tape.watch(h)
-            f = dynamics(h)
-        return tape.gradient(f, [h, *dynamics.trainable_variables])
+            tape.watch(x)
+            f = net(x)
+        return tape.gradient(f, [*wrt, *net.trainable_variables])
 
     # `.numpy()` waits for the result.
     return {"library": "tensorflow", "version": tf.__version__,
@@ -59,24 +71,35 @@ def measure_tensorflow(repeats, batch_size):
                 lambda: [g.numpy() for g in forward_backward()], repeats)}
 
 
-def measure_torch(repeats, batch_size, threads):
+def measure_torch(repeats, batch_size, threads, part="dynamics"):
     import torch
+    from torch import nn
 
-    from benchmarks.peers.torchdiffeq_step import Dynamics
+    from benchmarks.peers.torchdiffeq_step import (Dynamics, ODEBlock,
+                                                   build_model)
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    dynamics = Dynamics()
-    h = torch.randn(batch_size, 64, 6, 6)
+    if part == "dynamics":
+        dynamics = Dynamics()
+        net = lambda h: dynamics(0.0, h)  # noqa: E731
+        parameters = list(dynamics.parameters())
+        x = torch.randn(batch_size, 64, 6, 6)
+    else:
+        model = build_model()
+        net = nn.Sequential(*[m for m in model if not isinstance(m, ODEBlock)])
+        parameters = list(net.parameters())
+        x = torch.rand(batch_size, 1, 28, 28)
 
     def forward():
         with torch.no_grad():
-            return dynamics(0.0, h)
+            return net(x)
 
     def forward_backward():
-        x = h.clone().requires_grad_(True)
-        f = dynamics(0.0, x)
-        return torch.autograd.grad(f, [x, *dynamics.parameters()],
+        inputs = x.clone().requires_grad_(part == "dynamics")
+        f = net(inputs)
+        wrt = [inputs] if part == "dynamics" else []
+        return torch.autograd.grad(f, [*wrt, *parameters],
                                    torch.ones_like(f))
 
     return {"library": "torch", "version": torch.__version__,
@@ -84,13 +107,13 @@ def measure_torch(repeats, batch_size, threads):
             "forward_backward_s": median_time(forward_backward, repeats)}
 
 
-def run_child(library, repeats, batch_size, threads):
+def run_child(library, repeats, batch_size, threads, part="dynamics"):
     python = sys.executable if library == "tensorflow" else str(
         ROOT / ".venv-torch/bin/python")
     result = run_json(
         [python, "-m", "benchmarks.peers.dynamics_cost", "--child", library,
          "--repeats", str(repeats), "--batch-size", str(batch_size),
-         "--threads", str(threads)], library)
+         "--threads", str(threads), "--part", part], library)
     if result is None:
         sys.exit(f"{library} failed: see above.")
     return result
@@ -113,22 +136,28 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2,
                         help="PyTorch's intra-op threads (as the peers' "
                              "train steps)")
+    parser.add_argument("--part", choices=["dynamics", "around"],
+                        default="dynamics",
+                        help="the ODE's dynamics, or the layers around the "
+                        "ODE (default: %(default)s)")
     parser.add_argument("--child", choices=["tensorflow", "torch"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child == "tensorflow":
-        print(json.dumps(measure_tensorflow(args.repeats, args.batch_size)))
+        print(json.dumps(measure_tensorflow(args.repeats, args.batch_size,
+                                            args.part)))
         return
     if args.child == "torch":
         print(json.dumps(measure_torch(args.repeats, args.batch_size,
-                                       args.threads)))
+                                       args.threads, args.part)))
         return
     runs = {"tensorflow": [], "torch": []}
     for _ in range(args.rounds):
         for library in runs:
             runs[library].append(run_child(library, args.repeats,
-                                           args.batch_size, args.threads))
-    print(json.dumps({**summarize(runs), "runs": runs,
+                                           args.batch_size, args.threads,
+                                           args.part))
+    print(json.dumps({**summarize(runs), "runs": runs, "part": args.part,
                       "batch_size": args.batch_size,
                       "machine": describe()}, indent=1))
 
