@@ -1,4 +1,5 @@
-"""One evaluation of the README model's dynamics, ours against PyTorch's.
+"""One evaluation of the README model's dynamics (or of the layers around
+its ODE), ours against PyTorch's.
 
     python -m benchmarks.peers.dynamics_cost [--rounds 3] [--repeats 50]
 
@@ -60,7 +61,7 @@ def measure_tensorflow(repeats, batch_size, part="dynamics"):
     @tf.function
     def forward_backward():
         with tf.GradientTape() as tape:
-            tape.watch(x)
+            tape.watch(wrt)
             f = net(x)
         return tape.gradient(f, [*wrt, *net.trainable_variables])
 
