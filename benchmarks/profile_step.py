@@ -22,6 +22,8 @@ import json
 import pathlib
 import time
 
+from benchmarks.train_step import add_solve_arguments
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -41,11 +43,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--solver", default="dopri5")
-    parser.add_argument("--gradient", default="adjoint",
-                        choices=["adjoint", "backprop"])
-    parser.add_argument("--num-steps", type=int, default=4,
-                        help="steps of a fixed-step solver")
+    add_solve_arguments(parser)
     args = parser.parse_args(argv)
 
     import keras

@@ -72,6 +72,16 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
     }
 
 
+def add_solve_arguments(parser):
+    """`--solver`, `--gradient` and `--num-steps`: the model's solve, for
+    `examples.mnist_common.solver_and_gradient`."""
+    parser.add_argument("--solver", default="dopri5")
+    parser.add_argument("--gradient", default="adjoint",
+                        choices=["adjoint", "backprop"])
+    parser.add_argument("--num-steps", type=int, default=4,
+                        help="steps of a fixed-step solver")
+
+
 def machine():
     import tensorflow as tf
 
@@ -91,11 +101,7 @@ def main(argv=None):
                         choices=["full", "seminorm"])
     parser.add_argument("--jit-compile", action="store_true",
                         help="compile the train step with XLA")
-    parser.add_argument("--solver", default="dopri5")
-    parser.add_argument("--gradient", default="adjoint",
-                        choices=["adjoint", "backprop"])
-    parser.add_argument("--num-steps", type=int, default=4,
-                        help="steps of a fixed-step solver")
+    add_solve_arguments(parser)
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
