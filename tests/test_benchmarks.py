@@ -92,15 +92,32 @@ def test_profile_step_times_the_chosen_solve_and_the_layers_around_it():
 
 
 @tensorflow_only("benchmarks/peers/dynamics_cost.py times TensorFlow")
-@pytest.mark.parametrize("part", ["dynamics", "around"])
+@pytest.mark.parametrize("part", ["dynamics", "ode", "around"])
 def test_dynamics_cost_child_times_the_readme_model(part):
+    solve = ["--solver", "rk4", "--gradient", "backprop", "--num-steps",
+             "3"] if part == "ode" else []
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.peers.dynamics_cost", "--child",
          "tensorflow", "--repeats", "1", "--batch-size", "4", "--part",
-         part], cwd=ROOT, capture_output=True, text=True, check=True)
+         part, *solve], cwd=ROOT, capture_output=True, text=True, check=True)
     run = json.loads(result.stdout)
     assert run["library"] == "tensorflow"
     assert 0 < run["forward_s"] and 0 < run["forward_backward_s"]
+    if part == "ode":  # the chosen solve: 3 RK4 steps of 4 evaluations
+        assert run["nfe_forward"] == 12
+
+
+def test_dynamics_cost_takes_a_solve_for_the_ode_only(capsys):
+    from benchmarks.peers import dynamics_cost
+
+    with pytest.raises(SystemExit):
+        dynamics_cost.main(["--part", "around", "--solver", "rk4"])
+    assert ("--solver, --gradient and --num-steps apply to --part ode only"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        dynamics_cost.main(["--part", "ode", "--solver", "euler"])
+    assert ("--solver: one of ['dopri5', 'tsit5', 'bosh3', 'rk4'] (those of "
+            "torchdiffeq_step.py), not 'euler'" in capsys.readouterr().err)
 
 
 def test_without_ode_is_the_rest_of_the_model():

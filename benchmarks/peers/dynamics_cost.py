@@ -1,5 +1,5 @@
-"""One evaluation of the README model's dynamics (or of the layers around
-its ODE), ours against PyTorch's.
+"""One evaluation of the README model's dynamics (or its whole solve, or
+the layers around its ODE), ours against PyTorch's and torchdiffeq's.
 
     python -m benchmarks.peers.dynamics_cost [--rounds 3] [--repeats 50]
 
@@ -19,6 +19,13 @@ raw result and the machine.
 `--part around` times instead the rest of the model, the ODE taken out:
 the down-sampling layers and the head, from 28x28 images to logits, with
 the gradient to every weight (what a train step adds to the solve).
+
+`--part ode` times the whole solve of the same state, the `NeuralODE`
+layer against torchdiffeq's `ODEBlock` of `torchdiffeq_step.py` with the
+solver and gradient that `--solver`, `--gradient` and `--num-steps` choose
+(as in `train_step.py`): a train step's solve, forward and backward, and
+nothing else. Each run also reports its evaluations of the dynamics in one
+forward solve (`nfe_forward`).
 """
 
 import argparse
@@ -30,22 +37,29 @@ import sys
 from benchmarks.machine import describe
 from benchmarks.peers.run import run_json
 from benchmarks.profile_step import median_time
+from benchmarks.train_step import add_solve_arguments
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIELDS = ["forward_s", "forward_backward_s"]
+# torchdiffeq_step.METHODS, named here without importing torch.
+PEER_SOLVERS = ["dopri5", "tsit5", "bosh3", "rk4"]
 
 
-def measure_tensorflow(repeats, batch_size, part="dynamics"):
+def measure_tensorflow(repeats, batch_size, part="dynamics",
+                       solve=("dopri5", "adjoint", 4)):
     import keras
     import numpy as np
     import tensorflow as tf
-    from examples.mnist_common import build_model, ode_layer, without_ode
+    from examples.mnist_common import (build_model, ode_layer,
+                                       solver_and_gradient, without_ode)
 
     keras.utils.set_random_seed(0)
-    model = build_model()
+    solver, gradient = solver_and_gradient(solve[0], solve[2], solve[1])
+    model = build_model(solver=solver, gradient=gradient)
     rng = np.random.default_rng(0)
-    if part == "dynamics":
-        net = ode_layer(model).dynamics
+    if part in ("dynamics", "ode"):
+        ode = ode_layer(model)
+        net = ode.dynamics if part == "dynamics" else ode
         x = tf.constant(rng.normal(size=(batch_size, 6, 6, 64))
                         .astype("float32"))
         wrt = [x]  # the state's gradient too
@@ -66,13 +80,18 @@ def measure_tensorflow(repeats, batch_size, part="dynamics"):
         return tape.gradient(f, [*wrt, *net.trainable_variables])
 
     # `.numpy()` waits for the result.
-    return {"library": "tensorflow", "version": tf.__version__,
-            "forward_s": median_time(lambda: forward().numpy(), repeats),
-            "forward_backward_s": median_time(
-                lambda: [g.numpy() for g in forward_backward()], repeats)}
+    result = {"library": "tensorflow", "version": tf.__version__,
+              "forward_s": median_time(lambda: forward().numpy(), repeats),
+              "forward_backward_s": median_time(
+                  lambda: [g.numpy() for g in forward_backward()], repeats)}
+    if part == "ode":
+        forward()
+        result["nfe_forward"] = float(ode.num_forward_evals)
+    return result
 
 
-def measure_torch(repeats, batch_size, threads, part="dynamics"):
+def measure_torch(repeats, batch_size, threads, part="dynamics",
+                  solve=("dopri5", "adjoint", 4)):
     import torch
     from torch import nn
 
@@ -86,6 +105,11 @@ def measure_torch(repeats, batch_size, threads, part="dynamics"):
         net = lambda h: dynamics(0.0, h)  # noqa: E731
         parameters = list(dynamics.parameters())
         x = torch.randn(batch_size, 64, 6, 6)
+    elif part == "ode":
+        dynamics = Dynamics()
+        net = ODEBlock(dynamics, *solve)
+        parameters = list(net.parameters())
+        x = torch.randn(batch_size, 64, 6, 6)
     else:
         model = build_model()
         net = nn.Sequential(*[m for m in model if not isinstance(m, ODEBlock)])
@@ -97,24 +121,32 @@ def measure_torch(repeats, batch_size, threads, part="dynamics"):
             return net(x)
 
     def forward_backward():
-        inputs = x.clone().requires_grad_(part == "dynamics")
+        inputs = x.clone().requires_grad_(part != "around")
         f = net(inputs)
-        wrt = [inputs] if part == "dynamics" else []
+        wrt = [inputs] if part != "around" else []
         return torch.autograd.grad(f, [*wrt, *parameters],
                                    torch.ones_like(f))
 
-    return {"library": "torch", "version": torch.__version__,
-            "forward_s": median_time(forward, repeats),
-            "forward_backward_s": median_time(forward_backward, repeats)}
+    result = {"library": "torch", "version": torch.__version__,
+              "forward_s": median_time(forward, repeats),
+              "forward_backward_s": median_time(forward_backward, repeats)}
+    if part == "ode":
+        dynamics.evals = 0
+        forward()
+        result["nfe_forward"] = float(dynamics.evals)
+    return result
 
 
-def run_child(library, repeats, batch_size, threads, part="dynamics"):
+def run_child(library, repeats, batch_size, threads, part="dynamics",
+              solve=("dopri5", "adjoint", 4)):
     python = sys.executable if library == "tensorflow" else str(
         ROOT / ".venv-torch/bin/python")
+    solver, gradient, num_steps = solve
     result = run_json(
         [python, "-m", "benchmarks.peers.dynamics_cost", "--child", library,
          "--repeats", str(repeats), "--batch-size", str(batch_size),
-         "--threads", str(threads), "--part", part], library)
+         "--threads", str(threads), "--part", part, "--solver", solver,
+         "--gradient", gradient, "--num-steps", str(num_steps)], library)
     if result is None:
         sys.exit(f"{library} failed: see above.")
     return result
@@ -137,29 +169,39 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2,
                         help="PyTorch's intra-op threads (as the peers' "
                              "train steps)")
-    parser.add_argument("--part", choices=["dynamics", "around"],
+    parser.add_argument("--part", choices=["dynamics", "ode", "around"],
                         default="dynamics",
-                        help="the ODE's dynamics, or the layers around the "
-                        "ODE (default: %(default)s)")
+                        help="the ODE's dynamics, its whole solve, or the "
+                        "layers around the ODE (default: %(default)s)")
+    add_solve_arguments(parser)
     parser.add_argument("--child", choices=["tensorflow", "torch"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    solve = (args.solver, args.gradient, args.num_steps)
+    if args.part != "ode" and solve != ("dopri5", "adjoint", 4):
+        parser.error("--solver, --gradient and --num-steps apply to "
+                     "--part ode only")
+    if args.solver not in PEER_SOLVERS:
+        parser.error(f"--solver: one of {PEER_SOLVERS} (those of "
+                     f"torchdiffeq_step.py), not {args.solver!r}")
     if args.child == "tensorflow":
         print(json.dumps(measure_tensorflow(args.repeats, args.batch_size,
-                                            args.part)))
+                                            args.part, solve)))
         return
     if args.child == "torch":
         print(json.dumps(measure_torch(args.repeats, args.batch_size,
-                                       args.threads, args.part)))
+                                       args.threads, args.part, solve)))
         return
     runs = {"tensorflow": [], "torch": []}
     for _ in range(args.rounds):
         for library in runs:
             runs[library].append(run_child(library, args.repeats,
                                            args.batch_size, args.threads,
-                                           args.part))
+                                           args.part, solve))
+    solve = (dict(zip(["solver", "gradient", "num_steps"], solve))
+             if args.part == "ode" else {})
     print(json.dumps({**summarize(runs), "runs": runs, "part": args.part,
-                      "batch_size": args.batch_size,
+                      **solve, "batch_size": args.batch_size,
                       "machine": describe()}, indent=1))
 
 
