@@ -20,8 +20,8 @@ class EvaluationCounts(keras.metrics.Metric):
     only reports them. Its result is a dict, which Keras puts at the top level
     of `fit`'s logs and progress bar: `{"nfe_forward": ..., "nfe_backward":
     ..., "steps_accepted": ..., "steps_rejected": ...}` (the last two of the
-    forward solve), each key prefixed with the layer's name when the layer's functional
-    graph holds other `NeuralODE` layers. Values are the last solve's counts
+    forward solve), each key prefixed with the layer's name when the layer's
+    functional graph holds other `NeuralODE` layers. Values are the last solve's counts
     (not a running mean), so a per-batch callback sees each step's own cost.
 
     Under a distribution strategy with several replicas, each replica's

@@ -2,26 +2,27 @@
 
 Backend-neutral: every function takes `sub`, the `_tfp_compat.Substrate` of
 the backend (TFP on TensorFlow, or TFP's JAX substrate), and computes with
-its `tf` namespace. The adjoint,
-which needs each framework's autodiff, lives in `_tf_backend` and
-`_jax_backend`; this module gives them `integrate` (a forward solve) and
-`integrate_adjoint` (the backward pass over the output times).
+its `tf` namespace. The adjoint, which needs each framework's autodiff,
+lives in `_tf_backend` and `_jax_backend`; this module gives them
+`integrate` (a forward solve) and `integrate_adjoint` (the backward pass
+over the output times).
 
 What is ours and what is TFP's:
 
 - Adaptive solvers (`dopri5`, `tsit5`, `bosh3`) run in the loop of
   `tfp.math.ode.DormandPrince` (`_solve`: stepping to each output time,
   dense output by TFP's quartic interpolation; `_tfp_compat` holds every
-  use of TFP's private API) with our step (`_AdaptiveStep`): the Runge-Kutta step of any first-same-as-last tableau, computed
-  in the solve's dtype (TFP casts each coefficient through float32, which
+  use of TFP's private API) with our step (`_AdaptiveStep`): the
+  Runge-Kutta step of any first-same-as-last tableau, computed in the
+  solve's dtype (TFP casts each coefficient through float32, which
   stops float64 solves at about 1e-8 relative accuracy), the error control
   of Hairer's DOPRI5, scipy and torchdiffeq (the RMS norm of the scaled
   error), and a step budget whose error says what to do. Dormand-Prince's
   tableau is TFP's own; Tsit5's and Bosh3's are below.
 - Fixed-step solvers (`euler`, `midpoint`, `rk4`) are a loop of ours with a
   static number of steps (reverse-mode differentiable on both substrates).
-- TFP integrates forward in time only; a solve towards smaller times runs in
-  the reversed time `s = -t`.
+- TFP integrates forward in time only; every solve runs in `s = |t -
+  t_start|`, from 0 (a solve towards smaller times in reversed time).
 """
 
 import collections
@@ -88,7 +89,8 @@ _BOSH3 = Tableau(
 _FIXED = {
     "euler": Tableau([], [], [1.0], None, None, 1),
     "midpoint": Tableau([1 / 2], [[1 / 2]], [0.0, 1.0], None, None, 2),
-    "rk4": Tableau([1 / 2, 1 / 2, 1.0], [[1 / 2], [0.0, 1 / 2], [0.0, 0.0, 1.0]],
+    "rk4": Tableau([1 / 2, 1 / 2, 1.0],
+                   [[1 / 2], [0.0, 1 / 2], [0.0, 0.0, 1.0]],
                    [1 / 6, 1 / 3, 1 / 3, 1 / 6], None, None, 4),
 }
 ADAPTIVE = ("dopri5", "tsit5", "bosh3")
@@ -438,7 +440,8 @@ def augment(tf, fn, y0, *, vjp=None, kinetic=False, jacobian=False,
             probe = pullback(extra["noise"])  # noise^T J, per example
             out["noise"] = tf.zeros_like(extra["noise"])
         if trace == "hutchinson":
-            out["divergence"] = tf.reduce_sum(probe * extra["noise"], axis=axes)
+            out["divergence"] = tf.reduce_sum(probe * extra["noise"],
+                                              axis=axes)
         elif trace == "exact":
             out["divergence"] = _exact_trace(tf, pullback, y)
         if kinetic:
@@ -517,8 +520,9 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
         int32 vector: evaluations of `fn` (including the first derivative
         and the initial step heuristic), accepted steps, rejected steps and
         the status (`OK`, `EXHAUSTED`, `NONFINITE_STATE`,
-        `NONFINITE_DERIVATIVE`, `NONFINITE_SOLUTION`). On TensorFlow outside XLA a failed solve
-        raises; elsewhere its states are NaN and the status says why.
+        `NONFINITE_DERIVATIVE`, `NONFINITE_SOLUTION`). On TensorFlow
+        outside XLA a failed solve raises; elsewhere its states are NaN and
+        the status says why.
     """
     tf = sub.tf
     # The solve runs in s = |t - t_start|, from 0: a float32 state then
