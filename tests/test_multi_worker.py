@@ -40,8 +40,12 @@ def start(out, ports, command):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     out.parent.mkdir(parents=True, exist_ok=True)
     workers = []
+    # This checkout's keras_node, whatever is installed: a script run by
+    # its path does not have the working directory on sys.path.
+    path = os.pathsep.join(filter(None, [str(ROOT),
+                                         os.environ.get("PYTHONPATH")]))
     for index in range(len(ports)):
-        env = dict(os.environ, TF_CONFIG=json.dumps(
+        env = dict(os.environ, PYTHONPATH=path, TF_CONFIG=json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}}))
         log = open(out.parent / f"{out.name}-worker{index}.log", "a")
         workers.append(subprocess.Popen(
