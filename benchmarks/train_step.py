@@ -72,13 +72,18 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
     }
 
 
+SOLVE_DEFAULTS = {"solver": "dopri5", "gradient": "adjoint", "num_steps": 4}
+
+
 def add_solve_arguments(parser):
     """`--solver`, `--gradient` and `--num-steps`: the model's solve, for
-    `examples.mnist_common.solver_and_gradient`."""
-    parser.add_argument("--solver", default="dopri5")
-    parser.add_argument("--gradient", default="adjoint",
+    `examples.mnist_common.solver_and_gradient` (defaults: `SOLVE_DEFAULTS`).
+    """
+    parser.add_argument("--solver", default=SOLVE_DEFAULTS["solver"])
+    parser.add_argument("--gradient", default=SOLVE_DEFAULTS["gradient"],
                         choices=["adjoint", "backprop"])
-    parser.add_argument("--num-steps", type=int, default=4,
+    parser.add_argument("--num-steps", type=int,
+                        default=SOLVE_DEFAULTS["num_steps"],
                         help="steps of a fixed-step solver")
 
 

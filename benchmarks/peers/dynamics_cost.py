@@ -37,7 +37,7 @@ import sys
 from benchmarks.machine import describe
 from benchmarks.peers.run import run_json
 from benchmarks.profile_step import median_time
-from benchmarks.train_step import add_solve_arguments
+from benchmarks.train_step import SOLVE_DEFAULTS, add_solve_arguments
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIELDS = ["forward_s", "forward_backward_s"]
@@ -46,7 +46,7 @@ PEER_SOLVERS = ["dopri5", "tsit5", "bosh3", "rk4"]
 
 
 def measure_tensorflow(repeats, batch_size, part="dynamics",
-                       solve=("dopri5", "adjoint", 4)):
+                       solve=SOLVE_DEFAULTS):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -54,7 +54,8 @@ def measure_tensorflow(repeats, batch_size, part="dynamics",
                                        solver_and_gradient, without_ode)
 
     keras.utils.set_random_seed(0)
-    solver, gradient = solver_and_gradient(solve[0], solve[2], solve[1])
+    solver, gradient = solver_and_gradient(
+        solve["solver"], solve["num_steps"], solve["gradient"])
     model = build_model(solver=solver, gradient=gradient)
     rng = np.random.default_rng(0)
     if part in ("dynamics", "ode"):
@@ -91,7 +92,7 @@ def measure_tensorflow(repeats, batch_size, part="dynamics",
 
 
 def measure_torch(repeats, batch_size, threads, part="dynamics",
-                  solve=("dopri5", "adjoint", 4)):
+                  solve=SOLVE_DEFAULTS):
     import torch
     from torch import nn
 
@@ -107,7 +108,8 @@ def measure_torch(repeats, batch_size, threads, part="dynamics",
         x = torch.randn(batch_size, 64, 6, 6)
     elif part == "ode":
         dynamics = Dynamics()
-        net = ODEBlock(dynamics, *solve)
+        net = ODEBlock(dynamics, solve["solver"], solve["gradient"],
+                       solve["num_steps"])
         parameters = list(net.parameters())
         x = torch.randn(batch_size, 64, 6, 6)
     else:
@@ -138,15 +140,15 @@ def measure_torch(repeats, batch_size, threads, part="dynamics",
 
 
 def run_child(library, repeats, batch_size, threads, part="dynamics",
-              solve=("dopri5", "adjoint", 4)):
+              solve=SOLVE_DEFAULTS):
     python = sys.executable if library == "tensorflow" else str(
         ROOT / ".venv-torch/bin/python")
-    solver, gradient, num_steps = solve
     result = run_json(
         [python, "-m", "benchmarks.peers.dynamics_cost", "--child", library,
          "--repeats", str(repeats), "--batch-size", str(batch_size),
-         "--threads", str(threads), "--part", part, "--solver", solver,
-         "--gradient", gradient, "--num-steps", str(num_steps)], library)
+         "--threads", str(threads), "--part", part, "--solver",
+         solve["solver"], "--gradient", solve["gradient"], "--num-steps",
+         str(solve["num_steps"])], library)
     if result is None:
         sys.exit(f"{library} failed: see above.")
     return result
@@ -177,8 +179,8 @@ def main(argv=None):
     parser.add_argument("--child", choices=["tensorflow", "torch"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    solve = (args.solver, args.gradient, args.num_steps)
-    if args.part != "ode" and solve != ("dopri5", "adjoint", 4):
+    solve = {key: getattr(args, key) for key in SOLVE_DEFAULTS}
+    if args.part != "ode" and solve != SOLVE_DEFAULTS:
         parser.error("--solver, --gradient and --num-steps apply to "
                      "--part ode only")
     if args.solver not in PEER_SOLVERS:
@@ -198,10 +200,9 @@ def main(argv=None):
             runs[library].append(run_child(library, args.repeats,
                                            args.batch_size, args.threads,
                                            args.part, solve))
-    solve = (dict(zip(["solver", "gradient", "num_steps"], solve))
-             if args.part == "ode" else {})
     print(json.dumps({**summarize(runs), "runs": runs, "part": args.part,
-                      **solve, "batch_size": args.batch_size,
+                      **(solve if args.part == "ode" else {}),
+                      "batch_size": args.batch_size,
                       "machine": describe()}, indent=1))
 
 
