@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from examples.mnist_common import (build_model, make_optimizer,  # noqa: E402
                                   ode_layer, stratified_split)
+from examples.options import check_ranges  # noqa: E402
 
 from keras_node.callbacks import LogEvaluationCounts  # noqa: E402
 
@@ -109,10 +110,14 @@ def main(argv=None):
     parser.add_argument("--kinetic-energy", type=float, default=0.0)
     parser.add_argument("--train-on-held-out", action="store_true",
                         help="train on all 60,000 images, as mnist.py's")
+    parser.add_argument("--test-images", type=int, default=10000,
+                        help="evaluate on the first N official test images "
+                        "(default: all %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=pathlib.Path, default=None)
     parser.add_argument("--progress-file", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
+    check_ranges(parser, args, positive=("batch_size", "test_images"))
     recipe = LONG if args.long else ONE_EPOCH
     for name, value in recipe.items():
         if getattr(args, name) is None:
@@ -121,8 +126,9 @@ def main(argv=None):
     load = lambda name: read_idx(args.manual_dir / f"{name}-ubyte.gz")
     x = load("train-images-idx3")[..., None].astype("float32") / 255
     y = load("train-labels-idx1").astype("int64")
-    x_test = load("t10k-images-idx3")[..., None].astype("float32") / 255
-    y_test = load("t10k-labels-idx1").astype("int64")
+    x_test = load("t10k-images-idx3")[:args.test_images, ..., None].astype(
+        "float32") / 255
+    y_test = load("t10k-labels-idx1")[:args.test_images].astype("int64")
     if not args.train_on_held_out:
         kept, _ = stratified_split(y, 0.1, args.seed)
         x, y = x[kept], y[kept]

@@ -19,6 +19,11 @@ from keras_node import NeuralODE, gradients, solvers
 
 QUICK = ["--limit", "600", "--batch-size", "32", "--eval-every", "10",
          "--train-eval-batches", "2", "--verbose", "0"]
+# For the tests of the harness (printing, logs, resuming), the cheapest
+# solve: it compiles and steps in a fraction of Dormand-Prince's time, which
+# test_quick_run_prints_and_saves runs.
+HARNESS = QUICK + ["--solver", "euler", "--num-steps", "1", "--gradient",
+                   "backprop"]
 ITER_LINE = re.compile(
     r"^Iter: +(\d+) \|\| Train Accuracy: \d+\.\d{3} \|\| "
     r"Test Accuracy: \d+\.\d{3}$", re.M)
@@ -153,16 +158,15 @@ def test_quick_run_prints_and_saves(data_args, tmp_path, capsys):
 @pytest.mark.slow
 def test_iter_lines_start_their_own_line_beside_the_progress_bar(
         data_args, tmp_path, capsys):
-    argv = data_args + QUICK + ["--max-steps", "5", "--eval-every", "2"]
-    for verbose in ("1", "0"):
-        mnist.main(argv + ["--verbose", verbose,
-                           "--out", str(tmp_path / verbose)])
-        printed = capsys.readouterr().out
-        # Iterations 1, 3 and 5, each at the start of a line of its own.
-        assert [int(i) for i in ITER_LINE.findall(printed)] == [1, 3, 5]
-        assert printed.count("Iter:") == 3
-        if verbose == "1":
-            assert "━" in printed  # the bar was there
+    # (Without the bar, --verbose 0, test_quick_run_prints_and_saves.)
+    mnist.main(data_args + HARNESS + ["--max-steps", "5", "--eval-every", "2",
+                                      "--verbose", "1", "--out",
+                                      str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    # Iterations 1, 3 and 5, each at the start of a line of its own.
+    assert [int(i) for i in ITER_LINE.findall(printed)] == [1, 3, 5]
+    assert printed.count("Iter:") == 3
+    assert "━" in printed  # the bar was there
 
 
 @pytest.mark.slow
@@ -171,7 +175,7 @@ def test_tensorboard_logs_the_loss_and_evaluation_counts(data_args,
     import tensorflow as tf
 
     logs = tmp_path / "tb"
-    mnist.main(data_args + QUICK + ["--max-steps", "3", "--tensorboard",
+    mnist.main(data_args + HARNESS + ["--max-steps", "3", "--tensorboard",
                                     str(logs), "--out", str(tmp_path / "run")])
     tags = set()
     for path in (logs / "train").glob("events.out.tfevents.*"):
@@ -184,7 +188,7 @@ def test_tensorboard_logs_the_loss_and_evaluation_counts(data_args,
 @pytest.mark.slow
 def test_final_run_watches_the_test_split(data_args, tmp_path, capsys):
     out = tmp_path / "run"
-    metrics = mnist.main(data_args + QUICK + [
+    metrics = mnist.main(data_args + HARNESS + [
         "--max-steps", "1", "--train-on-held-out", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "MNIST: 600 train, 0 held out, 600 test images" in printed
@@ -199,7 +203,7 @@ def test_final_run_watches_the_test_split(data_args, tmp_path, capsys):
 def test_killed_run_resumes_from_checkpoint(data_args, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "examples.mnist", *data_args,
-               *QUICK, "--epochs", "3", "--max-steps", "40",
+               *HARNESS, "--epochs", "3", "--max-steps", "40",
                "--checkpoint-every", "5",
                "--out", str(out)]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT,
@@ -288,8 +292,8 @@ def test_crash_after_training_resumes_at_the_end(data_args, tmp_path,
     # Killed after `fit` returned, before model.keras was written: the
     # checkpoint is still there, so the next run trains no further.
     out = tmp_path / "run"
-    argv = data_args + QUICK + ["--max-steps", "7", "--checkpoint-every", "5",
-                                "--out", str(out)]
+    argv = data_args + HARNESS + ["--max-steps", "7", "--checkpoint-every",
+                                  "5", "--out", str(out)]
 
     def killed(model, path):
         raise KeyboardInterrupt
@@ -351,7 +355,8 @@ def test_gpu_benchmark_script_runs_on_cpu(manual_dir, tmp_path):
     from benchmarks import gpu_jax
 
     result = gpu_jax.main(["--manual-dir", str(manual_dir), "--max-steps", "3",
-                           "--batch-size", "16", "--json-out",
+                           "--batch-size", "16", "--test-images", "500",
+                           "--json-out",
                            str(tmp_path / "out.json"), "--progress-file",
                            str(tmp_path / "progress.txt")])
     assert result["iterations"] == 3
@@ -363,6 +368,17 @@ def test_gpu_benchmark_script_runs_on_cpu(manual_dir, tmp_path):
     assert (result["nfe_forward_test_batch"] - 2) % 6 == 0
     assert (tmp_path / "out.json").exists()
     assert result["jit_compile"]
+
+
+@jax_only("benchmarks/gpu_jax.py runs on Keras' JAX backend")
+@pytest.mark.parametrize("option", ["--batch-size", "--test-images"])
+def test_gpu_benchmark_refuses_non_positive_sizes(option, manual_dir,
+                                                  capsys):
+    from benchmarks import gpu_jax
+
+    with pytest.raises(SystemExit):
+        gpu_jax.main(["--manual-dir", str(manual_dir), option, "0"])
+    assert f"{option} must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -377,7 +393,7 @@ def test_gpu_benchmark_long_recipe_compiles_its_step(manual_dir, tmp_path):
 
     result = gpu_jax.main(["--manual-dir", str(manual_dir), "--long", "--epochs",
                            "2", "--max-steps", "2", "--batch-size", "16",
-                           "--train-on-held-out"])
+                           "--train-on-held-out", "--test-images", "500"])
     assert result["jit_compile"]
     assert result["train_images"] == 60000
     assert result["options"]["shift"] == 2
