@@ -494,13 +494,19 @@ def fixed_grid(t_start, times, num_steps=None, step_size=None):
 
 def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
               atol=None, first_step_size=None, max_num_steps=None,
-              num_steps=None, step_size=None, error_mask=None, save_at=None):
+              num_steps=None, step_size=None, error_mask=None, save_at=None,
+              direction=None):
     """Solves `dy/dt = fn(t, y)` from `t_start` to `t_end` (either order).
 
     Args:
         sub: the backend's `_tfp_compat.Substrate`.
         fn: `fn(t, y) -> dy/dt`, `y` any nest of floating tensors.
-        t_start, t_end: Python floats, `t_start != t_end`.
+        t_start, t_end: Python floats, `t_start != t_end`; or scalar tensors
+            of the state's dtype (a solve inside a loop), with `direction`
+            the sign of `t_end - t_start` (1.0 or -1.0), no `save_at`, and
+            for a fixed-step method `num_steps` (an int32 tensor allowed):
+            its loop then runs a number of times known only when it runs,
+            which reverse mode cannot differentiate on JAX.
         y0: the state at `t_start`.
         method: one of `ADAPTIVE` or `FIXED`.
         what: how error messages name this solve.
@@ -528,7 +534,7 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
     # The solve runs in s = |t - t_start|, from 0: a float32 state then
     # integrates as accurately at t_start = 1e8 as at 0 (in t itself, float32
     # would round every step of such a solve). The dynamics get t.
-    sign = 1.0 if t_end > t_start else -1.0
+    sign = direction or (1.0 if t_end > t_start else -1.0)
 
     def fn_s(s, y):
         f = fn(t_start + sign * s, y)
@@ -559,27 +565,35 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
 
 
 def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
-    """A fixed-step solve in increasing time `s`; states at `times`."""
+    """A fixed-step solve in increasing time `s`; states at `times`.
+
+    With Python floats the number of steps is static; a tensor span (one
+    output time) takes `num_steps` steps, a tensor or an int.
+    """
     dtype = tf.nest.flatten(y0)[0].dtype
-    grid = fixed_grid(s0, times, num_steps, step_size)
+    static = isinstance(times[-1], (int, float))
+    grid = (fixed_grid(s0, times, num_steps, step_size) if static
+            else [(s0, times[-1], num_steps)])
     y = y0
-    outputs = [y0] if times[0] == s0 else []
+    outputs = [y0] if static and times[0] == s0 else []
     for start, end, steps in grid:
-        dt = tf.constant((end - start) / steps, dtype)
-        start_ = tf.constant(start, dtype)
+        start_ = tf.convert_to_tensor(start, dtype)
+        dt = (tf.constant((end - start) / steps, dtype) if static else
+              (end - start_) / tf.cast(steps, dtype))
 
         def body(i, y, dt=dt, start_=start_):
             t = start_ + tf.cast(i, dtype) * dt
             k, _ = _stages(tf, fn, t, y, fn(t, y), dt, tab)
             return i + 1, _combine(tf, y, dt, tab.weights, k)
 
-        _, y = tf.while_loop(lambda i, y: i < steps, body, (0, y),
-                             maximum_iterations=steps)
+        _, y = tf.while_loop(lambda i, y: i < steps, body,
+                             (tf.constant(0, tf.int32), y),
+                             maximum_iterations=steps if static else None)
         outputs.append(y)
     ys = tf.nest.map_structure(lambda *y: tf.stack(y), *outputs)
-    total = sum(steps for _, _, steps in grid)
+    total = tf.cast(sum(steps for _, _, steps in grid), tf.int32)
     evals = total * (len(tab.nodes) + 1)
-    return ys, tf.constant([evals, total, 0], tf.int32)
+    return ys, tf.stack([evals, total, tf.constant(0, tf.int32)])
 
 
 def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
@@ -591,8 +605,8 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
     """
     tf = sub.tf
     dtype = tf.nest.flatten(y0)[0].dtype
-    s0_ = tf.constant(s0, dtype)
-    span = tf.constant(times[-1] - s0, dtype)
+    s0_ = tf.convert_to_tensor(s0, dtype)
+    span = tf.convert_to_tensor(times[-1], dtype) - s0_
     f0 = fn(s0_, y0)
     f0_ok = _check_finite(
         sub, f0, what, "the first derivative (the output of the dynamics)",
@@ -619,7 +633,8 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
     )
     # rtol and atol as tensors of the solve's dtype: TFP would round them to
     # float32.
-    results = sub.solve(step, fn, s0_, y0, tf.constant(times, dtype), initial,
+    times = tf.convert_to_tensor(times, dtype)
+    results = sub.solve(step, fn, s0_, y0, times, initial,
                         rtol=tf.constant(rtol, dtype),
                         atol=tf.constant(atol, dtype))
     diagnostics = results.diagnostics
@@ -645,7 +660,9 @@ def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *,
     Solves the adjoint system `adjoint_fn` (state `(y, a, g)`) from the last
     output time back to `t0`, one segment per output time: at each time
     the state restarts from the forward solution `ys` there and that time's
-    cotangent from `dys` joins the adjoint `a`. `g0` (a list) starts the
+    cotangent from `dys` joins the adjoint `a`. The segments between output
+    times run in one loop, so the program (and its tracing and compile
+    time) does not grow with the number of times. `g0` (a list) starts the
     parameter integrals; `options` go to `integrate` (a fixed-step method
     takes the forward solve's steps, in reverse).
 
@@ -662,22 +679,41 @@ def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *,
     at = lambda nest, i: tf.nest.map_structure(lambda x: x[i], nest)
     if state_mask is None:
         state_mask = tf.nest.map_structure(lambda _: True, at(ys, 0))
-    mask = (state_mask, state_mask, [not seminorm] * len(g0))
+    options = dict(options, error_mask=(state_mask, state_mask,
+                                        [not seminorm] * len(g0)))
     last = len(times) - 1
+    first = times[0] != t0  # a segment from t0 to the first output time
+    # A fixed-step method steps each segment as the forward grid did.
+    fixed = options["method"] in _FIXED
+    if fixed:
+        steps = [n for *_, n in fixed_grid(t0, times, options.pop("num_steps"),
+                                           options.pop("step_size"))]
     state = (at(ys, last), at(dys, last), g0)
-    num_evals = 0
-    if options.get("num_steps") is not None:
-        # The forward grid's step size, so that the segments step alike.
-        options = dict(options, num_steps=None, step_size=abs(
-            times[-1] - t0) / options["num_steps"])
-    for i in range(last, -1, -1):
-        start, end = times[i], times[i - 1] if i else t0
-        if start != end:
-            state, counts = integrate(sub, adjoint_fn, start, end, state,
-                                      error_mask=mask, **options)
-            num_evals += counts[0]
-        if i:
+    num_evals = tf.constant(0, tf.int32)
+    if last:
+        # The segments between output times in one loop: a graph (and a
+        # compile time) that does not grow with the number of times.
+        t = tf.convert_to_tensor(times, tf.nest.flatten(ys)[0].dtype)
+        if fixed:
+            between = tf.constant(steps[first:], tf.int32)
+
+        def segment(i, state, num_evals):
+            state, counts = integrate(
+                sub, adjoint_fn, t[i], t[i - 1], state,
+                direction=1.0 if t0 > times[-1] else -1.0,
+                **({"num_steps": between[i - 1]} if fixed else {}),
+                **options)
             _, a, g = state
             state = (at(ys, i - 1),
                      tf.nest.map_structure(tf.add, a, at(dys, i - 1)), g)
+            return i - 1, state, num_evals + counts[0]
+
+        _, state, num_evals = tf.while_loop(
+            lambda i, *_: i > 0, segment,
+            (tf.constant(last, tf.int32), state, num_evals))
+    if first:
+        state, counts = integrate(
+            sub, adjoint_fn, times[0], t0, state,
+            **({"num_steps": steps[0]} if fixed else {}), **options)
+        num_evals += counts[0]
     return state, num_evals

@@ -161,6 +161,36 @@ def gradients(ode, h0, loss_fn, with_losses=False):
     return tape.gradient(value, [h0] + ode.trainable_variables)
 
 
+def gradient_program_size(ode, h0, loss_fn):
+    """How many operations the compiled gradient of `loss_fn(ode(h0))`
+    holds: the graph's nodes with those of its functions (loop bodies) on
+    TensorFlow, the lines of the jaxpr on JAX."""
+    loss = _loss(ode, loss_fn, False)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if not ode.built:
+            ode(h0)
+        return len(str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1),
+                                               has_aux=True))(
+            keras.ops.convert_to_tensor(h0),
+            [v.value for v in ode.trainable_variables],
+            [v.value for v in ode.non_trainable_variables])).splitlines())
+    import tensorflow as tf
+
+    @tf.function
+    def gradient(h0):
+        with tf.GradientTape() as tape:
+            tape.watch(h0)
+            value, _ = loss(h0)
+        return tape.gradient(value, [h0] + ode.trainable_variables)
+
+    graph = gradient.get_concrete_function(tf.constant(h0)).graph
+    graph_def = graph.as_graph_def()
+    return len(graph_def.node) + sum(
+        len(f.node_def) for f in graph_def.library.function)
+
+
 def compiled_loss(ode, loss_fn, with_losses=False):
     """`h0 -> float(loss_fn(ode(h0)))`, compiled, with the current weights
     (and the layer's own losses added, `with_losses`)."""

@@ -10,8 +10,8 @@ from keras import ops
 from conftest import tensorflow_only
 
 from helpers import (sin, tanh, CosineRate, Linear, finite_difference_check,
-                     gradients, linear_gradients, mlp_dynamics,
-                     small_conv_dynamics)
+                     gradient_program_size, gradients, linear_gradients,
+                     mlp_dynamics, small_conv_dynamics)
 from keras_node import NeuralODE
 from keras_node.gradients import Adjoint
 
@@ -204,3 +204,17 @@ def test_save_at_gradients_match_finite_differences():
     weights = np.array([[[1.0], [-2.0], [0.5]]], "float64")
     finite_difference_check(ode, h0, lambda hs: ops.sum(sin(hs) * weights),
                             with_losses=True)
+
+
+def test_adjoint_program_does_not_grow_with_the_output_times():
+    # One loop over the segments between output times, not a solve each:
+    # an adaptive solve's gradient through 40 output times traces (and
+    # compiles) as one through 4. (A fixed-step forward solve still has a
+    # loop per output time.)
+    sizes = []
+    for n in (4, 40):
+        ode = NeuralODE(mlp_dynamics(8, 2), t1=1.0,
+                        save_at=list(np.linspace(0.0, 1.0, n + 1)[1:]))
+        sizes.append(gradient_program_size(ode, np.ones((3, 2), "float32"),
+                                           ops.sum))
+    assert sizes[1] < 1.1 * sizes[0], sizes

@@ -134,6 +134,21 @@ def test_fixed_steps_land_on_every_output_time(solver, steps):
     assert float(ode.steps_rejected) == 0
 
 
+@pytest.mark.parametrize("save_at", [[0.3, 1.0], [0.0, 0.3, 0.5, 1.0]])
+def test_fixed_step_adjoint_steps_back_over_the_forward_grid(save_at):
+    # Steps of at most 0.1: 0.3 in 3, 0.7 in 7, or 0.2 in 2 and 0.5 in 5.
+    ode = linear_ode(t1=1.0, solver=solvers.RK4(step_size=0.1),
+                     save_at=save_at)
+    dh0, da_t = tape_gradients(ode, H0, lambda hs: ops.sum(W[:, None] * hs))
+    # The loss sums W * h(t) over the output times: so do its gradients.
+    expected = [sum(g) for g in zip(*(linear_gradients(A, H0, W, t)
+                                      for t in save_at))]
+    np.testing.assert_allclose(dh0, expected[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(da_t, expected[1], rtol=1e-4, atol=1e-5)
+    assert float(ode.num_forward_evals) == 4 * 10
+    assert float(ode.num_backward_evals) == 4 * 10
+
+
 def analytic_grads(t1):
     return linear_gradients(A, H0, W, t1)
 
