@@ -166,3 +166,34 @@ def test_dynamics_cost_stops_when_a_child_fails(monkeypatch):
     monkeypatch.setattr(dynamics_cost, "run_json", lambda argv, what: None)
     with pytest.raises(SystemExit, match="^torch failed: see above.$"):
         dynamics_cost.run_child("torch", 1, 4, 2)
+
+
+def test_save_at_benchmark_times_each_number_of_output_times(tmp_path):
+    import keras
+
+    from benchmarks import save_at
+
+    out = tmp_path / "save_at.json"
+    result = save_at.main(["--times", "1", "2", "--steps", "1",
+                           "--json-out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert [run["output_times"] for run in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        assert run["backend"] == keras.backend.backend()
+        assert run["first_step_s"] > 0 and run["median_step_s"] > 0
+        # Dormand-Prince: 2 + 6 per step, forward and back.
+        assert (run["nfe_forward"] - 2) % 6 == 0
+        assert run["nfe_backward"] >= 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--times", "0"], "--times must be positive integers"),
+    (["--steps", "0"], "--steps must be positive"),
+    (["--step-size", "-1"], "--step-size must be positive"),
+])
+def test_save_at_benchmark_refuses_bad_options(argv, message, capsys):
+    from benchmarks import save_at
+
+    with pytest.raises(SystemExit):
+        save_at.main(argv)
+    assert message in capsys.readouterr().err
