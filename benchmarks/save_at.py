@@ -1,6 +1,6 @@
 """Train steps of a small NeuralODE against its number of output times; JSON.
 
-    python -m benchmarks.save_at [--times 1 10 40] [--gradient adjoint]
+    python -m benchmarks.save_at [--times 1 10 40] [--solver rk4 --num-steps 20]
     KERAS_BACKEND=jax .venv-jax/bin/python -m benchmarks.save_at
 
 The model: `NeuralODE` of an MLP (2 -> 50 tanh -> 2) from t0 = 0, saved at
@@ -8,7 +8,9 @@ The model: `NeuralODE` of an MLP (2 -> 50 tanh -> 2) from t0 = 0, saved at
 Adam, `train_on_batch`, on the Keras backend of the environment. Each `n`
 runs in a fresh process: the first step (which traces and compiles the
 step, and grows with whatever the program repeats per output time) and the
-median of the `--steps` after it. Prints one JSON object with the machine.
+median of the `--steps` after it. `--solver`, `--gradient` and `--num-steps`
+(over the whole span) as in `train_step.py`. Prints one JSON object with the
+machine.
 """
 
 import argparse
@@ -18,23 +20,22 @@ import sys
 import time
 
 from benchmarks.machine import describe
-from benchmarks.peers.run import run_json
+from benchmarks.peers.run import print_json, run_json
+from benchmarks.train_step import SOLVE_DEFAULTS, add_solve_arguments
 
-FIXED = ("euler", "midpoint", "rk4")
 
-
-def measure(n, solver, gradient, step_size, steps):
+def measure(n, solve, steps):
     import keras
     import numpy as np
 
-    from keras_node import NeuralODE, solvers
+    from examples.mnist_common import solver_and_gradient
+    from keras_node import NeuralODE
 
     keras.utils.set_random_seed(0)
     dynamics = keras.Sequential([keras.layers.Dense(50, activation="tanh"),
                                  keras.layers.Dense(2)])
-    if solver in FIXED:
-        solver = {"euler": solvers.Euler, "midpoint": solvers.Midpoint,
-                  "rk4": solvers.RK4}[solver](step_size=step_size)
+    solver, gradient = solver_and_gradient(
+        solve["solver"], solve["num_steps"], solve["gradient"])
     ode = NeuralODE(dynamics, t1=1.0, solver=solver, gradient=gradient,
                     save_at=[float(t) for t in np.linspace(0, 1, n + 1)[1:]])
     inputs = keras.Input((2,))
@@ -63,43 +64,33 @@ def main(argv=None):
     parser.add_argument("--times", type=int, nargs="+", default=[1, 10, 40],
                         help="numbers of output times (default: "
                         "%(default)s)")
-    parser.add_argument("--solver", default="dopri5",
-                        choices=["dopri5", "tsit5", "bosh3", *FIXED])
-    parser.add_argument("--gradient", default="adjoint",
-                        choices=["adjoint", "backprop"])
-    parser.add_argument("--step-size", type=float, default=0.05,
-                        help="of a fixed-step solver (default: %(default)s)")
+    add_solve_arguments(parser)
     parser.add_argument("--steps", type=int, default=15,
                         help="steps timed after the first (default: "
                         "%(default)s)")
     parser.add_argument("--json-out", type=pathlib.Path)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    check_ranges(parser, args, positive=("step_size", "steps"))
+    check_ranges(parser, args, positive=("num_steps", "steps"))
     if min(args.times) < 1:
         parser.error("--times must be positive integers")
-    solve = [args.solver, args.gradient, args.step_size, args.steps]
+    solve = {key: getattr(args, key) for key in SOLVE_DEFAULTS}
     if args.child is not None:
-        print(json.dumps(measure(args.child, *solve)))
+        print(json.dumps(measure(args.child, solve, args.steps)))
         return None
     runs = []
     for n in args.times:
         run = run_json(
             [sys.executable, "-m", "benchmarks.save_at", "--child", str(n),
              "--solver", args.solver, "--gradient", args.gradient,
-             "--step-size", str(args.step_size), "--steps", str(args.steps)],
+             "--num-steps", str(args.num_steps), "--steps", str(args.steps)],
             f"{n} output times")
         if run is None:
             sys.exit(f"the run with {n} output times failed: see above.")
         runs.append(run)
-    result = {"benchmark": "save_at", "solver": args.solver,
-              "gradient": args.gradient, "runs": runs,
+    result = {"benchmark": "save_at", **solve, "runs": runs,
               "machine": describe()}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    print_json(result, args.json_out)
     return result
 
 

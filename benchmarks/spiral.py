@@ -24,6 +24,7 @@ import sys
 import tempfile
 
 from benchmarks.machine import describe
+from benchmarks.peers.run import print_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -93,11 +94,7 @@ def main(argv=None):
         "runs": runs,
         "machine": describe(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    print_json(result, args.json_out)
 
 
 if __name__ == "__main__":

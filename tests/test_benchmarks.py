@@ -189,7 +189,7 @@ def test_save_at_benchmark_times_each_number_of_output_times(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--times", "0"], "--times must be positive integers"),
     (["--steps", "0"], "--steps must be positive"),
-    (["--step-size", "-1"], "--step-size must be positive"),
+    (["--num-steps", "0"], "--num-steps must be positive"),
 ])
 def test_save_at_benchmark_refuses_bad_options(argv, message, capsys):
     from benchmarks import save_at

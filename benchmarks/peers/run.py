@@ -135,6 +135,15 @@ def run_json(argv, what, env=None):
     return json.loads(lines[-1])
 
 
+def print_json(result, path=None):
+    """Prints `result` as indented JSON, and writes it to `path` if given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -264,11 +273,7 @@ def main(argv=None):
         "machine": describe(),
     }
     print(table(summary, ratios))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    print_json(result, args.json_out)
 
 
 if __name__ == "__main__":
