@@ -29,6 +29,8 @@ import collections
 import functools
 import math
 
+import numpy as np
+
 # A Butcher tableau: `nodes` c_2..c_s, `matrix` the rows of A below the
 # diagonal, `weights` b, and for adaptive pairs `error` (b - b_hat) and `mid`
 # (the weights of y(t + dt/2), for the dense output), `order` the order of
@@ -564,33 +566,58 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
     return ys, counts
 
 
+def _vector(tf, values, dtype):
+    """`values` as a vector of `dtype`: Python numbers as one constant (on
+    JAX's substrate a list becomes an operation per element)."""
+    if all(isinstance(v, (int, float)) for v in values):
+        return tf.cast(tf.constant(np.asarray(values)), dtype)
+    return tf.convert_to_tensor(values, dtype)
+
+
 def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
     """A fixed-step solve in increasing time `s`; states at `times`.
 
     With Python floats the number of steps is static; a tensor span (one
-    output time) takes `num_steps` steps, a tensor or an int.
+    output time) takes `num_steps` steps, a tensor or an int. Several output
+    times are one loop over the intervals between them (a program that does
+    not grow with their number), each interval an inner loop of its own
+    number of steps. Reverse mode on JAX records that inner loop at its
+    longest interval's length for every interval: unevenly spaced output
+    times cost backprop memory for `intervals x longest` steps, not for the
+    steps taken.
     """
     dtype = tf.nest.flatten(y0)[0].dtype
     static = isinstance(times[-1], (int, float))
     grid = (fixed_grid(s0, times, num_steps, step_size) if static
             else [(s0, times[-1], num_steps)])
-    y = y0
-    outputs = [y0] if static and times[0] == s0 else []
-    for start, end, steps in grid:
-        start_ = tf.convert_to_tensor(start, dtype)
-        dt = (tf.constant((end - start) / steps, dtype) if static else
-              (end - start_) / tf.cast(steps, dtype))
+    most = max(steps for *_, steps in grid) if static else None
 
-        def body(i, y, dt=dt, start_=start_):
-            t = start_ + tf.cast(i, dtype) * dt
+    def solve(y, start, dt, steps):
+        def body(i, y):
+            t = start + tf.cast(i, dtype) * dt
             k, _ = _stages(tf, fn, t, y, fn(t, y), dt, tab)
             return i + 1, _combine(tf, y, dt, tab.weights, k)
 
-        _, y = tf.while_loop(lambda i, y: i < steps, body,
+        return tf.while_loop(lambda i, y: i < steps, body,
                              (tf.constant(0, tf.int32), y),
-                             maximum_iterations=steps if static else None)
-        outputs.append(y)
-    ys = tf.nest.map_structure(lambda *y: tf.stack(y), *outputs)
+                             maximum_iterations=most)[1]
+
+    if len(grid) == 1:
+        (start, end, steps), = grid
+        start_ = tf.convert_to_tensor(start, dtype)
+        dt = (tf.constant((end - start) / steps, dtype) if static else
+              (end - start_) / tf.cast(steps, dtype))
+        ys = tf.nest.map_structure(lambda y: y[None],
+                                   solve(y0, start_, dt, steps))
+    else:
+        starts, ends, steps = zip(*grid)
+        ys = tf.scan(lambda y, interval: solve(y, *interval), (
+            _vector(tf, starts, dtype),
+            _vector(tf, [(e - s) / n for s, e, n in grid], dtype),
+            _vector(tf, steps, tf.int32)), initializer=y0)
+    if static and times[0] == s0:
+        ys = tf.nest.map_structure(
+            lambda y, y0: tf.concat([y0[None], y], axis=0), ys, y0)
     total = tf.cast(sum(steps for _, _, steps in grid), tf.int32)
     evals = total * (len(tab.nodes) + 1)
     return ys, tf.stack([evals, total, tf.constant(0, tf.int32)])
@@ -633,7 +660,7 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
     )
     # rtol and atol as tensors of the solve's dtype: TFP would round them to
     # float32.
-    times = tf.convert_to_tensor(times, dtype)
+    times = _vector(tf, times, dtype)
     results = sub.solve(step, fn, s0_, y0, times, initial,
                         rtol=tf.constant(rtol, dtype),
                         atol=tf.constant(atol, dtype))
@@ -693,9 +720,9 @@ def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *,
     if last:
         # The segments between output times in one loop: a graph (and a
         # compile time) that does not grow with the number of times.
-        t = tf.convert_to_tensor(times, tf.nest.flatten(ys)[0].dtype)
+        t = _vector(tf, times, tf.nest.flatten(ys)[0].dtype)
         if fixed:
-            between = tf.constant(steps[first:], tf.int32)
+            between = _vector(tf, steps[first:], tf.int32)
 
         def segment(i, state, num_evals):
             state, counts = integrate(

@@ -206,14 +206,16 @@ def test_save_at_gradients_match_finite_differences():
                             with_losses=True)
 
 
-def test_adjoint_program_does_not_grow_with_the_output_times():
-    # One loop over the segments between output times, not a solve each:
-    # an adaptive solve's gradient through 40 output times traces (and
-    # compiles) as one through 4. (A fixed-step forward solve still has a
-    # loop per output time.)
+@pytest.mark.parametrize("solver, gradient", [
+    ("dopri5", "adjoint"), ("rk4", "adjoint"), ("rk4", "backprop")])
+def test_program_does_not_grow_with_the_output_times(solver, gradient):
+    # One loop over the intervals between output times, not a solve each:
+    # a gradient through 40 output times traces (and compiles) as one
+    # through 4.
     sizes = []
     for n in (4, 40):
-        ode = NeuralODE(mlp_dynamics(8, 2), t1=1.0,
+        ode = NeuralODE(mlp_dynamics(8, 2), t1=1.0, solver=solver,
+                        gradient=gradient,
                         save_at=list(np.linspace(0.0, 1.0, n + 1)[1:]))
         sizes.append(gradient_program_size(ode, np.ones((3, 2), "float32"),
                                            ops.sum))
