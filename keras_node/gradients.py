@@ -73,7 +73,9 @@ class Backprop(Gradient):
     so it matches finite differences of the forward solve; memory grows with
     the number of steps, as every stage is kept for the backward pass. On
     JAX it needs a fixed-step solver (JAX cannot reverse-differentiate the
-    adaptive solvers' unbounded loop).
+    adaptive solvers' unbounded loop), and with unevenly spaced `save_at`
+    times it keeps every interval's stages for as many steps as the longest
+    interval takes.
     """
 
     name = "backprop"
