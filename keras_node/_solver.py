@@ -139,16 +139,17 @@ def derivative_message(name, expected, received=None):
 def _combine(tf, y, dt, weights, ks):
     """`y + dt * sum(w * k)` over a nest, or `dt * sum(w * k)` if `y` is None.
 
-    The weights are Python floats, multiplied in each tensor's own dtype (a
-    float64 solve keeps float64 coefficients).
+    Each coefficient `dt * w` is a scalar in `dt`'s dtype (a float64 solve
+    keeps float64 coefficients), so a term costs one product with a tensor
+    and the sum one pass.
     """
-    terms = [(w, k) for w, k in zip(weights, ks) if w != 0]
+    terms = [(dt * w, k) for w, k in zip(weights, ks) if w != 0]
 
     def component(*xs):
         y_, parts = (xs[0], xs[1:]) if y is not None else (None, xs)
-        total = functools.reduce(
-            tf.add, [w * x for (w, _), x in zip(terms, parts)])
-        return dt * total if y_ is None else y_ + dt * total
+        total = [c * x for (c, _), x in zip(terms, parts)]
+        total = total if y_ is None else [y_, *total]
+        return total[0] if len(total) == 1 else tf.add_n(total)
 
     nests = [k for _, k in terms]
     if y is not None:
