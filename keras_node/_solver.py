@@ -611,15 +611,14 @@ def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
         ys = tf.nest.map_structure(lambda y: y[None],
                                    solve(y0, start_, dt, steps))
     else:
-        starts, ends, steps = zip(*grid)
         ys = tf.scan(lambda y, interval: solve(y, *interval), (
-            _vector(tf, starts, dtype),
+            _vector(tf, [s for s, _, _ in grid], dtype),
             _vector(tf, [(e - s) / n for s, e, n in grid], dtype),
-            _vector(tf, steps, tf.int32)), initializer=y0)
+            _vector(tf, [n for _, _, n in grid], tf.int32)), initializer=y0)
     if static and times[0] == s0:
         ys = tf.nest.map_structure(
             lambda y, y0: tf.concat([y0[None], y], axis=0), ys, y0)
-    total = tf.cast(sum(steps for _, _, steps in grid), tf.int32)
+    total = tf.cast(sum(n for _, _, n in grid), tf.int32)
     evals = total * (len(tab.nodes) + 1)
     return ys, tf.stack([evals, total, tf.constant(0, tf.int32)])
 
