@@ -591,7 +591,7 @@ def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
     static = isinstance(times[-1], (int, float))
     grid = (fixed_grid(s0, times, num_steps, step_size) if static
             else [(s0, times[-1], num_steps)])
-    most = max(steps for *_, steps in grid) if static else None
+    most = max(n for _, _, n in grid) if static else None
 
     def solve(y, start, dt, steps):
         def body(i, y):
