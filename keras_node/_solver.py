@@ -233,6 +233,10 @@ class _AdaptiveStep:
                  ifactor, dfactor):
         tf, where = self._sub.tf, self._sub.nest_where
         y0, f0, _, t0, dt, interpolation = solver_state
+        # Times and step sizes are not differentiated. Stopped here, in the
+        # loop's body, so that TensorFlow's gradient of the loop drops the
+        # reductions of every term to a step-size gradient that nothing uses.
+        t0, dt = tf.stop_gradient(t0), tf.stop_gradient(dt)
         within_budget = [tf.debugging.assert_less(
             diagnostics.num_ode_fn_evaluations, self.max_evals,
             message=budget_message(self._what, self._step_budget),
@@ -595,9 +599,11 @@ def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
 
     def solve(y, start, dt, steps):
         def body(i, y):
-            t = start + tf.cast(i, dtype) * dt
-            k, _ = _stages(tf, fn, t, y, fn(t, y), dt, tab)
-            return i + 1, _combine(tf, y, dt, tab.weights, k)
+            # Not differentiated (as the adaptive step's, which says why).
+            t = tf.stop_gradient(start + tf.cast(i, dtype) * dt)
+            h = tf.stop_gradient(dt)
+            k, _ = _stages(tf, fn, t, y, fn(t, y), h, tab)
+            return i + 1, _combine(tf, y, h, tab.weights, k)
 
         return tf.while_loop(lambda i, y: i < steps, body,
                              (tf.constant(0, tf.int32), y),
