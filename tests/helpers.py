@@ -128,6 +128,20 @@ def _loss(ode, loss_fn, with_losses):
     return loss
 
 
+def _jax_gradient(ode, h0, loss_fn, with_losses):
+    """JAX's `(grad, args)`: `grad(*args)` gives `((dL/dh0, dL/d(weights)),
+    non-trainable values after the call)`."""
+    import jax
+
+    if not ode.built:
+        ode(h0)  # creates the variables
+    grad = jax.grad(_loss(ode, loss_fn, with_losses), argnums=(0, 1),
+                    has_aux=True)
+    return grad, (keras.ops.convert_to_tensor(h0),
+                  [v.value for v in ode.trainable_variables],
+                  [v.value for v in ode.non_trainable_variables])
+
+
 def gradients(ode, h0, loss_fn, with_losses=False):
     """`[dL/dh0] + dL/d(weights)` by the backend's own autodiff.
 
@@ -135,17 +149,11 @@ def gradients(ode, h0, loss_fn, with_losses=False):
     `with_losses`, the layer's own losses (the regulariser) are added. On
     JAX the gradient is compiled (`jax.jit`), as Keras' JAX trainer does.
     """
-    loss = _loss(ode, loss_fn, with_losses)
     if keras.backend.backend() == "jax":
         import jax
 
-        if not ode.built:
-            ode(h0)  # creates the variables
-        (dh0, dweights), others_after = jax.jit(jax.grad(
-            loss, argnums=(0, 1), has_aux=True))(
-                keras.ops.convert_to_tensor(h0),
-                [v.value for v in ode.trainable_variables],
-                [v.value for v in ode.non_trainable_variables])
+        grad, args = _jax_gradient(ode, h0, loss_fn, with_losses)
+        (dh0, dweights), others_after = jax.jit(grad)(*args)
         # The forward counts, as a stateful call would leave them.
         for variable, value in zip(ode.non_trainable_variables,
                                    others_after):
@@ -154,10 +162,10 @@ def gradients(ode, h0, loss_fn, with_losses=False):
         return [dh0, *dweights]
     import tensorflow as tf
 
-    h0 = tf.constant(h0)
+    h0 = tf.convert_to_tensor(h0)
     with tf.GradientTape() as tape:
         tape.watch(h0)
-        value, _ = loss(h0)
+        value, _ = _loss(ode, loss_fn, with_losses)(h0)
     return tape.gradient(value, [h0] + ode.trainable_variables)
 
 
@@ -165,28 +173,15 @@ def gradient_program_size(ode, h0, loss_fn):
     """How many operations the compiled gradient of `loss_fn(ode(h0))`
     holds: the graph's nodes with those of its functions (loop bodies) on
     TensorFlow, the lines of the jaxpr on JAX."""
-    loss = _loss(ode, loss_fn, False)
     if keras.backend.backend() == "jax":
         import jax
 
-        if not ode.built:
-            ode(h0)
-        return len(str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1),
-                                               has_aux=True))(
-            keras.ops.convert_to_tensor(h0),
-            [v.value for v in ode.trainable_variables],
-            [v.value for v in ode.non_trainable_variables])).splitlines())
+        grad, args = _jax_gradient(ode, h0, loss_fn, False)
+        return len(str(jax.make_jaxpr(grad)(*args)).splitlines())
     import tensorflow as tf
 
-    @tf.function
-    def gradient(h0):
-        with tf.GradientTape() as tape:
-            tape.watch(h0)
-            value, _ = loss(h0)
-        return tape.gradient(value, [h0] + ode.trainable_variables)
-
-    graph = gradient.get_concrete_function(tf.constant(h0)).graph
-    graph_def = graph.as_graph_def()
+    graph_def = tf.function(lambda h0: gradients(ode, h0, loss_fn)) \
+        .get_concrete_function(tf.constant(h0)).graph.as_graph_def()
     return len(graph_def.node) + sum(
         len(f.node_def) for f in graph_def.library.function)
 
