@@ -66,15 +66,15 @@ class NeuralODE(keras.layers.Layer):
     supported: dynamics that update state during the solve
     (`BatchNormalization`'s moving statistics, for example), dynamics with
     several inputs or outputs, gradients with respect to `t0` or `t1`.
-    XLA on TensorFlow: `compile(jit_compile=True)` works, but XLA drops an
-    adaptive solver's `max_num_steps` error (an exhausted budget returns NaN
-    instead), so on TensorFlow a layer with an adaptive solver sets
-    `supports_jit = False` and `jit_compile="auto"` keeps to TensorFlow's
-    graph without XLA; fixed-step solvers have no budget and allow XLA. On
-    a CPU, leave XLA off (as `"auto"` does on a machine without GPUs): there
-    a train step with RK4 and backprop measured 16 times slower under XLA
-    (see the troubleshooting guide). On JAX, where no solve can raise
-    inside a loop anyway, `"auto"` compiles the train step.
+    XLA on TensorFlow: XLA drops an adaptive solver's `max_num_steps` error
+    (an exhausted budget returns NaN instead), so on TensorFlow a layer with
+    an adaptive solver sets `supports_jit = False`, and Keras trains its
+    model without XLA even when `compile(jit_compile=True)` asks for it (it
+    warns). Fixed-step solvers have no budget and allow XLA. On a CPU, leave
+    XLA off (as `"auto"` does on a machine without GPUs): there a train step
+    with RK4 and backprop measured 16 to 40 times slower under XLA (see the
+    troubleshooting guide). On JAX, where no solve can raise inside a loop
+    anyway, `"auto"` compiles the train step.
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
     `tfp-nightly`). On JAX the gradients reach the initial state and the
@@ -239,9 +239,9 @@ class NeuralODE(keras.layers.Layer):
         # TFP's solver runs in float32 or float64, never in half precision.
         self.autocast = False
         # XLA compiles the step-budget assertion away (an exhausted budget
-        # then gives NaN, not an error): on TensorFlow `jit_compile="auto"`
-        # keeps adaptive solvers to plain TensorFlow (`jit_compile=True`
-        # works, about as fast); fixed-step solvers have no budget to lose.
+        # then gives NaN, not an error): on TensorFlow Keras trains adaptive
+        # solvers without XLA, even when asked for it; fixed-step solvers
+        # have no budget to lose.
         # JAX cannot raise inside a loop at all, and without jit its `fit`
         # would run every operation eagerly, recompiling the solver's loops
         # at each step.

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -299,6 +300,14 @@ def test_jit_compile_auto_trains_without_xla_on_tensorflow():
     x, y = data(8)
     model.fit(x, y, verbose=0)
     assert model.jit_compile is (BACKEND == "jax")
+    # Asked for XLA, Keras declines it on TensorFlow, with a warning (the
+    # docs say so; a benchmark "with XLA" would otherwise time the graph).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.compile(model.optimizer, model.loss, jit_compile=True)
+    assert model.jit_compile is (BACKEND == "jax")
+    assert any("jit_compile" in str(w.message) for w in caught) is (
+        BACKEND == "tensorflow")
 
 
 @pytest.mark.slow
