@@ -1,6 +1,8 @@
 """Times a training step of the README's MNIST model and measures its memory.
 
     python -m benchmarks.train_step [--steps 20] [--tolerances 1e-3 1e-6]
+        [--solver rk4 --gradient backprop --num-steps 4 --unroll]
+        [--jit-compile]
 
 Each tolerance runs in a fresh process (so that its peak resident memory is
 its own): the model of `examples/mnist.py`, batch 128, Adam, on fixed random
@@ -27,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
             jit_compile=False, solver="dopri5", gradient="adjoint",
-            num_steps=4):
+            num_steps=4, unroll=False):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -36,7 +38,7 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
 
     keras.utils.set_random_seed(0)
     solver_, gradient_ = solver_and_gradient(solver, num_steps, gradient,
-                                             adjoint_norm)
+                                             adjoint_norm, unroll)
     model = build_model(rtol=tolerance, atol=tolerance, solver=solver_,
                         gradient=gradient_)
     model.compile(
@@ -111,13 +113,16 @@ def main(argv=None):
                         help="ask Keras to compile the train step with XLA (the "
                         "JSON's jit_compile says whether it did)")
     add_solve_arguments(parser)
+    parser.add_argument("--unroll", action="store_true",
+                        help="unroll a fixed-step solver's steps")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(measure(args.child, args.steps, args.warmup,
                                  args.batch_size, args.adjoint_norm,
                                  args.jit_compile, args.solver,
-                                 args.gradient, args.num_steps)))
+                                 args.gradient, args.num_steps,
+                                 args.unroll)))
         return
     runs = []
     for tolerance in args.tolerances:
@@ -128,7 +133,8 @@ def main(argv=None):
              "--batch-size", str(args.batch_size),
              "--adjoint-norm", args.adjoint_norm, "--solver", args.solver,
              "--gradient", args.gradient, "--num-steps", str(args.num_steps)]
-            + ["--jit-compile"] * args.jit_compile,
+            + ["--jit-compile"] * args.jit_compile
+            + ["--unroll"] * args.unroll,
             check=True, capture_output=True, text=True, cwd=ROOT,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         ).stdout

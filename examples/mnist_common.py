@@ -116,15 +116,18 @@ def stratified_split(labels, fraction, seed):
 
 
 def solver_and_gradient(solver, num_steps=None, gradient="adjoint",
-                        adjoint_norm=None):
+                        adjoint_norm=None, unroll=False):
     """`NeuralODE`'s `solver` and `gradient` from the command line's names.
 
-    `num_steps` (default 4) is for fixed-step solvers, `adjoint_norm`
-    (default seminorm) for the adjoint of adaptive ones.
+    `num_steps` (default 4) and `unroll` are for fixed-step solvers,
+    `adjoint_norm` (default seminorm) for the adjoint of adaptive ones.
     """
     solver = solvers.get(solver)
     if not solver.adaptive:
-        solver = type(solver)(num_steps=num_steps or 4)
+        solver = type(solver)(num_steps=num_steps or 4, unroll=unroll)
+    elif unroll:
+        raise ValueError(f"Only fixed-step solvers unroll. Received: "
+                         f"solver={solver.name!r}, unroll=True")
     if gradient == "adjoint" and solver.adaptive:
         return solver, gradients.Adjoint(norm=adjoint_norm or "seminorm")
     return solver, gradients.get(gradient)

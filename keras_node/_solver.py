@@ -501,8 +501,8 @@ def fixed_grid(t_start, times, num_steps=None, step_size=None):
 
 def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
               atol=None, first_step_size=None, max_num_steps=None,
-              num_steps=None, step_size=None, error_mask=None, save_at=None,
-              direction=None):
+              num_steps=None, step_size=None, unroll=False, error_mask=None,
+              save_at=None, direction=None):
     """Solves `dy/dt = fn(t, y)` from `t_start` to `t_end` (either order).
 
     Args:
@@ -521,6 +521,8 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
             options (Python numbers; `first_step_size` None for Hairer's
             heuristic).
         num_steps, step_size: fixed-step methods' options, one of them set.
+        unroll: a fixed-step method's steps laid out without a loop (with
+            Python floats for the times only).
         error_mask: a nest of bools like `y0`: the components whose error
             the step-size control sees. Defaults to all.
         save_at: None, or Python floats from `t_start` towards `t_end`,
@@ -552,7 +554,8 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
     ok = _check_finite(sub, y0, what, "the initial state")
     if method in _FIXED:
         ys, counts = _integrate_fixed(tf, fn_s, 0.0, times, y0,
-                                      _FIXED[method], num_steps, step_size)
+                                      _FIXED[method], num_steps, step_size,
+                                      unroll)
         solved = _check_finite(
             sub, ys, what, "the fixed-step solution (the dynamics returned "
             "NaN or inf, or the steps are too long for them)", after=ok)
@@ -579,7 +582,8 @@ def _vector(tf, values, dtype):
     return tf.convert_to_tensor(values, dtype)
 
 
-def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
+def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size,
+                     unroll=False):
     """A fixed-step solve in increasing time `s`; states at `times`.
 
     With Python floats the number of steps is static; a tensor span (one
@@ -589,7 +593,8 @@ def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
     number of steps. Reverse mode on JAX records that inner loop at its
     longest interval's length for every interval: unevenly spaced output
     times cost backprop memory for `intervals x longest` steps, not for the
-    steps taken.
+    steps taken. With `unroll` and a static number of steps, every step is
+    laid out in the program, without loops.
     """
     dtype = tf.nest.flatten(y0)[0].dtype
     static = isinstance(times[-1], (int, float))
@@ -597,19 +602,28 @@ def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size):
             else [(s0, times[-1], num_steps)])
     most = max(n for _, _, n in grid) if static else None
 
+    def step(t, dt, y):
+        # Not differentiated (as the adaptive step's, which says why).
+        t, dt = tf.stop_gradient(t), tf.stop_gradient(dt)
+        k, _ = _stages(tf, fn, t, y, fn(t, y), dt, tab)
+        return _combine(tf, y, dt, tab.weights, k)
+
     def solve(y, start, dt, steps):
-        def body(i, y):
-            # Not differentiated (as the adaptive step's, which says why).
-            t = tf.stop_gradient(start + tf.cast(i, dtype) * dt)
-            h = tf.stop_gradient(dt)
-            k, _ = _stages(tf, fn, t, y, fn(t, y), h, tab)
-            return i + 1, _combine(tf, y, h, tab.weights, k)
+        return tf.while_loop(
+            lambda i, y: i < steps,
+            lambda i, y: (i + 1, step(start + tf.cast(i, dtype) * dt, dt, y)),
+            (tf.constant(0, tf.int32), y), maximum_iterations=most)[1]
 
-        return tf.while_loop(lambda i, y: i < steps, body,
-                             (tf.constant(0, tf.int32), y),
-                             maximum_iterations=most)[1]
-
-    if len(grid) == 1:
+    if unroll and static:
+        y, outputs = y0, []
+        for start, end, steps in grid:
+            dt = (end - start) / steps
+            for i in range(steps):
+                y = step(tf.constant(start + i * dt, dtype),
+                         tf.constant(dt, dtype), y)
+            outputs.append(y)
+        ys = tf.nest.map_structure(lambda *ys: tf.stack(ys), *outputs)
+    elif len(grid) == 1:
         (start, end, steps), = grid
         start_ = tf.convert_to_tensor(start, dtype)
         dt = (tf.constant((end - start) / steps, dtype) if static else
@@ -723,12 +737,16 @@ def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *,
                                            options.pop("step_size"))]
     state = (at(ys, last), at(dys, last), g0)
     num_evals = tf.constant(0, tf.int32)
+    # Unrolled steps take Python numbers: the segments in Python too.
+    unrolled = fixed and options["unroll"]
     if last:
         # The segments between output times in one loop: a graph (and a
         # compile time) that does not grow with the number of times.
-        t = _vector(tf, times, tf.nest.flatten(ys)[0].dtype)
+        t = times if unrolled else _vector(tf, times,
+                                           tf.nest.flatten(ys)[0].dtype)
         if fixed:
-            between = _vector(tf, steps[first:], tf.int32)
+            between = (steps[first:] if unrolled
+                       else _vector(tf, steps[first:], tf.int32))
 
         def segment(i, state, num_evals):
             state, counts = integrate(
@@ -741,9 +759,13 @@ def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *,
                      tf.nest.map_structure(tf.add, a, at(dys, i - 1)), g)
             return i - 1, state, num_evals + counts[0]
 
-        _, state, num_evals = tf.while_loop(
-            lambda i, *_: i > 0, segment,
-            (tf.constant(last, tf.int32), state, num_evals))
+        if unrolled:
+            for i in range(last, 0, -1):
+                _, state, num_evals = segment(i, state, num_evals)
+        else:
+            _, state, num_evals = tf.while_loop(
+                lambda i, *_: i > 0, segment,
+                (tf.constant(last, tf.int32), state, num_evals))
     if first:
         state, counts = integrate(
             sub, adjoint_fn, times[0], t0, state,

@@ -24,8 +24,8 @@ shapes that XLA compiles well.
 
 import keras
 
-from keras_node._options import (Options, positive_float, positive_int,
-                                 resolve)
+from keras_node._options import (Options, invalid, positive_float,
+                                 positive_int, resolve)
 
 __all__ = ["Solver", "DormandPrince", "Tsit5", "Bosh3", "Euler", "Midpoint",
            "RK4", "get"]
@@ -115,9 +115,17 @@ class FixedStepSolver(Solver):
         num_steps: the number of steps from `t0` to `t1`, a positive
             integer. Defaults to `10` when `step_size` is not given.
         step_size: the longest step, a positive float. Defaults to `None`.
+        unroll: `True` to lay the steps out one after another in the
+            program instead of running them in a loop, as the `unroll` of
+            Keras' recurrent layers. The program then grows with the number
+            of steps (tracing and compiling take longer), so keep it for a
+            few steps. It pays under XLA on a CPU (the JAX backend, or
+            `jit_compile=True` on TensorFlow), which runs a convolution's
+            weight gradient inside a loop many times slower than outside.
+            Defaults to `False`.
     """
 
-    def __init__(self, num_steps=None, step_size=None):
+    def __init__(self, num_steps=None, step_size=None, unroll=False):
         if num_steps is not None and step_size is not None:
             raise ValueError(
                 f"{type(self).__name__} takes `num_steps` or `step_size`, not "
@@ -131,9 +139,13 @@ class FixedStepSolver(Solver):
         else:
             self.num_steps = None
             self.step_size = positive_float("step_size", step_size)
+        if not isinstance(unroll, bool):
+            raise invalid(TypeError, "unroll", "True or False", unroll)
+        self.unroll = unroll
 
     def get_config(self):
-        return {"num_steps": self.num_steps, "step_size": self.step_size}
+        return {"num_steps": self.num_steps, "step_size": self.step_size,
+                "unroll": self.unroll}
 
 
 @keras.saving.register_keras_serializable(package="keras_node")

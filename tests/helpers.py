@@ -169,21 +169,34 @@ def gradients(ode, h0, loss_fn, with_losses=False):
     return tape.gradient(value, [h0] + ode.trainable_variables)
 
 
-def gradient_program_size(ode, h0, loss_fn):
-    """How many operations the compiled gradient of `loss_fn(ode(h0))`
-    holds: the graph's nodes with those of its functions (loop bodies) on
-    TensorFlow, the lines of the jaxpr on JAX."""
+def _gradient_program(ode, h0, loss_fn):
+    """The operations of the compiled gradient of `loss_fn(ode(h0))`, one
+    string each: the op types of the graph's nodes with those of its
+    functions (loop bodies) on TensorFlow, the lines of the jaxpr on JAX."""
     if keras.backend.backend() == "jax":
         import jax
 
         grad, args = _jax_gradient(ode, h0, loss_fn, False)
-        return len(str(jax.make_jaxpr(grad)(*args)).splitlines())
+        return str(jax.make_jaxpr(grad)(*args)).splitlines()
     import tensorflow as tf
 
     graph_def = tf.function(lambda h0: gradients(ode, h0, loss_fn)) \
         .get_concrete_function(tf.constant(h0)).graph.as_graph_def()
-    return len(graph_def.node) + sum(
-        len(f.node_def) for f in graph_def.library.function)
+    return [node.op for node in graph_def.node] + [
+        node.op for f in graph_def.library.function for node in f.node_def]
+
+
+def gradient_program_size(ode, h0, loss_fn):
+    """How many operations the compiled gradient of `loss_fn(ode(h0))`
+    holds."""
+    return len(_gradient_program(ode, h0, loss_fn))
+
+
+def gradient_program_loops(ode, h0, loss_fn):
+    """How many loops the compiled gradient of `loss_fn(ode(h0))` holds."""
+    return sum(op in ("While", "StatelessWhile") or
+               any(f" {loop}[" in op for loop in ("while", "scan"))
+               for op in _gradient_program(ode, h0, loss_fn))
 
 
 def compiled_loss(ode, loss_fn, with_losses=False):

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tensorflow_only
+from conftest import jax_only, tensorflow_only
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # What the peers' and the GPU scripts need besides this environment.
@@ -79,6 +79,31 @@ def test_train_step_runs_each_tolerance_in_a_child_process():
     assert run["median_step_s"] > 0 and report["machine"]["tensorflow"]
 
 
+@tensorflow_only("benchmarks/train_step.py times the TensorFlow backend")
+def test_train_step_times_an_unrolled_fixed_step_solve_under_xla():
+    from benchmarks.train_step import measure
+
+    run = measure(None, steps=1, warmup=1, batch_size=4, jit_compile=True,
+                  solver="rk4", gradient="backprop", num_steps=2,
+                  unroll=True)
+    assert run["solver"] == "RK4(num_steps=2, step_size=None, unroll=True)"
+    assert run["jit_compile"] is True  # fixed-step solvers allow XLA
+    assert run["nfe_forward"] == run["nfe_backward"] == 8  # 2 x 4
+
+
+@jax_only("benchmarks/peers/keras_jax_step.py times the JAX backend")
+def test_keras_jax_step_times_the_chosen_solve(capsys):
+    from benchmarks.peers import keras_jax_step
+
+    keras_jax_step.main(["--steps", "1", "--warmup", "1", "--batch-size",
+                         "4", "--solver", "rk4", "--gradient", "backprop",
+                         "--num-steps", "2", "--unroll"])
+    run = json.loads(capsys.readouterr().out)
+    assert run["solver"] == "RK4(num_steps=2, step_size=None, unroll=True)"
+    assert run["nfe_forward"] == run["nfe_backward"] == 8
+    assert len(run["losses"]) == 2 and run["median_step_s"] > 0
+
+
 @tensorflow_only("benchmarks/profile_step.py times tf.functions")
 def test_profile_step_times_the_chosen_solve_and_the_layers_around_it():
     result = subprocess.run(
@@ -87,7 +112,8 @@ def test_profile_step_times_the_chosen_solve_and_the_layers_around_it():
          "--num-steps", "2"],
         cwd=ROOT, capture_output=True, text=True, check=True)
     report = json.loads(result.stdout)
-    assert report["solver"] == "RK4(num_steps=2, step_size=None)"
+    assert report["solver"] == \
+        "RK4(num_steps=2, step_size=None, unroll=False)"
     assert report["gradient"] == "Backprop()"
     assert report["nfe_forward"] == report["nfe_backward"] == 8  # 2 x 4
     for key in ("dynamics_evaluation_s", "forward_backward_s",

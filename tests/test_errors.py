@@ -41,11 +41,12 @@ def dynamics():
         (dict(gradient=None), TypeError, r"Received: gradient=None"),
         (dict(solver="rk4", rtol=1e-3), ValueError,
          r"argument `rtol`, expected None: the fixed-step solver "
-         r"RK4\(num_steps=10, step_size=None\) has no tolerances \(choose "
+         r"RK4\(num_steps=10, step_size=None, unroll=False\) has no "
+         r"tolerances \(choose "
          r"its `num_steps` or `step_size`\). Received: rtol=0.001"),
         (dict(solver=solvers.Euler(step_size=0.1), atol=1e-6), ValueError,
          r"argument `atol`, expected None: the fixed-step solver "
-         r"Euler\(num_steps=None, step_size=0.1\)"),
+         r"Euler\(num_steps=None, step_size=0.1, unroll=False\)"),
         (dict(solver="midpoint", gradient=gradients.Adjoint(rtol=1e-6)),
          ValueError, r"argument `gradient`, expected an adjoint without "
          r"tolerances or norm: the backward solve takes the fixed-step "
@@ -206,6 +207,8 @@ def test_exhausted_budget_under_xla_ends_in_nan_not_a_hang():
     (lambda: solvers.Midpoint(step_size=float("inf")), ValueError,
      r"argument `step_size`, expected a finite float. "
      r"Received: step_size=inf"),
+    (lambda: solvers.RK4(unroll="yes"), TypeError,
+     r"argument `unroll`, expected True or False. Received: unroll='yes'"),
     (lambda: gradients.Adjoint(rtol=0), ValueError,
      r"argument `rtol`, expected a positive float. Received: rtol=0.0"),
     (lambda: gradients.Adjoint(atol=float("nan")), ValueError,

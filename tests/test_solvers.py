@@ -12,7 +12,8 @@ from conftest import BACKEND
 
 from helpers import Linear, finite_difference_check
 from helpers import gradients as tape_gradients
-from helpers import linear_gradients, mlp_dynamics, run_layer_test, sin
+from helpers import (gradient_program_loops, linear_gradients, mlp_dynamics,
+                     run_layer_test, sin)
 from keras_node import NeuralODE, gradients, solvers
 from keras_node.callbacks import LogEvaluationCounts
 
@@ -149,6 +150,26 @@ def test_fixed_step_adjoint_steps_back_over_the_forward_grid(save_at):
     assert float(ode.num_backward_evals) == 4 * 10
 
 
+@pytest.mark.parametrize("gradient", ["backprop", "adjoint"])
+def test_unrolled_steps_compute_what_the_loop_does(gradient):
+    # Steps of at most 0.1: 0.3 in 3 and 0.7 in 7, both ways.
+    loss_fn = lambda hs: ops.sum(W[:, None] * hs)
+    runs = []
+    for unroll in (False, True):
+        ode = linear_ode(t1=1.0, solver=solvers.RK4(step_size=0.1,
+                                                    unroll=unroll),
+                         gradient=gradient, save_at=[0.3, 1.0])
+        runs.append([ode(H0), *tape_gradients(ode, H0, loss_fn),
+                     float(ode.num_forward_evals),
+                     float(ode.num_backward_evals),
+                     gradient_program_loops(ode, H0, loss_fn)])
+    looped, unrolled = runs
+    for a, b in zip(looped[:3], unrolled[:3]):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+    assert unrolled[3:5] == looped[3:5] == [40.0, 40.0]
+    assert looped[5] > 0 and unrolled[5] == 0  # no loop left to run
+
+
 def analytic_grads(t1):
     return linear_gradients(A, H0, W, t1)
 
@@ -209,6 +230,7 @@ SOLVER_GRADIENTS = [
     (solvers.DormandPrince(max_num_steps=300), gradients.Adjoint(norm="full")),
     (solvers.Tsit5(first_step_size=0.05), gradients.Adjoint(rtol=1e-5)),
     (solvers.Midpoint(step_size=0.3), gradients.Backprop()),
+    (solvers.RK4(num_steps=3, unroll=True), gradients.Adjoint()),
 ]
 
 

@@ -2,6 +2,7 @@
 
     KERAS_BACKEND=jax python -m benchmarks.peers.keras_jax_step \
         [--steps 10] [--warmup 3] [--batch-size 128]
+        [--solver rk4 --gradient backprop --num-steps 4 --unroll]
 
 `benchmarks/train_step.py --child` times ours on TensorFlow, which the
 borrowed GPU machines lack; this is the same measurement on the JAX backend,
@@ -20,18 +21,24 @@ import platform
 import resource
 import time
 
+from benchmarks.train_step import add_solve_arguments
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def measure(steps, warmup, batch_size):
+def measure(steps, warmup, batch_size, solver="dopri5", gradient="adjoint",
+            num_steps=4, unroll=False):
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import jax
     import keras
     import numpy as np
-    from examples.mnist_common import build_model, ode_layer
+    from examples.mnist_common import (build_model, ode_layer,
+                                       solver_and_gradient)
 
     keras.utils.set_random_seed(0)
-    model = build_model()
+    solver_, gradient_ = solver_and_gradient(solver, num_steps, gradient,
+                                             unroll=unroll)
+    model = build_model(solver=solver_, gradient=gradient_)
     model.compile(keras.optimizers.Adam(1e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     ode = ode_layer(model)
@@ -53,6 +60,8 @@ def measure(steps, warmup, batch_size):
     return {
         "library": "keras_node",
         "backend": "jax",
+        "solver": repr(solver_),
+        "gradient": repr(gradient_),
         "device": device.device_kind,
         "median_step_s": float(np.median(times)),
         "min_step_s": float(np.min(times)),
@@ -75,10 +84,15 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
+    add_solve_arguments(parser)
+    parser.add_argument("--unroll", action="store_true",
+                        help="unroll a fixed-step solver's steps")
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first step compiles)")
-    print(json.dumps(measure(args.steps, args.warmup, args.batch_size)))
+    print(json.dumps(measure(args.steps, args.warmup, args.batch_size,
+                             args.solver, args.gradient, args.num_steps,
+                             args.unroll)))
 
 
 if __name__ == "__main__":
