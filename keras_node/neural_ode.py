@@ -71,10 +71,13 @@ class NeuralODE(keras.layers.Layer):
     an adaptive solver sets `supports_jit = False`, and Keras trains its
     model without XLA even when `compile(jit_compile=True)` asks for it (it
     warns). Fixed-step solvers have no budget and allow XLA. On a CPU, leave
-    XLA off (as `"auto"` does on a machine without GPUs): there a train step
-    with RK4 and backprop measured 16 to 40 times slower under XLA (see the
-    troubleshooting guide). On JAX, where no solve can raise inside a loop
-    anyway, `"auto"` compiles the train step.
+    XLA off (as `"auto"` does on a machine without GPUs): XLA's CPU
+    compiler runs the convolutions' weight gradients inside the solver's
+    loop slowly, and a train step with RK4 and backprop measured 16 to 40
+    times slower under XLA, unless its steps were unrolled
+    (`solvers.RK4(..., unroll=True)`; see the troubleshooting guide). On
+    JAX, where no solve can raise inside a loop anyway, `"auto"` compiles
+    the train step (on a CPU the same slow loop: prefer TensorFlow there).
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
     `tfp-nightly`). On JAX the gradients reach the initial state and the
