@@ -69,7 +69,8 @@ def main(argv=None):
             model = keras.models.load_model(out / "model.keras")
         else:
             solver, gradient = solver_and_gradient(
-                args.solver, args.num_steps, args.gradient, args.adjoint_norm)
+                args.solver, args.num_steps, args.gradient, args.adjoint_norm,
+                args.unroll)
             model = build_model(solver=solver, gradient=gradient,
                                 kinetic_energy=args.kinetic_energy,
                                 augment_dim=args.augment_dim)

@@ -259,6 +259,8 @@ def test_benchmark_recipes_are_valid_options():
      "--num-steps must be a positive integer, got 0"),
     (["--num-steps", "4"], "--num-steps is for the fixed-step solvers "
      "(euler, midpoint, rk4), not --solver dopri5"),
+    (["--unroll"], "--unroll is for the fixed-step solvers "
+     "(euler, midpoint, rk4), not --solver dopri5"),
     (["--solver", "rk4", "--adjoint-norm", "full"],
      "--adjoint-norm is for --gradient adjoint with an adaptive solver"),
     (["--gradient", "backprop", "--adjoint-norm", "full"],
@@ -275,13 +277,14 @@ def test_solver_and_gradient_options_reach_the_model(data_args, tmp_path):
     out = tmp_path / "run"
     metrics = mnist.main(data_args + QUICK + [
         "--max-steps", "2", "--out", str(out), "--solver", "rk4",
-        "--num-steps", "3", "--gradient", "backprop", "--augment-dim", "2"])
+        "--num-steps", "3", "--unroll", "--gradient", "backprop",
+        "--augment-dim", "2"])
     # RK4: four evaluations a step, each differentiated once.
     assert metrics["nfe_forward_last_20"] == 12
     assert metrics["nfe_backward_last_20"] == 12
     model = keras.models.load_model(out / "model.keras")
     ode = next(l for l in model.layers if isinstance(l, NeuralODE))
-    assert ode.solver == solvers.RK4(num_steps=3)
+    assert ode.solver == solvers.RK4(num_steps=3, unroll=True)
     assert ode.gradient == gradients.Backprop()
     assert ode.augment_dim == 2 and ode.dynamics.output_shape[-1] == 66
 
