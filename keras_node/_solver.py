@@ -737,11 +737,11 @@ def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *,
                                            options.pop("step_size"))]
     state = (at(ys, last), at(dys, last), g0)
     num_evals = tf.constant(0, tf.int32)
-    # Unrolled steps take Python numbers: the segments in Python too.
-    unrolled = fixed and options["unroll"]
+    # Unrolled steps take Python numbers: their segments run in Python too.
+    unrolled = fixed and options.get("unroll", False)
     if last:
-        # The segments between output times in one loop: a graph (and a
-        # compile time) that does not grow with the number of times.
+        # Otherwise the segments between output times run in one loop: a
+        # graph (and a compile time) that does not grow with their number.
         t = times if unrolled else _vector(tf, times,
                                            tf.nest.flatten(ys)[0].dtype)
         if fixed:
