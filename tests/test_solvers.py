@@ -196,15 +196,17 @@ def test_gradients_converge_to_the_analytic_gradient(name, gradient):
     if gradient == "backprop" and BACKEND == "jax":
         pytest.skip("JAX refuses backprop through an adaptive solve")
     expected = analytic_grads(1.5)
+    # Bosh3, of order 3, needs about 500 steps at 1e-7 (1,000 at 1e-8).
+    tight, bound = (1e-7, 1e-5) if name == "bosh3" else (1e-9, 1e-6)
     errors = []
-    for tol in (1e-4, 1e-9):
+    for tol in (1e-4, tight):
         ode = linear_ode(t1=1.5, solver=name, gradient=gradient, rtol=tol,
                          atol=tol)
         got = tape_gradients(ode, H0, lambda h: ops.sum(W * h))
         errors.append(max(np.max(np.abs(g - e))
                           for g, e in zip(got, expected)))
     assert errors[1] < errors[0]
-    assert errors[1] < (1e-6 if name != "bosh3" else 1e-4)
+    assert errors[1] < bound
 
 
 @pytest.mark.parametrize("name", list(FIXED))
