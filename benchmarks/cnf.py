@@ -38,12 +38,10 @@ git commit) and prints a short table.
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -394,20 +392,11 @@ def metadata(argv):
     import tensorflow_probability as tfp
 
     import keras_node
+    from benchmarks.machine import provenance
     from benchmarks.train_step import machine
 
-    def git(*command):
-        try:
-            return subprocess.run(["git", *command], cwd=ROOT, text=True,
-                                  capture_output=True, check=True
-                                  ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
+        **provenance(),
         "machine": machine(),
         "versions": {"tensorflow": tf.__version__,
                      "tensorflow_probability": tfp.__version__,
@@ -415,8 +404,6 @@ def metadata(argv):
                      "keras_node": keras_node.__version__},
         "command": " ".join([sys.executable, "-m", "benchmarks.cnf",
                              *argv]),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
     }
 
 

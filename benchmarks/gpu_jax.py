@@ -33,6 +33,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+from benchmarks.machine import describe, provenance  # noqa: E402
 from examples.mnist_common import (build_model, make_optimizer,  # noqa: E402
                                   ode_layer, stratified_split)
 from examples.options import check_ranges  # noqa: E402
@@ -191,6 +192,7 @@ def main(argv=None):
         "test_accuracy_per_epoch": timer.test_accuracy,
         "versions": {"jax": jax.__version__, "keras": keras.__version__,
                      "python": platform.python_version()},
+        "machine": describe(), **provenance(),
     }
     text = json.dumps(result, indent=2)
     print(text)

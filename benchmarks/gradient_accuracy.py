@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+from benchmarks.machine import describe, provenance  # noqa: E402
 from examples import mnist_data  # noqa: E402
 from examples.mnist_common import build_model, ode_layer  # noqa: E402
 
@@ -73,7 +74,7 @@ def main(argv=None):
         })
     result = {"benchmark": "gradient_accuracy",
               "model": str(args.model or "initial"), "loss": loss,
-              "rows": rows}
+              "rows": rows, "machine": describe(), **provenance()}
     print(json.dumps(result, indent=2))
     return result
 

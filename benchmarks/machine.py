@@ -1,13 +1,17 @@
-"""The machine a benchmark ran on, for its JSON output.
+"""The machine a benchmark ran on, and when, for its JSON output.
 
 Step times depend on the CPU and on TensorFlow's use of oneDNN, which
 TensorFlow turns on by default only on some CPUs (see
 `docs/guides/troubleshooting.md`, "Slow training"); both are recorded.
 """
 
+import datetime
 import os
 import pathlib
 import platform
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 # The vector instructions that decide which kernels oneDNN and PyTorch use:
@@ -51,3 +55,22 @@ def describe():
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
             "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+
+
+def provenance():
+    """A dict: the date (UTC, ISO 8601), the repository's commit and
+    whether tracked files differ from it (None for both outside a git
+    checkout)."""
+    def git(*command):
+        try:
+            return subprocess.run(["git", *command], cwd=ROOT, text=True,
+                                  capture_output=True, check=True
+                                  ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": None if status is None else bool(status)}

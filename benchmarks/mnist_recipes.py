@@ -16,7 +16,7 @@ import json
 import pathlib
 import sys
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def main(argv=None):
     print(json.dumps({
         "benchmark": "mnist_recipe", "recipe": name,
         "options": RECIPES[name] + rest, "metrics": metrics,
-        "machine": describe(),
+        "machine": describe(), **provenance(),
     }, indent=2))
 
 

@@ -22,6 +22,7 @@ import json
 import pathlib
 import time
 
+from benchmarks.machine import describe, provenance
 from benchmarks.train_step import add_solve_arguments
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -141,6 +142,7 @@ def main(argv=None):
         **times,
         "dynamics_work_s": dynamics_work,
         "dynamics_share_of_step": dynamics_work / times["train_step_s"],
+        "machine": describe(), **provenance(),
     }, indent=2))
 
 

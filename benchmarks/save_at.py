@@ -19,7 +19,7 @@ import pathlib
 import sys
 import time
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, provenance
 from benchmarks.peers.run import print_json, run_json
 from benchmarks.train_step import SOLVE_DEFAULTS, add_solve_arguments
 
@@ -89,7 +89,7 @@ def main(argv=None):
             sys.exit(f"the run with {n} output times failed: see above.")
         runs.append(run)
     result = {"benchmark": "save_at", **solve, "runs": runs,
-              "machine": describe()}
+              "machine": describe(), **provenance()}
     print_json(result, args.json_out)
     return result
 

@@ -24,7 +24,7 @@ import time
 import keras
 import numpy as np
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, provenance
 from keras_node import NeuralODE, gradients
 
 A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
@@ -100,7 +100,7 @@ def main(argv=None):
         "runs": runs,
         "backward_ratio_seminorm_to_full":
             runs[1]["nfe_backward_mean"] / runs[0]["nfe_backward_mean"],
-        "machine": describe(),
+        "machine": describe(), **provenance(),
     }, indent=2))
 
 

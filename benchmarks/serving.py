@@ -25,7 +25,7 @@ import urllib.request
 
 import numpy as np
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def main(argv=None):
             server.terminate()
             server.wait(timeout=30)
     print(json.dumps({"benchmark": "serving", "runs": runs,
-                      "machine": describe()}, indent=2))
+                      "machine": describe(), **provenance()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, provenance
 from benchmarks.serving import export_untrained, start_server
 
 NAME = "mnist"
@@ -193,7 +193,7 @@ def main(argv=None):
     print(json.dumps({
         "benchmark": "serving_probe", "mixed_load": load, "big_body": body,
         "server_alive_at_end": alive,
-        "machine": describe(),
+        "machine": describe(), **provenance(),
     }, indent=2))
 
 

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, provenance
 from benchmarks.peers.run import print_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def main(argv=None):
         "loss_ratio": median["keras-node"]["final_loss"]
         / median["torchdiffeq"]["final_loss"],
         "runs": runs,
-        "machine": describe(),
+        "machine": describe(), **provenance(),
     }
     print_json(result, args.json_out)
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def main(argv=None):
         ).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
     print(json.dumps({"benchmark": "train_step", "batch_size":
-                      args.batch_size, "runs": runs, "machine": machine()},
+                      args.batch_size, "runs": runs, "machine": machine(), **provenance()},
                      indent=2))
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+from benchmarks.machine import describe, provenance  # noqa: E402
 from examples import mnist_data  # noqa: E402
 from examples.mnist_common import ode_layer  # noqa: E402
 
@@ -58,6 +59,7 @@ def main(argv=None):
         "nfe_forward_mean": float(np.mean(forward)),
         "nfe_forward_max": max(forward),
         "nfe_backward_first_batch": float(ode.num_backward_evals),
+        "machine": describe(), **provenance(),
     }
     print(json.dumps(result, indent=2))
     return result

@@ -1,5 +1,6 @@
 """The benchmarks' shared parts; their long runs are not tests."""
 
+import datetime
 import importlib
 import json
 import pathlib
@@ -41,6 +42,22 @@ def test_machine_records_the_cpu_and_the_onednn_setting(monkeypatch):
     assert isinstance(machine["cpu"], str) and machine["cpu"]
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
     assert describe()["tf_enable_onednn_opts"] is None
+
+
+def test_provenance_records_the_date_and_the_commit(monkeypatch, tmp_path):
+    from benchmarks import machine
+
+    record = machine.provenance()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert abs(now - datetime.datetime.fromisoformat(record["date"])
+               ) < datetime.timedelta(minutes=1)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    assert record["git_commit"] == head
+    assert isinstance(record["git_dirty"], bool)
+    monkeypatch.setattr(machine, "ROOT", tmp_path)  # not a git checkout
+    record = machine.provenance()
+    assert record["git_commit"] is None and record["git_dirty"] is None
 
 
 def test_machine_records_the_vector_features(monkeypatch):
@@ -135,6 +152,12 @@ def test_dynamics_cost_child_times_the_readme_model(part):
     assert 0 < run["forward_s"] and 0 < run["forward_backward_s"]
     if part == "ode":  # the chosen solve: 3 RK4 steps of 4 evaluations
         assert run["nfe_forward"] == 12
+    if part == "around":
+        from benchmarks.peers.dynamics_cost import STAGES
+
+        assert list(run["stages"]) == [name for name, *_ in STAGES]
+        for name, stage in run["stages"].items():
+            assert 0 < stage["forward_s"] < stage["forward_backward_s"], name
 
 
 def test_dynamics_cost_takes_a_solve_for_the_ode_only(capsys):
@@ -178,8 +201,17 @@ def test_without_ode_is_the_rest_of_the_model():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_dynamics_cost_stages_are_the_layers_around_the_ode_in_order():
+    from benchmarks.peers.dynamics_cost import STAGES
+    from examples.mnist_common import build_model, without_ode
+
+    layers = without_ode(build_model()).layers
+    assert [layer for _, keras_layers, _ in STAGES
+            for layer in layers[keras_layers]] == layers
+
+
 def test_dynamics_cost_ratio_is_ours_over_torch_of_the_medians():
-    from benchmarks.peers.dynamics_cost import summarize
+    from benchmarks.peers.dynamics_cost import STAGES, summarize
 
     runs = {"tensorflow": [{"forward_s": s, "forward_backward_s": 2 * s}
                            for s in (1.0, 3.0, 2.0)],
@@ -188,6 +220,14 @@ def test_dynamics_cost_ratio_is_ours_over_torch_of_the_medians():
     summary = summarize(runs)
     assert summary["tensorflow"]["forward_s"] == 2.0
     assert summary["ratio"] == {"forward_s": 0.4, "forward_backward_s": 0.1}
+    assert "stages" not in summary
+    # --part around: each stage summarised the same way.
+    for results in runs.values():
+        for run in results:
+            run["stages"] = {name: dict(run) for name, *_ in STAGES}
+    summary = summarize(runs)
+    assert summary["stages"][STAGES[0][0]]["ratio"] == summary["ratio"]
+    assert len(summary["stages"]) == len(STAGES)
 
 
 def test_dynamics_cost_stops_when_a_child_fails(monkeypatch):

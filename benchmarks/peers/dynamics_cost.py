@@ -18,7 +18,10 @@ raw result and the machine.
 
 `--part around` times instead the rest of the model, the ODE taken out:
 the down-sampling layers and the head, from 28x28 images to logits, with
-the gradient to every weight (what a train step adds to the solve).
+the gradient to every weight (what a train step adds to the solve). It
+also times each of its `STAGES` alone (`stages`), with the gradient to the
+stage's input and weights, to show which layers differ between the two
+frameworks.
 
 `--part ode` times the whole solve of the same state, the `NeuralODE`
 layer against torchdiffeq's `ODEBlock` of `torchdiffeq_step.py` with the
@@ -34,7 +37,7 @@ import pathlib
 import statistics
 import sys
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, provenance
 from benchmarks.peers.run import run_json
 from benchmarks.profile_step import median_time
 from benchmarks.train_step import SOLVE_DEFAULTS, add_solve_arguments
@@ -43,6 +46,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIELDS = ["forward_s", "forward_backward_s"]
 # torchdiffeq_step.METHODS, named here without importing torch.
 PEER_SOLVERS = ["dopri5", "tsit5", "bosh3", "rk4"]
+# The layers around the ODE in stages that both models have: a name, the
+# stage's layers in `without_ode`'s Keras model and its modules in
+# torchdiffeq_step's model without the ODE block. (Keras puts the ReLU
+# inside the convolution and the padding in a layer; PyTorch the other way
+# round.)
+STAGES = [
+    ("conv 3x3 1->64, relu", slice(0, 1), slice(0, 2)),
+    ("group norm 26x26x64", slice(1, 2), slice(2, 3)),
+    ("pad, conv 4x4/2, relu", slice(2, 4), slice(3, 5)),
+    ("group norm 13x13x64", slice(4, 5), slice(5, 6)),
+    ("pad, conv 4x4/2", slice(5, 7), slice(6, 7)),
+    ("head: group norm 6x6x64, relu, mean, dense", slice(7, None),
+     slice(7, None)),
+]
 
 
 def measure_tensorflow(repeats, batch_size, part="dynamics",
@@ -69,25 +86,35 @@ def measure_tensorflow(repeats, batch_size, part="dynamics",
         x = tf.constant(rng.random((batch_size, 28, 28, 1), "float32"))
         wrt = []
 
-    @tf.function
-    def forward():
-        return net(x)
+    def times(net, x, wrt):
+        @tf.function
+        def forward():
+            return net(x)
 
-    @tf.function
-    def forward_backward():
-        with tf.GradientTape() as tape:
-            tape.watch(wrt)
-            f = net(x)
-        return tape.gradient(f, [*wrt, *net.trainable_variables])
+        @tf.function
+        def forward_backward():
+            with tf.GradientTape() as tape:
+                tape.watch(wrt)
+                f = net(x)
+            return tape.gradient(f, [*wrt, *net.trainable_variables])
 
-    # `.numpy()` waits for the result.
+        # `.numpy()` waits for the result.
+        return {"forward_s": median_time(lambda: forward().numpy(), repeats),
+                "forward_backward_s": median_time(
+                    lambda: [g.numpy() for g in forward_backward()], repeats)}
+
     result = {"library": "tensorflow", "version": tf.__version__,
-              "forward_s": median_time(lambda: forward().numpy(), repeats),
-              "forward_backward_s": median_time(
-                  lambda: [g.numpy() for g in forward_backward()], repeats)}
+              **times(net, x, wrt)}
     if part == "ode":
-        forward()
+        net(x)
         result["nfe_forward"] = float(ode.num_forward_evals)
+    if part == "around":
+        result["stages"] = {}
+        for name, layers, _ in STAGES:
+            stage = keras.Sequential(net.layers[layers])
+            result["stages"][name] = times(stage, x, wrt)
+            x = stage(x)
+            wrt = [x]  # later stages: the gradient to their input too
     return result
 
 
@@ -118,24 +145,36 @@ def measure_torch(repeats, batch_size, threads, part="dynamics",
         parameters = list(net.parameters())
         x = torch.rand(batch_size, 1, 28, 28)
 
-    def forward():
-        with torch.no_grad():
-            return net(x)
+    def times(net, x, parameters, to_input):
+        def forward():
+            with torch.no_grad():
+                return net(x)
 
-    def forward_backward():
-        inputs = x.clone().requires_grad_(part != "around")
-        f = net(inputs)
-        wrt = [inputs] if part != "around" else []
-        return torch.autograd.grad(f, [*wrt, *parameters],
-                                   torch.ones_like(f))
+        def forward_backward():
+            inputs = x.clone().requires_grad_(to_input)
+            f = net(inputs)
+            wrt = [inputs] if to_input else []
+            return torch.autograd.grad(f, [*wrt, *parameters],
+                                       torch.ones_like(f))
+
+        return {"forward_s": median_time(forward, repeats),
+                "forward_backward_s": median_time(forward_backward, repeats)}
 
     result = {"library": "torch", "version": torch.__version__,
-              "forward_s": median_time(forward, repeats),
-              "forward_backward_s": median_time(forward_backward, repeats)}
+              **times(net, x, parameters, part != "around")}
     if part == "ode":
         dynamics.evals = 0
-        forward()
+        with torch.no_grad():
+            net(x)
         result["nfe_forward"] = float(dynamics.evals)
+    if part == "around":
+        result["stages"] = {}
+        for i, (name, _, modules) in enumerate(STAGES):
+            stage = net[modules]
+            result["stages"][name] = times(stage, x, list(stage.parameters()),
+                                           i > 0)
+            with torch.no_grad():
+                x = stage(x)
     return result
 
 
@@ -155,11 +194,18 @@ def run_child(library, repeats, batch_size, threads, part="dynamics",
 
 
 def summarize(runs):
+    """Per library the median over rounds of each time, and `ratio` (ours
+    over PyTorch's); with `stages`, the same for each stage."""
     summary = {library: {field: statistics.median(r[field] for r in results)
                          for field in FIELDS}
                for library, results in runs.items()}
     summary["ratio"] = {field: summary["tensorflow"][field]
                         / summary["torch"][field] for field in FIELDS}
+    if "stages" in runs["tensorflow"][0]:
+        summary["stages"] = {
+            name: summarize({library: [r["stages"][name] for r in results]
+                             for library, results in runs.items()})
+            for name, *_ in STAGES}
     return summary
 
 
@@ -203,7 +249,7 @@ def main(argv=None):
     print(json.dumps({**summarize(runs), "runs": runs, "part": args.part,
                       **(solve if args.part == "ode" else {}),
                       "batch_size": args.batch_size,
-                      "machine": describe()}, indent=1))
+                      "machine": describe(), **provenance()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, provenance
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -270,7 +270,7 @@ def main(argv=None):
         "gpu": args.gpu,
         "summary": summary,
         "runs": runs,
-        "machine": describe(),
+        "machine": describe(), **provenance(),
     }
     print(table(summary, ratios))
     print_json(result, args.json_out)
