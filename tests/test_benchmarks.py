@@ -157,7 +157,8 @@ def test_dynamics_cost_child_times_the_readme_model(part):
 
         assert list(run["stages"]) == [name for name, *_ in STAGES]
         for name, stage in run["stages"].items():
-            assert 0 < stage["forward_s"] < stage["forward_backward_s"], name
+            assert stage["forward_s"] > 0, name
+            assert stage["forward_backward_s"] > 0, name
 
 
 def test_dynamics_cost_takes_a_solve_for_the_ode_only(capsys):
