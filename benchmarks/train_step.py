@@ -139,9 +139,9 @@ def main(argv=None):
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         ).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
-    print(json.dumps({"benchmark": "train_step", "batch_size":
-                      args.batch_size, "runs": runs, "machine": machine(), **provenance()},
-                     indent=2))
+    print(json.dumps({"benchmark": "train_step",
+                      "batch_size": args.batch_size, "runs": runs,
+                      "machine": machine(), **provenance()}, indent=2))
 
 
 if __name__ == "__main__":
