@@ -121,6 +121,63 @@ def test_keras_jax_step_times_the_chosen_solve(capsys):
     assert len(run["losses"]) == 2 and run["median_step_s"] > 0
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_solver_table_gives_each_of_ours_its_peers_ratios(
+        gpu, monkeypatch, tmp_path, capsys):
+    """`--solver-table` times its table's configurations (on a GPU, ours on
+    the JAX backend and no adaptive backprop) and divides each of ours by
+    torchdiffeq's same solve and diffrax's matching one."""
+    from benchmarks.peers import run
+
+    table = run.GPU_SOLVER_TABLE if gpu else run.SOLVER_TABLE
+    # A distinct step time for each configuration, over two rounds.
+    times = {run.label(*config): 0.1 * (index + 1)
+             for index, config in enumerate(table)}
+    calls = []
+
+    def run_once(library, steps, warmup, batch_size, gpu, solver, gradient):
+        calls.append(run.command(library, steps, warmup, batch_size, gpu,
+                                 solver, gradient))
+        name = run.label(library, solver, gradient)
+        rounds = sum(command == calls[-1] for command in calls)
+        return {"median_step_s": times[name] * rounds}  # median: 1.5x
+
+    monkeypatch.setattr(run, "run_once", run_once)
+    argv = ["--solver-table", "--rounds", "2", "--steps", "1", "--warmup",
+            "1", "--json-out", str(tmp_path / "table.json")]
+    run.main(argv + ["--gpu"] * gpu)
+    summary = json.loads((tmp_path / "table.json").read_text())["summary"]
+    assert len(calls) == 2 * len(table) and list(summary) == list(times)
+    ours = {(solver, gradient) for library, solver, gradient in table
+            if library == run.OURS}
+    assert ("rk4", "backprop") in ours
+    assert (("dopri5", "backprop") in ours) is not gpu
+    ours_module = ("benchmarks.peers.keras_jax_step" if gpu
+                   else "benchmarks.train_step")
+    assert {argv[2] for argv in calls} == {
+        ours_module, "benchmarks.peers.torchdiffeq_step",
+        "benchmarks.peers.diffrax_step"}
+    venvs = {"benchmarks.peers.torchdiffeq_step": ".venv-torch",
+             "benchmarks.peers.diffrax_step": ".venv-jax"}
+    for argv in calls:  # a GPU machine's one Python runs every library
+        assert argv[0] == (sys.executable if gpu or argv[2] == ours_module
+                           else str(ROOT / venvs[argv[2]] / "bin/python"))
+        assert ("cuda" in argv) is (gpu and "torchdiffeq_step" in argv[2])
+    for solver, gradient in ours:
+        entry = summary[run.label(run.OURS, solver, gradient)]
+        mine = times[run.label(run.OURS, solver, gradient)]
+        diffrax = ("diffrax-" + {"adjoint": "backsolve",
+                                 "backprop": "recursive"}[gradient]
+                   + ("-stock" if gpu else "-slices"))
+        for key, peer in [
+                ("ratio_to_peer", run.label("torchdiffeq", solver, gradient)),
+                ("ratio_to_diffrax", run.label(diffrax, solver))]:
+            assert entry.get(key) == (None if peer not in times else
+                                      pytest.approx(mine / times[peer]))
+    assert any("ratio_to_diffrax" in entry for entry in summary.values())
+    assert "x diffrax" in capsys.readouterr().out  # the printed table
+
+
 @tensorflow_only("benchmarks/profile_step.py times tf.functions")
 def test_profile_step_times_the_chosen_solve_and_the_layers_around_it():
     result = subprocess.run(

@@ -18,10 +18,12 @@ result. A failed run is reported on stderr and left out.
 "On a GPU"): ours through `keras_jax_step.py` on Keras' JAX backend.
 
 `--solver-table` runs, instead of ours and `--peers`, the configurations of
-`SOLVER_TABLE` (solvers and gradient methods, see the README here) in the
-same way, and gives each of ours `ratio_to_peer`, its median step time over
-torchdiffeq's with the same solver and gradient (and ours tsit5 backprop
-`ratio_to_diffrax`, over diffrax's Tsit5 with RecursiveCheckpointAdjoint).
+`SOLVER_TABLE` (solvers and gradient methods, see the README here; with
+`--gpu`, `GPU_SOLVER_TABLE`) in the same way, and gives each of ours
+`ratio_to_peer`, its median step time over torchdiffeq's with the same
+solver and gradient, and `ratio_to_diffrax`, over diffrax's with the same
+solver and the matching gradient (RecursiveCheckpointAdjoint for backprop,
+BacksolveAdjoint for the adjoint) where the table has it.
 """
 
 import argparse
@@ -54,6 +56,24 @@ SOLVER_TABLE = [
     ("diffrax-recursive-slices", "tsit5", None),
     ("diffrax-backsolve-slices", "dopri5", None),
 ]
+# --solver-table --gpu: ours runs on Keras' JAX backend, where an adaptive
+# solve has no backprop (JAX cannot reverse an unbounded loop), so its
+# adaptive solvers have the adjoint alone; diffrax, on JAX too, is their
+# closest peer (stock convolutions: the slices are for XLA:CPU). Each of
+# ours is followed by its peers, so that a run cut short by a time limit
+# leaves whole comparisons.
+GPU_SOLVER_TABLE = [
+    *[config for solver in ("dopri5", "tsit5", "bosh3")
+      for config in ((OURS, solver, "adjoint"),
+                     ("torchdiffeq", solver, "adjoint"),
+                     ("diffrax-backsolve-stock", solver, None))],
+    ("diffrax-recursive-stock", "tsit5", None),
+    *[config for gradient in ("backprop", "adjoint")
+      for config in ((OURS, "rk4", gradient),
+                     ("torchdiffeq", "rk4", gradient))],
+]
+# A diffrax peer's adjoint, by the gradient method it matches.
+DIFFRAX_ADJOINT = {"backprop": "recursive", "adjoint": "backsolve"}
 FIELDS = ["median_step_s", "min_step_s", "nfe_forward", "nfe_backward",
           "peak_rss_mib", "peak_device_mib"]
 
@@ -69,7 +89,7 @@ def command(library, steps, warmup, batch_size, gpu=False, solver=None,
     With `gpu`, every library runs with this Python (a GPU machine's one
     environment holding JAX, PyTorch and diffrax), ours on Keras' JAX
     backend and torchdiffeq on CUDA. `solver` and `gradient` (None: each
-    script's default, Dormand-Prince with the adjoint) are for the CPU.
+    script's default, Dormand-Prince with the adjoint) choose the solve.
     """
     common = ["--steps", str(steps), "--warmup", str(warmup),
               "--batch-size", str(batch_size)]
@@ -171,21 +191,26 @@ def summarize(runs, ours=OURS):
     return summary
 
 
-def summarize_solvers(runs):
-    """As `summarize`, with each of ours' ratios to its peers instead."""
+def summarize_solvers(runs, configs=SOLVER_TABLE):
+    """As `summarize`, with each of ours' ratios to its peers in `configs`
+    instead: torchdiffeq's with the same solver and gradient, diffrax's
+    with the same solver and the matching adjoint."""
     summary = summarize(runs, ours=None)
-    for library, solver, gradient in SOLVER_TABLE:
+    for library, solver, gradient in configs:
         if library != OURS:
             continue
-        entry = summary[label(library, solver, gradient)]
+        name = label(library, solver, gradient)
         peer = label("torchdiffeq", solver, gradient)
-        entry["peer"] = peer if peer in summary else None
-        entry["ratio_to_peer"] = ratio(summary, label(OURS, solver, gradient),
-                                       peer)
-        if (solver, gradient) == ("tsit5", "backprop"):
-            entry["ratio_to_diffrax"] = ratio(
-                summary, label(OURS, solver, gradient),
-                label("diffrax-recursive-slices", "tsit5"))
+        summary[name]["peer"] = peer if peer in summary else None
+        summary[name]["ratio_to_peer"] = ratio(summary, name, peer)
+        diffrax = [label(other, other_solver) for other, other_solver, _
+                   in configs
+                   if other.startswith("diffrax-") and other_solver == solver
+                   and other.split("-")[1] == DIFFRAX_ADJOINT[gradient]]
+        if diffrax:
+            summary[name]["diffrax_peer"] = diffrax[0]
+            summary[name]["ratio_to_diffrax"] = ratio(summary, name,
+                                                      diffrax[0])
     return summary
 
 
@@ -232,19 +257,20 @@ def main(argv=None):
                              "diffrax on JAX's CUDA")
     parser.add_argument("--solver-table", action="store_true",
                         help="run SOLVER_TABLE's solvers and gradient "
-                             "methods instead of ours and --peers (CPU)")
+                             "methods (with --gpu, GPU_SOLVER_TABLE's) "
+                             "instead of ours and --peers")
     parser.add_argument("--json-out", type=pathlib.Path,
                         help="also write the JSON object to this file")
     args = parser.parse_args(argv)
     for name in ("rounds", "steps", "warmup", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.solver_table and args.gpu:
-        parser.error("--solver-table runs on the CPU only")
 
-    configs = (SOLVER_TABLE if args.solver_table else
-               [(library, None, None)
-                for library in [OURS, *dict.fromkeys(args.peers)]])
+    if args.solver_table:
+        configs = GPU_SOLVER_TABLE if args.gpu else SOLVER_TABLE
+    else:
+        configs = [(library, None, None)
+                   for library in [OURS, *dict.fromkeys(args.peers)]]
     runs = {label(*config): [] for config in configs}
     for round_index in range(args.rounds):
         for library, solver, gradient in configs:
@@ -255,7 +281,7 @@ def main(argv=None):
                 run_once(library, args.steps, args.warmup, args.batch_size,
                          args.gpu, solver, gradient))
     if args.solver_table:
-        summary = summarize_solvers(runs)
+        summary = summarize_solvers(runs, configs)
         ratios = ("ratio_to_peer", "ratio_to_diffrax")
     else:
         summary, ratios = summarize(runs), ("ratio_to_ours",)
