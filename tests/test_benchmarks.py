@@ -325,3 +325,87 @@ def test_save_at_benchmark_refuses_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit):
         save_at.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_roofline_counts_the_readme_models_convolutions_by_hand():
+    from benchmarks.peers.roofline import model_flops
+    from examples.mnist_common import build_model, ode_layer
+
+    model = build_model()
+    counts = model_flops(model, ode_layer(model))
+    # 2 x kernel size x output positions, per example.
+    conv1 = 2 * (3 * 3 * 1 * 64) * 26 * 26
+    conv2 = 2 * (4 * 4 * 64 * 64) * 13 * 13
+    conv3 = 2 * (4 * 4 * 64 * 64) * 6 * 6
+    dense = 2 * 64 * 10
+    assert counts == {
+        "around_forward": conv1 + conv2 + conv3 + dense,
+        # The images need no gradient: the first convolution's kernel only.
+        "around_backward": conv1 + 2 * (conv2 + conv3 + dense),
+        "dynamics": 2 * 2 * (3 * 3 * 64 * 64) * 6 * 6}
+
+
+def test_roofline_divides_each_step_by_its_count_and_the_peak():
+    from benchmarks.peers.roofline import GOAL, rows, step_flops
+
+    counts = {"around_forward": 10, "around_backward": 20, "dynamics": 1}
+    summary = {
+        "keras_node rk4 backprop": {"median_step_s": 2.0, "nfe_forward": 16,
+                                    "nfe_backward": 16,
+                                    "peer": "torchdiffeq rk4 backprop"},
+        "torchdiffeq rk4 backprop": {"median_step_s": 4.0, "nfe_forward": 16,
+                                     "nfe_backward": None},
+        "keras_node dopri5 adjoint": {"median_step_s": 1.0,
+                                      "nfe_forward": 14, "nfe_backward": 12,
+                                      "peer": None},
+        "diffrax-backsolve-slices dopri5": {
+            "median_step_s": 3.0, "nfe_forward": 19, "nfe_backward": None},
+        "diffrax-recursive-slices tsit5": {
+            "median_step_s": 3.0, "nfe_forward": 19, "nfe_backward": None}}
+    result = rows(summary, counts, batch_size=1e9, peak=100e9)
+    # Backprop: each forward evaluation, then its product (twice the work).
+    assert step_flops(counts, 1, "backprop", 16, None) == 30 + 3 * 16
+    # The adjoint: the backward evaluations run the dynamics and the product.
+    assert step_flops(counts, 1, "adjoint", 14, 12) == 30 + 14 + 3 * 12
+    ours = result["keras_node rk4 backprop"]
+    assert ours["gflop"] == 78 and ours["gflops"] == 39
+    assert ours["share_of_peak"] == pytest.approx(0.39)
+    assert ours["goal_step_s"] == pytest.approx(GOAL * 4.0)
+    assert ours["goal_share"] == pytest.approx(78 / (GOAL * 4.0) / 100)
+    assert result["torchdiffeq rk4 backprop"]["gflops"] == 19.5
+    assert result["keras_node dopri5 adjoint"]["gflops"] == 80
+    assert "goal_share" not in result["keras_node dopri5 adjoint"]
+    # diffrax's backsolve reports no backward evaluations; its recursive
+    # checkpointing is backprop.
+    assert result["diffrax-backsolve-slices dopri5"]["gflop"] is None
+    assert result["diffrax-recursive-slices tsit5"]["gflop"] == 30 + 57
+
+
+def test_roofline_peak_is_a_matrix_products_rate():
+    from benchmarks.peers.roofline import sgemm_rate
+
+    assert 1e6 < sgemm_rate(size=64, repeats=2) < 1e15
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "--table: cannot read"),
+    ('{"benchmark": "peers"}', "is not the JSON of run.py --solver-table"),
+])
+def test_roofline_refuses_a_table_it_cannot_use(text, message, tmp_path,
+                                                capsys):
+    from benchmarks.peers import roofline
+
+    path = tmp_path / "table.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit):
+        roofline.main(["--table", str(path)])
+    assert message in capsys.readouterr().err
+
+
+def test_roofline_refuses_a_bad_size(capsys):
+    from benchmarks.peers import roofline
+
+    with pytest.raises(SystemExit):
+        roofline.main(["--table", "table.json", "--size", "0"])
+    assert "--size must be at least 1" in capsys.readouterr().err
