@@ -390,6 +390,7 @@ def test_roofline_peak_is_a_matrix_products_rate():
 @pytest.mark.parametrize("text, message", [
     (None, "--table: cannot read"),
     ('{"benchmark": "peers"}', "is not the JSON of run.py --solver-table"),
+    ('{"benchmark": "peers-solvers", "gpu": true}', "measured on a GPU"),
 ])
 def test_roofline_refuses_a_table_it_cannot_use(text, message, tmp_path,
                                                 capsys):

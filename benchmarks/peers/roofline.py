@@ -153,6 +153,9 @@ def main(argv=None):
     if solver_table.get("benchmark") != "peers-solvers":
         parser.error(f"--table: {args.table} is not the JSON of "
                      "run.py --solver-table")
+    if solver_table.get("gpu"):
+        parser.error(f"--table: {args.table} was measured on a GPU; this "
+                     "compares steps with the CPU's peak")
 
     import keras  # after the arguments: importing a backend takes seconds
 
