@@ -46,7 +46,9 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         ys, counts = _solver.integrate(
             _TFP, lambda t, y: fn(t, y, params), t0, times[-1], y0,
             error_mask=mask, save_at=times, **forward)
-        ys = _on_backward(ys, counts[0], on_backward_evals)
+        ys = _on_backward(
+            ys, _solver.differentiated_evals(counts[0], forward),
+            on_backward_evals)
     else:
         ys, counts = _make_solve(
             fn, t0, tuple(times), forward, adjoint, mask, seminorm,

@@ -574,6 +574,15 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
     return ys, counts
 
 
+def differentiated_evals(evals, options):
+    """Of the `evals` of a forward solve with `options` (`integrate`'s
+    keyword arguments), those that backprop differentiates: all but the
+    initial step heuristic's, as step sizes are not differentiated."""
+    heuristic = (options["method"] in ADAPTIVE
+                 and options.get("first_step_size") is None)
+    return evals - 1 if heuristic else evals
+
+
 def _vector(tf, values, dtype):
     """`values` as a vector of `dtype`: Python numbers as one constant (on
     JAX's substrate a list becomes an operation per element)."""

@@ -56,8 +56,8 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         ys, counts = _solver.integrate(
             _TFP, fn, t0, times[-1], y0, error_mask=mask,
             save_at=times, **forward)
-        # Every evaluation recorded is differentiated once.
-        ys = _on_backward(ys, lambda: on_backward_evals(counts[0]))
+        ys = _on_backward(ys, lambda: on_backward_evals(
+            _solver.differentiated_evals(counts[0], forward)))
     else:
         ys, counts = odeint_adjoint(
             fn, y0, t0, times, forward_options=forward,

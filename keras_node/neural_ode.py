@@ -47,7 +47,8 @@ class NeuralODE(keras.layers.Layer):
     Function evaluations are counted inside the graph, forward and backward
     separately (the backward count is of the adjoint system, one dynamics
     evaluation and one vector-Jacobian product each; with backprop, the
-    forward evaluations differentiated). They are readable after a call as
+    forward evaluations differentiated, all but the one that Hairer's first
+    step size costs). They are readable after a call as
     `num_forward_evals` and `num_backward_evals`, with the forward solve's
     `steps_accepted` and `steps_rejected`, and appear in `model.fit`'s logs
     and progress bar as `nfe_forward`, `nfe_backward`, `steps_accepted` and

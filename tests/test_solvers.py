@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 from keras import ops
 
-from conftest import BACKEND
+from conftest import BACKEND, tensorflow_only
 
 from helpers import Linear, finite_difference_check
 from helpers import gradients as tape_gradients
@@ -187,6 +187,56 @@ def test_backprop_equals_finite_differences_of_the_discrete_solve(
     finite_difference_check(ode, h0, loss_fn, rtol=1e-7, atol=1e-8)
     # Each recorded evaluation is differentiated once.
     assert float(ode.num_backward_evals) == float(ode.num_forward_evals)
+
+
+@tensorflow_only("JAX refuses backprop through an adaptive solve")
+@pytest.mark.parametrize("solver", [
+    "dopri5", "bosh3", solvers.DormandPrince(first_step_size=0.1), "rk4"])
+def test_backprop_counts_the_evaluations_it_differentiates(solver):
+    import tensorflow as tf
+
+    products = []  # one entry per vector-Jacobian product that ran
+
+    class Counted(keras.layers.Layer):
+        """`tanh(h W)`, recording each run of its gradient."""
+
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1], shape[-1]))
+
+        def call(self, h):
+            @tf.custom_gradient
+            def f(h, w):
+                y = tf.tanh(h @ w)
+
+                def grad(dy):
+                    ran = tf.py_function(lambda: products.append(1) or 0, [],
+                                         tf.int32)
+                    with tf.control_dependencies([ran]):
+                        g = dy * (1 - y * y)
+                        return g @ tf.transpose(w), tf.transpose(h) @ g
+
+                return y, grad
+
+            return f(h, tf.convert_to_tensor(self.w))
+
+    keras.utils.set_random_seed(0)
+    ode = NeuralODE(keras.Sequential([Counted()]), solver=solver,
+                    gradient="backprop")
+    h0 = tf.constant(np.random.default_rng(0).normal(size=(4, 3)),
+                     tf.float32)
+
+    @tf.function
+    def loss_gradients(h):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(ode(h) ** 2)
+        return tape.gradient(loss, ode.trainable_variables)
+
+    loss_gradients(h0)
+    assert float(ode.num_backward_evals) == len(products) > 0
+    # Hairer's first step size costs an evaluation but is not
+    # differentiated; a given first step or fixed steps cost none.
+    assert len(products) == float(ode.num_forward_evals) - (
+        solver in ("dopri5", "bosh3"))
 
 
 @pytest.mark.slow
