@@ -363,7 +363,9 @@ def test_roofline_divides_each_step_by_its_count_and_the_peak():
         "diffrax-recursive-slices tsit5": {
             "median_step_s": 3.0, "nfe_forward": 19, "nfe_backward": None}}
     result = rows(summary, counts, batch_size=1e9, peak=100e9)
-    # Backprop: each forward evaluation, then its product (twice the work).
+    # Backprop: each forward evaluation, then the product of those it
+    # differentiates (twice the work); all of them where it is not counted.
+    assert step_flops(counts, 1, "backprop", 14, 13) == 30 + 14 + 2 * 13
     assert step_flops(counts, 1, "backprop", 16, None) == 30 + 3 * 16
     # The adjoint: the backward evaluations run the dynamics and the product.
     assert step_flops(counts, 1, "adjoint", 14, 12) == 30 + 14 + 3 * 12

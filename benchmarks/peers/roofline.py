@@ -8,12 +8,13 @@ floating-point operations the model and the evaluations of its dynamics
 fix. Per example, a Conv2D or Dense call does 2 x (its kernel's size) x
 (its output's positions) of them, and its backward pass twice that (the
 gradients to its input and to its kernel), or once for a layer that reads
-the images (they need no gradient). The dynamics run once per forward
-evaluation, and backward twice more per forward evaluation with backprop
-(each one's vector-Jacobian product) or three times per backward evaluation
-with the adjoint (the dynamics again and their product). The rest
-(normalisations, activations, the solver's own arithmetic, Adam) is left
-out, so a step's count is a lower bound.
+the images (they need no gradient). The dynamics cost their forward
+count once per forward evaluation, twice per backward evaluation with
+backprop (the vector-Jacobian product of a forward evaluation; where a run
+does not count them, as torchdiffeq's, every forward evaluation is taken
+as differentiated) and three times with the adjoint (the dynamics again
+and their product). The rest (normalisations, activations, the solver's
+own arithmetic, Adam) is left out, so a step's count is a lower bound.
 
 `--table` is a `run.py --solver-table` JSON. Each of its configurations'
 count over its median step time is the rate its step reached; over this
@@ -69,11 +70,15 @@ def gradient_of(name):
 
 def step_flops(counts, batch_size, gradient, nfe_forward, nfe_backward):
     """A train step's operations, or None if its evaluations are unknown."""
-    evaluations = (3 * nfe_forward if gradient == "backprop" else
-                   None if nfe_backward is None or nfe_forward is None
-                   else nfe_forward + 3 * nfe_backward)
-    if evaluations is None:
+    if nfe_forward is None:
         return None
+    if gradient == "backprop":
+        backward = 2 * (nfe_forward if nfe_backward is None else nfe_backward)
+    elif nfe_backward is None:
+        return None
+    else:
+        backward = 3 * nfe_backward
+    evaluations = nfe_forward + backward
     return batch_size * (counts["around_forward"] + counts["around_backward"]
                          + evaluations * counts["dynamics"])
 
