@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from benchmarks.machine import describe, provenance
-from benchmarks.peers.run import OURS, print_json
+from benchmarks.peers.run import DIFFRAX_ADJOINT, OURS, cell, print_json
 
 GOAL = 0.7  # ours at most this times the peer's step time
 
@@ -63,8 +63,9 @@ def gradient_of(name):
     torchdiffeq's name it, diffrax's is in its library's name."""
     library, *rest = name.split()
     if library.startswith("diffrax-"):
-        return {"recursive": "backprop",
-                "backsolve": "adjoint"}[library.split("-")[1]]
+        adjoint = library.split("-")[1]
+        return next(gradient for gradient, matching in DIFFRAX_ADJOINT.items()
+                    if matching == adjoint)
     return rest[1]
 
 
@@ -122,9 +123,6 @@ def rows(summary, counts, batch_size, peak):
 
 
 def table(result):
-    def cell(value, spec):
-        return "-" if value is None else format(value, spec)
-
     width = max(len(name) for name in result) + 2
     header = (f"{'configuration':<{width}}{'GFLOP':>8}{'step s':>9}"
               f"{'GFLOP/s':>9}{'of peak':>9}{'goal needs':>12}")

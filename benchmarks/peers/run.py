@@ -218,10 +218,12 @@ RATIO_HEADERS = {"ratio_to_ours": "x ours", "ratio_to_peer": "x torch",
                  "ratio_to_diffrax": "x diffrax"}
 
 
-def table(summary, ratios=("ratio_to_ours",)):
-    def cell(value, spec):
-        return "-" if value is None else format(value, spec)
+def cell(value, spec):
+    """A table's cell: `value` formatted by `spec`, or "-" for None."""
+    return "-" if value is None else format(value, spec)
 
+
+def table(summary, ratios=("ratio_to_ours",)):
     width = max(26, *(len(library) + 2 for library in summary))
     header = (f"{'library':<{width}}{'median s':>10}{'min s':>10}"
               f"{'NFE fwd':>9}{'NFE bwd':>9}{'RSS MiB':>9}{'GPU MiB':>9}"
