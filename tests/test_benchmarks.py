@@ -412,3 +412,15 @@ def test_roofline_refuses_a_bad_size(capsys):
     with pytest.raises(SystemExit):
         roofline.main(["--table", "table.json", "--size", "0"])
     assert "--size must be at least 1" in capsys.readouterr().err
+
+
+def test_gpu_device_script_refuses_an_unknown_part(tmp_path):
+    """It stops before installing or running anything."""
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_device.sh", "solvers", "epochs"], cwd=ROOT,
+        capture_output=True, text=True, env={"OUT": str(tmp_path / "out"),
+                                             "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert ("unknown part 'epochs': use peers, epoch or solvers"
+            in result.stderr)
+    assert not (tmp_path / "out").exists()
