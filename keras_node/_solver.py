@@ -167,28 +167,30 @@ def _stages(tf, fn, t0, y0, f0, dt, tab):
     return k, y
 
 
-def _quartic(tf, y0, y1, y_mid, f0, f1, dt):
-    """TFP's dense output: the quartic through y0, y_mid, y1 with slopes f0,
-    f1, as coefficients `[a, b, c, d, e]` of `a x^4 + ... + e`, x in [0, 1].
-    """
-    def coefficients(y0, y1, ym, f0, f1):
-        return [2 * dt * (f1 - f0) - 8 * (y0 + y1) + 16 * ym,
-                dt * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * ym,
-                dt * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * ym,
-                dt * f0,
-                y0]
+def _dense_weights(tab):
+    """TFP's dense output of a step, as weights of its stages.
 
-    nests = [tf.nest.flatten(n) for n in (y0, y1, y_mid, f0, f1)]
-    flat = [coefficients(*xs) for xs in zip(*nests)]
-    # TFP wants a list of five nests like the state.
-    return [tf.nest.pack_sequence_as(y0, [c[i] for c in flat])
-            for i in range(5)]
+    TFP interpolates a step by the quartic through `y0`, `y_mid` and `y1`
+    with the slopes `f0` and `f1` at its ends, as coefficients `[a, b, c, d,
+    e]` of `a x^4 + ... + e`, x in [0, 1]. In a first-same-as-last tableau's
+    step `y1 = y0 + dt sum(weights * k)`, `y_mid = y0 + dt sum(mid * k)`,
+    `f0 = k[0]` and `f1 = k[-1]`, so `e = y0` and each of `a` to `d` is `dt`
+    times a fixed combination of the stages: one pass over them each.
+    Returns those four combinations, lists of Python floats.
+    """
+    f0, f1 = np.eye(len(tab.mid))[[0, -1]]
+    b, m = np.asarray(tab.weights), np.asarray(tab.mid)
+    return [[float(x) for x in w] for w in (
+        2 * (f1 - f0) - 8 * b + 16 * m,
+        5 * f0 - 3 * f1 + 14 * b - 32 * m,
+        f1 - 4 * f0 - 5 * b + 16 * m,
+        f0)]
 
 
 class _AdaptiveStep:
     """One step of an adaptive solve in TFP's loop, for any FSAL tableau.
 
-    TFP's own step differs in four ways:
+    TFP's own step differs in five ways:
 
     - The stages, the solution, the error estimate and the dense output of
       the tableau `tab` are computed in the solve's dtype (TFP casts each
@@ -211,19 +213,25 @@ class _AdaptiveStep:
       power -1/6. The step sizes are not differentiated (as in diffrax):
       backpropagation through the solve differentiates its arithmetic for
       the steps it took.
+    - The dense output is computed only by the steps that TFP interpolates
+      in (an accepted step that passes an output time); TFP's step computes
+      it every time, and backpropagation then differentiates every one.
 
     Accepted steps are counted in the diagnostics' field
     `num_matrix_factorizations`, which an explicit method never uses.
     """
 
-    def __init__(self, sub, *, tab, max_num_steps, what, error_mask, ok):
+    def __init__(self, sub, *, tab, max_num_steps, what, error_mask, ok,
+                 times):
         self._sub = sub
         self._ok = ok  # False: the start is not finite, take no step
         self._tab = tab
+        self._dense = _dense_weights(tab)
         self.evals_per_step = len(tab.nodes)
         self._step_budget = max_num_steps
         self._what = what
         self._error_mask = error_mask
+        self._times = times  # the output times, a vector
 
     @property
     def max_evals(self):
@@ -254,8 +262,12 @@ class _AdaptiveStep:
         in_budget = ((diagnostics.num_ode_fn_evaluations < self.max_evals)
                      & self._ok)
         accept = (error_ratio <= 1) & in_budget
-        y_mid = _combine(tf, y0, dt, self._tab.mid, k)
-        new_interpolation = _quartic(tf, y0, y1, y_mid, f0, f1, dt)
+        # TFP interpolates each output time in the last step taken, so only
+        # an accepted step that passes one needs its dense output.
+        passes = tf.reduce_any((self._times >= t0) & (self._times < t0 + dt))
+        interpolation = tf.cond(accept & passes,
+                                lambda: self._dense_output(tf, y0, dt, k),
+                                lambda: interpolation)
         solver_state = self._sub.state(
             current_state=where(accept, y1, y0),
             current_derivative=where(accept, f1, f0),
@@ -269,8 +281,7 @@ class _AdaptiveStep:
             step_size=dt * tf.clip_by_value(
                 safety * error_ratio ** (-1.0 / self._tab.order),
                 dfactor, ifactor),
-            interpolating_coefficients=where(accept, new_interpolation,
-                                             interpolation),
+            interpolating_coefficients=interpolation,
         )
         diagnostics = diagnostics._replace(
             num_ode_fn_evaluations=diagnostics.num_ode_fn_evaluations
@@ -279,6 +290,15 @@ class _AdaptiveStep:
                                        + tf.cast(accept, tf.int32)),
         )
         return solver_state, diagnostics
+
+    def _dense_output(self, tf, y0, dt, k):
+        """TFP's quartic of the step: a list of five nests like `y0`."""
+        def coefficient(weights):
+            if any(weights):
+                return _combine(tf, None, dt, weights, k)
+            return tf.nest.map_structure(tf.zeros_like, y0)  # bosh3's cubic
+
+        return [coefficient(w) for w in self._dense] + [y0]
 
     def _error_ratio(self, tf, y0, y1, error, atol, rtol):
         """The RMS scaled error, the largest over the kept components.
@@ -677,8 +697,9 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
         step_size = tf.minimum(tf.constant(first_step_size, dtype), span)
         setup_evals = 1
 
+    times = _vector(tf, times, dtype)
     step = _AdaptiveStep(sub, tab=tab, max_num_steps=max_num_steps,
-                         what=what, error_mask=error_mask, ok=ok)
+                         what=what, error_mask=error_mask, ok=ok, times=times)
     initial = sub.state(
         current_state=y0,
         current_derivative=f0,
@@ -689,7 +710,6 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
     )
     # rtol and atol as tensors of the solve's dtype: TFP would round them to
     # float32.
-    times = _vector(tf, times, dtype)
     results = sub.solve(step, fn, s0_, y0, times, initial,
                         rtol=tf.constant(rtol, dtype),
                         atol=tf.constant(atol, dtype))

@@ -145,7 +145,7 @@ def test_full_norm_weighs_each_parameter_gradient_like_the_state():
     def ratio(mask):
         step = _solver._AdaptiveStep(
             sub, tab=_solver.tableau(sub, "dopri5"), max_num_steps=10,
-            what="test", error_mask=mask, ok=True)
+            what="test", error_mask=mask, ok=True, times=tf.ones([1]))
         return float(step._error_ratio(tf, state, state, error, 1e-3, 1e-3))
 
     assert ratio((True, True, [True])) > 1  # full: rejected

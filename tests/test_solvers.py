@@ -75,6 +75,19 @@ def test_float64_solve_is_exact_on_a_constant_rate(name):
     np.testing.assert_allclose(out, 3.2 + 0.2 * 7.0, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("cls", [solvers.DormandPrince, solvers.Tsit5,
+                                 solvers.Bosh3])
+def test_an_output_time_a_step_lands_on_comes_from_the_next_step(cls):
+    # On a constant rate every step is exact and ten times the one before:
+    # 0 to 0.5, 0.5 to 5.5, 5.5 to 55.5. The first ends on the output time
+    # 0.5, which the second step's dense output gives (at its start).
+    ode = NeuralODE(_Constant(dtype="float64"), t1=6.0, save_at=[0.5, 6.0],
+                    solver=cls(first_step_size=0.5), dtype="float64")
+    out = ode(np.full((1, 1), 3.2))
+    np.testing.assert_allclose(out[0, :, 0], [3.3, 4.4], rtol=0, atol=1e-13)
+    assert float(ode.steps_accepted) == 3
+
+
 @pytest.mark.parametrize("name", ["dopri5", "tsit5"])
 def test_float64_error_keeps_falling_with_the_tolerance(name):
     errors, evals = [], []
