@@ -265,9 +265,9 @@ class _AdaptiveStep:
         # TFP interpolates each output time in the last step taken, so only
         # an accepted step that passes one needs its dense output.
         passes = tf.reduce_any((self._times >= t0) & (self._times < t0 + dt))
-        interpolation = tf.cond(accept & passes,
-                                lambda: self._dense_output(tf, y0, dt, k),
-                                lambda: interpolation)
+        new_interpolation = tf.cond(
+            accept & passes, lambda: self._dense_output(tf, y0, dt, k),
+            lambda: interpolation)
         solver_state = self._sub.state(
             current_state=where(accept, y1, y0),
             current_derivative=where(accept, f1, f0),
@@ -281,7 +281,7 @@ class _AdaptiveStep:
             step_size=dt * tf.clip_by_value(
                 safety * error_ratio ** (-1.0 / self._tab.order),
                 dfactor, ifactor),
-            interpolating_coefficients=interpolation,
+            interpolating_coefficients=new_interpolation,
         )
         diagnostics = diagnostics._replace(
             num_ode_fn_evaluations=diagnostics.num_ode_fn_evaluations
