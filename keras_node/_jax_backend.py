@@ -112,10 +112,11 @@ def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,
         ys, params = residuals
         dys = jax.tree.map(lambda d, y: d.astype(y.dtype), cotangents[0], ys)
 
-        # The parameter gradients integrate in at least float32 (with the
-        # state), also for float16 weights under mixed precision.
-        g0 = [jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32))
-              for p in params]
+        # The parameter gradients integrate in the state's dtype (float32
+        # or float64), also for float16 weights under mixed precision or
+        # float32 weights beside a float64 state.
+        dtype = jax.tree.leaves(ys)[0].dtype
+        g0 = [jnp.zeros(p.shape, dtype) for p in params]
 
         def adjoint_fn(t, state):
             y, a, _ = state

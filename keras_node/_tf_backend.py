@@ -150,15 +150,19 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
                 )
                 vjp = tf.nest.map_structure(tf.convert_to_tensor, vjp)
                 return (f, tf.nest.map_structure(tf.negative, vjp[0]),
-                        [-g for g in vjp[1:]])
+                        [-tf.cast(g, dtype) for g in vjp[1:]])
 
+            # The parameter gradients integrate in the state's dtype: a
+            # float64 state with float32 weights keeps them in float64.
+            dtype = flat_ys[0].dtype
             state, num_backward = _solver.integrate_adjoint(
                 _TFP, adjoint_fn, t0, times, ys, dys,
-                [tf.zeros(p.shape, p.dtype) for p in params],
+                [tf.zeros(p.shape, dtype) for p in params],
                 state_mask=state_mask, seminorm=seminorm, **adjoint_options)
             on_backward_evals(num_backward)
             _, dy0, dparams = state
-            by_ref = {p.ref(): g for p, g in zip(params, dparams)}
+            by_ref = {p.ref(): tf.cast(g, p.dtype)
+                      for p, g in zip(params, dparams)}
             return tf.nest.flatten(dy0), [by_ref.get(v.ref())
                                           for v in variables]
 

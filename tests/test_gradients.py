@@ -66,6 +66,29 @@ def test_conv_gradients_match_finite_differences(adjoint_norm):
     finite_difference_check(ode, h0, lambda h: ops.sum(h ** 2))
 
 
+
+@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
+def test_a_float64_state_with_float32_weights_gets_their_gradients(solver):
+    # The solve stays in float64 while the float32 dynamics compute in
+    # float32; the adjoint integrates their gradients in float64. Ground
+    # truth: the same weights in float64 dynamics, to float32's accuracy.
+    keras.utils.set_random_seed(3)
+    h0 = np.random.default_rng(3).normal(size=(2, 5, 5, 3))
+    options = dict(solver=solver, **(TIGHT if solver == "dopri5" else {}))
+    dynamics = small_conv_dynamics(3)
+    ode = NeuralODE(dynamics, **options)
+    ode(h0)
+    exact = NeuralODE(small_conv_dynamics(3, dtype="float64"),
+                      dtype="float64", **options)
+    exact(h0)
+    exact.set_weights(ode.get_weights())
+    loss = lambda h: ops.sum(h ** 2)
+    got, expected = gradients(ode, h0, loss), gradients(exact, h0, loss)
+    assert [keras.backend.standardize_dtype(g.dtype) for g in got] == [
+        "float64"] + ["float32"] * len(ode.trainable_variables)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
 def test_time_dependent_mlp_gradients_match_finite_differences():
     @keras.saving.register_keras_serializable(package="keras_node_tests")
     class TimeMLP(keras.layers.Layer):
