@@ -11,7 +11,8 @@ under `jax.jit` or `fit`) then raises the same error as on TensorFlow. A
 backward pass cannot update layer state, so it hands its count to the host
 (`jax.debug.callback`). JAX cannot reverse-differentiate the adaptive
 solvers' unbounded loop, so `"backprop"` needs a fixed-step solver (the
-layer checks).
+layer checks). On a CPU the dynamics are evaluated and differentiated with
+their convolutions laid out for XLA's fast kernels (`_jax_compat`).
 """
 
 import functools
@@ -19,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from keras_node import _solver
+from keras_node import _jax_compat, _solver
 from keras_node._tfp_compat import substrate
 
 _TFP = substrate("jax")
@@ -38,6 +39,10 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         _solver.check_derivative(dynamics.name, out, h.shape)
         return out.astype(h.dtype)
 
+    if _jax_compat.enabled():
+        # On a CPU, so that XLA runs the convolutions of the dynamics and of
+        # their gradients inside the solver's loops in its fast kernels.
+        dynamics_fn = _jax_compat.canonical_convolutions(dynamics_fn)
     fn, y0, mask = _solver.augment(
         _TFP.tf, dynamics_fn, h0, vjp=_vjp, kinetic=kinetic,
         jacobian=jacobian, trace=trace, noise=noise)

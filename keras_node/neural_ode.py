@@ -78,7 +78,9 @@ class NeuralODE(keras.layers.Layer):
     times slower under XLA, unless its steps were unrolled
     (`solvers.RK4(..., unroll=True)`; see the troubleshooting guide). On
     JAX, where no solve can raise inside a loop anyway, `"auto"` compiles
-    the train step (on a CPU the same slow loop: prefer TensorFlow there).
+    the train step; there the layer lays the dynamics' convolutions out for
+    XLA's fast CPU kernels itself, so the loop is not slow (on a CPU
+    TensorFlow is still the faster backend).
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
     `tfp-nightly`). On JAX the gradients reach the initial state and the

@@ -119,9 +119,10 @@ class FixedStepSolver(Solver):
             program instead of running them in a loop, as the `unroll` of
             Keras' recurrent layers. The program then grows with the number
             of steps (tracing and compiling take longer), so keep it for a
-            few steps. It pays under XLA on a CPU (the JAX backend, or
-            `jit_compile=True` on TensorFlow), which runs a convolution's
-            weight gradient inside a loop many times slower than outside.
+            few steps. It pays under TensorFlow's XLA on a CPU
+            (`jit_compile=True`), which runs a convolution's weight
+            gradient inside a loop many times slower than outside (on JAX
+            the layer avoids that itself).
             Defaults to `False`.
     """
 
