@@ -37,8 +37,8 @@ def parse_args(argv=None, description=None):
         help="steps of a fixed-step solver (euler, midpoint, rk4) "
         "(default: 4)")
     add("--unroll", action="store_true",
-        help="lay a fixed-step solver's steps out without a loop: much "
-        "faster under XLA on a CPU (the JAX backend)")
+        help="lay a fixed-step solver's steps out without a loop (a "
+        "program that grows with the steps)")
     add("--gradient", default="adjoint", choices=["adjoint", "backprop"],
         help="adjoint: memory flat in the solver's steps; backprop: the "
         "exact gradient of the discrete solve (default: %(default)s)")
