@@ -66,7 +66,6 @@ def test_conv_gradients_match_finite_differences(adjoint_norm):
     finite_difference_check(ode, h0, lambda h: ops.sum(h ** 2))
 
 
-
 @pytest.mark.parametrize("solver", ["dopri5", "rk4"])
 def test_a_float64_state_with_float32_weights_gets_their_gradients(solver):
     # The solve stays in float64 while the float32 dynamics compute in
@@ -88,6 +87,7 @@ def test_a_float64_state_with_float32_weights_gets_their_gradients(solver):
         "float64"] + ["float32"] * len(ode.trainable_variables)
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
 
 def test_time_dependent_mlp_gradients_match_finite_differences():
     @keras.saving.register_keras_serializable(package="keras_node_tests")
