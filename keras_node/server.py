@@ -11,6 +11,9 @@ Serving's REST API, so that clients written for TF Serving work unchanged:
 - `GET  /v1/models/<name>[/versions/<N>]/metadata`: the signatures;
 - `POST /v1/models/<name>[/versions/<N>]:predict`: `{"instances": [...]}`
   (row format) or `{"inputs": ...}` (columnar), optional `signature_name`;
+  the answer is `{"predictions": [...]}` (one object of named outputs per
+  instance) or `{"outputs": {...}}`, and, as TF Serving's, holds a lone
+  output's values without its name;
 - `GET  /healthz`: liveness, with the loaded versions.
 
 Without a version, requests go to the newest. A background thread looks for
@@ -532,6 +535,9 @@ def create_app(base_path, model_name, poll_seconds=2.0, max_instances=256,
             outputs = await run(signature, arrays)
         except _RequestError as error:
             return answer(error.status, {"error": str(error)}, error.headers)
+        if len(outputs) == 1:  # TF Serving leaves out a lone output's name
+            (values,) = outputs.values()
+            return {"predictions" if row else "outputs": values}
         if not row:
             return {"outputs": outputs}
         count = len(next(iter(outputs.values())))

@@ -269,6 +269,19 @@ BAD_REQUESTS = [
      None, 400, "Input 'images' nests deeper than 12 levels"),
     (f"/v1/models/{NAME}:predict", {"inputs": {"x": [0]}}, None, 400,
      "Unknown input(s) ['x']; the signature takes ['images']"),
+    (f"/v1/models/{NAME}:predict", {"inputs": {}}, None, 400,
+     "Missing input 'images'"),
+    (f"/v1/models/{NAME}:predict", {"instances": []}, None, 400,
+     "'instances' must be a non-empty list"),
+    (f"/v1/models/{NAME}:predict", {"instances": 3}, None, 400,
+     "'instances' must be a non-empty list"),
+    (f"/v1/models/{NAME}:predict",  # json.dumps writes NaN, as json reads it
+     {"instances": [[[[float("nan")]] * 28] * 28]}, None, 400,
+     "Input 'images' holds a non-finite number"),
+    (f"/v1/models/{NAME}:classify", {"instances": [[0]]}, None, 404,
+     f"Unknown resource '{NAME}:classify'"),
+    (f"/v1/models/{NAME}/labels/stable", None, None, 404,
+     f"Unknown resource '{NAME}/labels/stable'"),
 ]
 
 
@@ -356,14 +369,19 @@ def test_export_needs_a_model(tmp_path):
         export_saved_model(3, tmp_path)
 
 
-def test_export_serves_any_model_by_its_input_names(tmp_path):
-    # Not a classifier: a neural-ODE regressor with two named inputs.
+def two_input_regressor():
+    """Not a classifier: a neural-ODE regressor with two named inputs and
+    one output."""
     keras.utils.set_random_seed(0)
     state = keras.Input((3,), name="state")
     scale = keras.Input((1,), name="scale")
     x = NeuralODE(keras.Sequential([keras.layers.Dense(3, activation="tanh")
                                     ]))(state)
-    model = keras.Model([state, scale], x * scale)
+    return keras.Model([state, scale], x * scale)
+
+
+def test_export_serves_any_model_by_its_input_names(tmp_path):
+    model = two_input_regressor()
     path = export_saved_model(model, tmp_path)
     loaded = tf.saved_model.load(str(path))
     signature = loaded.signatures["serving_default"]
@@ -375,6 +393,43 @@ def test_export_serves_any_model_by_its_input_names(tmp_path):
     assert set(out) == {"outputs"}
     np.testing.assert_allclose(out["outputs"], model.predict(xs, verbose=0),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_server_answers_a_lone_output_as_tf_serving_does(tmp_path):
+    # Two named inputs, one output: TF Serving answers with the output's
+    # values alone, `{"predictions": [row, ...]}` and `{"outputs": rows}`.
+    model = two_input_regressor()
+    export_saved_model(model, tmp_path)
+    server = start_server(tmp_path)
+    url, _ = next(server)
+    try:
+        rng = np.random.default_rng(1)
+        state = rng.normal(size=(4, 3)).astype("float32")
+        scale = rng.normal(size=(4, 1)).astype("float32")
+        expected = model.predict([state, scale], verbose=0)
+        path = f"/v1/models/{NAME}:predict"
+        status, body = request(url, path, {"instances": [
+            {"state": s.tolist(), "scale": c.tolist()}
+            for s, c in zip(state, scale)]})
+        assert status == 200, body
+        np.testing.assert_allclose(body["predictions"], expected, rtol=1e-5,
+                                   atol=1e-6)
+        status, body = request(url, path, {"inputs": {
+            "state": state.tolist(), "scale": scale.tolist()}})
+        assert status == 200, body
+        np.testing.assert_allclose(body["outputs"], expected, rtol=1e-5,
+                                   atol=1e-6)
+        for bad, message in [
+                ({"instances": state.tolist()},
+                 "instances must be objects keyed by input name"),
+                ({"inputs": state.tolist()},
+                 "'inputs' must be an object keyed by input name"),
+                ({"inputs": {"state": state.tolist()}},
+                 "Missing input 'scale'")]:
+            status, body = request(url, path, bad)
+            assert status == 400 and message in body["error"], body
+    finally:
+        server.close()
 
 
 def test_export_argument_errors(tmp_path):
