@@ -176,6 +176,33 @@ def test_other_keras_backend_is_refused():
             ) in result.stderr
 
 
+def test_a_backend_without_its_solver_packages_names_them(monkeypatch):
+    import sys
+
+    import keras_node
+
+    backend = keras.backend.backend()
+    name = "_jax_backend" if backend == "jax" else "_tf_backend"
+    # As if the backend's packages were missing: its module cannot import.
+    monkeypatch.delattr(keras_node, name, raising=False)
+    monkeypatch.setitem(sys.modules, f"keras_node.{name}", None)
+    needs = {"jax": "jax and tfp-nightly",
+             "tensorflow": "tensorflow and tensorflow-probability"}[backend]
+    with pytest.raises(ImportError, match=(
+            rf"NeuralODE on Keras' {backend} backend needs {needs} \(.*"
+            rf"\)\. Install them with: pip install 'keras-node\[{backend}"
+            rf"\]'")):
+        NeuralODE(dynamics())(np.ones((1, 2), "float32"))
+
+
+def test_the_counts_metric_is_not_serialized_alone():
+    ode = NeuralODE(dynamics())
+    with pytest.raises(NotImplementedError, match=(
+            r"EvaluationCounts belongs to its NeuralODE layer and is not "
+            r"serialized on its own\.")):
+        ode.evaluation_counts.get_config()
+
+
 def test_exhausted_budget_under_xla_ends_in_nan_not_a_hang():
     # XLA compiles assertions away; the solve must still stop.
     ode = NeuralODE(_Square(), solver=solvers.DormandPrince(max_num_steps=50))
