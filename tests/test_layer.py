@@ -131,8 +131,18 @@ def test_fit_logs_evaluation_counts():
 def test_two_layers_get_prefixed_counts():
     model = conv_model(name_a="first_ode", two_odes=True)
     x, y = data()
-    logs = model.fit(x, y, batch_size=8, epochs=1, verbose=0,
-                     callbacks=[LogEvaluationCounts()]).history
+    with pytest.warns(UserWarning) as warned:
+        logs = model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                         callbacks=[LogEvaluationCounts()]).history
+    messages = [str(w.message) for w in warned
+                if "shares its model" in str(w.message)]
+    assert messages == [
+        f"NeuralODE '{name}' shares its model with other NeuralODE layers: "
+        f"its counts are logged as '{name}_nfe_forward', "
+        f"'{name}_nfe_backward', '{name}_steps_accepted' and "
+        f"'{name}_steps_rejected' (alone in a model, a layer logs "
+        "'nfe_forward', ...). Name the layers to choose the keys."
+        for name in ("first_ode", "second_ode")]  # once each
     assert {"first_ode_nfe_forward", "first_ode_nfe_backward",
             "second_ode_nfe_forward", "second_ode_nfe_backward"} <= set(logs)
     assert "nfe_forward" not in logs

@@ -272,6 +272,27 @@ def test_bad_options_are_refused(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@jax_only("TensorFlow runs both")
+@pytest.mark.parametrize("argv, message", [
+    (["--gradient", "backprop"], "--gradient backprop needs a fixed-step "
+     "solver on Keras' jax backend, not --solver dopri5"),
+    (["--strategy", "mirrored"], "--strategy mirrored needs Keras' "
+     "TensorFlow backend; on jax use auto"),
+])
+def test_options_that_need_tensorflow_are_refused_on_jax(argv, message,
+                                                         capsys):
+    with pytest.raises(SystemExit):
+        mnist_options.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_only_fixed_step_solvers_unroll():
+    with pytest.raises(ValueError, match=r"Only fixed-step solvers unroll\. "
+                       r"Received: solver='dopri5', unroll=True"):
+        mnist_common.solver_and_gradient("dopri5", None, "adjoint", None,
+                                         True)
+
+
 @pytest.mark.slow
 def test_solver_and_gradient_options_reach_the_model(data_args, tmp_path):
     out = tmp_path / "run"
