@@ -4,6 +4,7 @@ import datetime
 import importlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -424,3 +425,34 @@ def test_gpu_device_script_refuses_an_unknown_part(tmp_path):
     assert ("unknown part 'epochs': use peers, epoch or solvers"
             in result.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_peer_environment_is_named(tmp_path, monkeypatch):
+    from benchmarks import spiral
+    from benchmarks.peers import run
+
+    missing = tmp_path / "python"
+    with pytest.raises(SystemExit, match=(
+            rf"^{re.escape(str(missing))} is missing: run `bash "
+            r"benchmarks/peers/setup\.sh` first\.$")):
+        run.run_json([str(missing)], "torchdiffeq")
+    monkeypatch.setattr(spiral, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=(
+            rf"^{re.escape(str(tmp_path))}/\.venv-torch/bin/python is "
+            r"missing: run bash benchmarks/peers/setup\.sh first\.$")):
+        spiral.run("torchdiffeq", 0, 1, "adjoint", "seminorm")
+
+
+@jax_only("the TensorFlow backend runs both")
+def test_benchmarks_that_need_a_backend_say_so(capsys):
+    from benchmarks import cnf
+    from benchmarks.peers import keras_jax_step
+
+    with pytest.raises(SystemExit, match=(
+            r"^benchmarks\.cnf compares with TFP's FFJORD: run it on the "
+            r"TensorFlow backend \(KERAS_BACKEND=tensorflow\)\.$")):
+        cnf.main(["--iterations", "1"])
+    with pytest.raises(SystemExit):
+        keras_jax_step.main(["--warmup", "0"])
+    assert ("--warmup must be at least 1 (the first step compiles)"
+            in capsys.readouterr().err)
