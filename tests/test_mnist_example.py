@@ -265,22 +265,14 @@ def test_benchmark_recipes_are_valid_options():
      "--adjoint-norm is for --gradient adjoint with an adaptive solver"),
     (["--gradient", "backprop", "--adjoint-norm", "full"],
      "--adjoint-norm is for --gradient adjoint with an adaptive solver"),
+    pytest.param(["--gradient", "backprop"], "--gradient backprop needs a "
+                 "fixed-step solver on Keras' jax backend, not --solver "
+                 "dopri5", marks=jax_only("TensorFlow runs it")),
+    pytest.param(["--strategy", "mirrored"], "--strategy mirrored needs "
+                 "Keras' TensorFlow backend; on jax use auto",
+                 marks=jax_only("TensorFlow runs it")),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        mnist_options.parse_args(argv)
-    assert message in capsys.readouterr().err
-
-
-@jax_only("TensorFlow runs both")
-@pytest.mark.parametrize("argv, message", [
-    (["--gradient", "backprop"], "--gradient backprop needs a fixed-step "
-     "solver on Keras' jax backend, not --solver dopri5"),
-    (["--strategy", "mirrored"], "--strategy mirrored needs Keras' "
-     "TensorFlow backend; on jax use auto"),
-])
-def test_options_that_need_tensorflow_are_refused_on_jax(argv, message,
-                                                         capsys):
     with pytest.raises(SystemExit):
         mnist_options.parse_args(argv)
     assert message in capsys.readouterr().err
