@@ -28,6 +28,22 @@ def test_both_libraries_solve_the_same_flow_at_their_initial_weights():
     assert np.max(np.abs(ours_log_prob - base)) > 0.05
 
 
+def test_a_non_finite_loss_stops_the_training_it_happened_in():
+    from benchmarks import cnf
+    from examples.cnf import two_moons
+
+    flow = cnf.our_flow(cnf.dynamics_pair(8, 3, seed=0)[0], 1e-3, seed=0)
+    trainee = cnf.Trainee(flow, 1e-2, counts=lambda: (0, 0))
+    batches = [two_moons(16, seed=seed) for seed in range(3)]
+    trainee.train(batches[:1])
+    # A finite point so far out that its base log-density overflows.
+    batches[1][0, 0] = 1e30
+    with pytest.raises(FloatingPointError,
+                       match="^non-finite loss at iteration 2$"):
+        trainee.train(batches[1:])
+    assert trainee.iterations == 1 and len(trainee.loss) == 1
+
+
 @pytest.mark.slow
 def test_benchmark_writes_both_libraries_and_all_variants(tmp_path):
     from benchmarks import cnf

@@ -328,6 +328,21 @@ def test_save_at_benchmark_refuses_bad_options(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_save_at_benchmark_stops_at_a_failed_run(monkeypatch, tmp_path):
+    # A child that failed (run_json printed its output, returned None)
+    # stops the benchmark before anything is written.
+    from benchmarks import save_at
+
+    children = []
+    monkeypatch.setattr(save_at, "run_json",
+                        lambda command, name: children.append(name))
+    out = tmp_path / "save_at.json"
+    with pytest.raises(SystemExit, match=(
+            "^the run with 3 output times failed: see above.$")):
+        save_at.main(["--times", "3", "5", "--json-out", str(out)])
+    assert children == ["3 output times"] and not out.exists()
+
+
 def test_roofline_counts_the_readme_models_convolutions_by_hand():
     from benchmarks.peers.roofline import model_flops
     from examples.mnist_common import build_model, ode_layer
@@ -441,6 +456,16 @@ def test_a_missing_peer_environment_is_named(tmp_path, monkeypatch):
             rf"^{re.escape(str(tmp_path))}/\.venv-torch/bin/python is "
             r"missing: run bash benchmarks/peers/setup\.sh first\.$")):
         spiral.run("torchdiffeq", 0, 1, "adjoint", "seminorm")
+
+
+def test_diffrax_step_refuses_to_time_its_compiling_step(capsys):
+    # Checked before JAX or diffrax is imported: no peer environment needed.
+    from benchmarks.peers import diffrax_step
+
+    with pytest.raises(SystemExit):
+        diffrax_step.main(["--warmup", "0"])
+    assert ("--warmup must be at least 1 (the first step compiles)"
+            in capsys.readouterr().err)
 
 
 @jax_only("the TensorFlow backend runs both")

@@ -363,6 +363,19 @@ def test_server_refuses_a_folder_without_versions(tmp_path):
         create_app(tmp_path, NAME)
 
 
+def test_server_refuses_a_folder_whose_versions_all_fail(tmp_path, caplog):
+    from keras_node.server import create_app
+
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "saved_model.pb").write_bytes(b"not a protobuf")
+    with pytest.raises(FileNotFoundError, match=(
+            r"^No SavedModel version folder .* in --model-base-path .* "
+            r"could be loaded \(version 1: .+\)\.$")):
+        create_app(tmp_path, NAME)
+    assert [record.getMessage().split(":")[0] for record in caplog.records
+            if record.levelname == "WARNING"] == ["Could not load version 1"]
+
+
 def test_export_needs_a_model(tmp_path):
     with pytest.raises(TypeError, match=r"argument `model`, expected a Keras "
                        r"model or the path of a .keras file. Received: 3"):
