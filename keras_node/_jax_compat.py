@@ -15,8 +15,9 @@ transposes around it (what XLA does at the top level). It reads `fn`'s
 jaxpr and evaluates it equation by equation, which needs JAX's extension
 API (`jax.extend.core`, without stability promises) and
 `Primitive.get_bind_params`, as `jax.core.eval_jaxpr` binds equations.
-Checked against JAX 0.10.2. On another minor version `enabled()` is False
-and warns once: solves then run at XLA's own speed, with the same results.
+Checked against JAX 0.10.2, 0.11.2 and 0.12.0.1. On another minor version
+`enabled()` is False and warns once: solves then run at XLA's own speed,
+with the same results.
 """
 
 import functools
@@ -27,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 # The JAX minor versions whose internals above were checked.
-SUPPORTED = ((0, 10),)
-_CHECKED = "0.10.2"
+SUPPORTED = ((0, 10), (0, 11), (0, 12))
+_CHECKED = "0.10.2, 0.11.2 and 0.12.0.1"
 
 
 def _supported(version):
@@ -43,12 +44,14 @@ def enabled():
     if jax.default_backend() != "cpu":
         return False  # GPU and TPU compilers lay convolutions out themselves
     if not _supported(jax.__version__):
+        minors = [f"{major}.{minor}" for major, minor in SUPPORTED]
         warnings.warn(
             f"keras-node lays out convolutions for XLA's fast CPU kernels "
             f"with JAX internals checked against JAX {_CHECKED}; JAX "
             f"{jax.__version__} is not a checked version, so this is off: "
             "solves with convolutional dynamics run many times slower on "
-            f"the CPU. Install jax=={_CHECKED} for the fast path.",
+            f"the CPU. Install JAX {', '.join(minors[:-1])} or {minors[-1]} "
+            "for the fast path.",
             stacklevel=2)
         return False
     return True
