@@ -30,7 +30,7 @@ def code_blocks():
             yield pytest.param(block, id=f"{path.relative_to(ROOT)}:{i}")
 
 
-@pytest.mark.parametrize("code", code_blocks())
+@pytest.mark.parametrize("code", list(code_blocks()))
 def test_runnable_code_block_runs(code):
     exec(compile(code, "<markdown>", "exec"), {"__name__": "__docs__"})
 

@@ -131,7 +131,9 @@ def test_fit_logs_evaluation_counts():
 def test_two_layers_get_prefixed_counts():
     model = conv_model(name_a="first_ode", two_odes=True)
     x, y = data()
-    with pytest.warns(UserWarning) as warned:
+    # Every UserWarning, repeats included; other warnings filtered as usual.
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", UserWarning)
         logs = model.fit(x, y, batch_size=8, epochs=1, verbose=0,
                          callbacks=[LogEvaluationCounts()]).history
     messages = [str(w.message) for w in warned
