@@ -1,5 +1,6 @@
 """The Keras layer contract: shapes, config, saving, training, distribution."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -127,17 +128,25 @@ def test_fit_logs_evaluation_counts():
     assert float(ode.num_backward_evals) == batches[-1]["nfe_backward"]
 
 
+@contextlib.contextmanager
+def shared_model_warnings():
+    """Collects the "shares its model" warnings given inside, repeats
+    included; other warnings are filtered as usual."""
+    messages = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        yield messages
+    messages.extend(str(w.message) for w in caught
+                    if "shares its model" in str(w.message))
+
+
 @pytest.mark.slow
 def test_two_layers_get_prefixed_counts():
     model = conv_model(name_a="first_ode", two_odes=True)
     x, y = data()
-    # Every UserWarning, repeats included; other warnings filtered as usual.
-    with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always", UserWarning)
+    with shared_model_warnings() as messages:
         logs = model.fit(x, y, batch_size=8, epochs=1, verbose=0,
                          callbacks=[LogEvaluationCounts()]).history
-    messages = [str(w.message) for w in warned
-                if "shares its model" in str(w.message)]
     assert messages == [
         f"NeuralODE '{name}' shares its model with other NeuralODE layers: "
         f"its counts are logged as '{name}_nfe_forward', "
@@ -172,15 +181,13 @@ def test_two_layers_in_a_subclassed_model_log_distinct_counts():
     batches = []
     record = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: batches.append(dict(logs)))
-    with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always", UserWarning)
+    with shared_model_warnings() as messages:
         if BACKEND == "jax":
             model(x)  # builds the layers (Keras' JAX trainer cannot, in fit)
         model.fit(x, x, batch_size=8, epochs=1, verbose=0,
                   callbacks=[LogEvaluationCounts(), record])
     # Each layer says once under which keys it logs.
-    assert [str(w.message).split(" shares its model")[0] for w in warned
-            if "shares its model" in str(w.message)] == [
+    assert [m.split(" shares its model")[0] for m in messages] == [
         "NeuralODE 'first_ode'", "NeuralODE 'second_ode'"]
     logs = batches[-1]
     assert "nfe_forward" not in logs
