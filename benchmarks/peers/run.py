@@ -49,9 +49,8 @@ SOLVER_TABLE = [
     *[(OURS, solver, gradient) for gradient in ("adjoint", "backprop")
       for solver in ("dopri5", "tsit5", "bosh3")],
     (OURS, "rk4", "backprop"), (OURS, "rk4", "adjoint"),
-    *[("torchdiffeq", solver, "adjoint")
+    *[("torchdiffeq", solver, gradient) for gradient in ("adjoint", "backprop")
       for solver in ("dopri5", "tsit5", "bosh3")],
-    ("torchdiffeq", "dopri5", "backprop"),
     ("torchdiffeq", "rk4", "backprop"), ("torchdiffeq", "rk4", "adjoint"),
     ("diffrax-recursive-slices", "tsit5", None),
     ("diffrax-backsolve-slices", "dopri5", None),
