@@ -21,9 +21,10 @@ count over its median step time is the rate its step reached; over this
 CPU's peak, the share of the peak. The peak is the best rate of a float32
 product of two `--size` (4096) square matrices, by numpy or by the Keras
 backend (TensorFlow's oneDNN kernels can beat numpy's BLAS: on an AVX-512
-EPYC, 380 against 250 GFLOP/s); the JSON has both. For each of ours, `goal_share` is
-the share that a step at 0.7x its torchdiffeq peer's time would need. Run
-it on the machine that made the table. Prints a table and one JSON object.
+EPYC, 491-501 against 248-250 GFLOP/s); the JSON has both. For each of
+ours, `goal_share` is the share that a step at 0.7x its torchdiffeq peer's
+time would need. Run it on the machine that made the table. Prints a table
+and one JSON object.
 """
 
 import argparse
