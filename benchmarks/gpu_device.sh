@@ -11,7 +11,7 @@
 #          GPU (GPU_TIMEOUT, 200 s);
 # solvers: benchmarks/peers/run.py --gpu --solver-table: every solver and
 #          gradient method of ours against the peers' (SOLVERS_TIMEOUT,
-#          420 s; 14 runs, each compiling).
+#          420 s; 15 runs, each compiling).
 # Everything goes to $OUT as it comes, also when a time limit kills a part:
 # pip's log, each peer's JSON line, JAX's compile log (each compilation and
 # its duration), the per-10-iteration progress and the final JSONs.

@@ -125,10 +125,6 @@ def parse_args(argv=None, description=None):
     if args.adjoint_norm is not None and (fixed or args.gradient != "adjoint"):
         parser.error("--adjoint-norm is for --gradient adjoint with an "
                      "adaptive solver (dopri5, tsit5, bosh3)")
-    if not TENSORFLOW and args.gradient == "backprop" and not fixed:
-        parser.error(f"--gradient backprop needs a fixed-step solver on "
-                     f"Keras' {keras.backend.backend()} backend, not --solver "
-                     f"{args.solver}")
     if not TENSORFLOW and args.strategy not in ("auto", "default"):
         parser.error(f"--strategy {args.strategy} needs Keras' TensorFlow "
                      f"backend; on {keras.backend.backend()} use auto")

@@ -9,13 +9,15 @@ What differs from TensorFlow: assertions cannot run inside JAX's loops, so
 an exhausted `max_num_steps` makes the solve return NaN; an eager call (not
 under `jax.jit` or `fit`) then raises the same error as on TensorFlow. A
 backward pass cannot update layer state, so it hands its count to the host
-(`jax.debug.callback`). JAX cannot reverse-differentiate the adaptive
-solvers' unbounded loop, so `"backprop"` needs a fixed-step solver (the
-layer checks). On a CPU the dynamics are evaluated and differentiated with
-their convolutions laid out for XLA's fast kernels (`_jax_compat`).
+(`jax.debug.callback`). JAX cannot reverse-differentiate the unbounded loop
+of TFP's adaptive solve, so `"backprop"` with an adaptive solver steps in a
+bounded, checkpointed loop of ours instead (`_bounded_while`). On a CPU the
+dynamics are evaluated and differentiated with their convolutions laid out
+for XLA's fast kernels (`_jax_compat`).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +52,8 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     if gradient == "backprop":
         ys, counts = _solver.integrate(
             _TFP, lambda t, y: fn(t, y, params), t0, times[-1], y0,
-            error_mask=mask, save_at=times, **forward)
+            error_mask=mask, save_at=times, bounded_loop=_bounded_while,
+            **forward)
         ys = _on_backward(
             ys, _solver.differentiated_evals(counts[0], forward),
             on_backward_evals)
@@ -60,6 +63,34 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             on_backward_evals)(y0, params)
     _raise_if_failed(counts, forward)
     return (*_solver.integrals_of(ys, mask), counts)
+
+
+def _bounded_while(cond, body, state, max_iterations):
+    """`body` while `cond`, at most `max_iterations` times, differentiable.
+
+    A `lax.while_loop` cannot be reverse-differentiated; this loop is
+    `max_iterations` iterations in nested scans of about
+    `sqrt(max_iterations)` each (an iteration once `cond` fails does
+    nothing), both levels checkpointed: the outer scan keeps the state at
+    each inner scan's start, an inner scan's backward pass reruns it to keep
+    the state at each iteration's start, and each iteration's backward pass
+    reruns it. Memory: about `2 sqrt(max_iterations)` states and one
+    iteration's intermediates, whatever the number of iterations taken;
+    time: each iteration twice more. Diffrax's `RecursiveCheckpointAdjoint`
+    bounds its loop in the same spirit (with more levels).
+    """
+    inner = math.isqrt(max_iterations - 1) + 1  # ceil(sqrt(max_iterations))
+    outer = -(-max_iterations // inner)
+
+    def guarded(step):
+        step = jax.checkpoint(step)
+        return lambda state, _: (
+            jax.lax.cond(cond(state), step, lambda s: s, state), None)
+
+    def segment(state):
+        return jax.lax.scan(guarded(body), state, length=inner)[0]
+
+    return jax.lax.scan(guarded(segment), state, length=outer)[0]
 
 
 def _vjp(g, x):

@@ -18,7 +18,9 @@ What is ours and what is TFP's:
   stops float64 solves at about 1e-8 relative accuracy), the error control
   of Hairer's DOPRI5, scipy and torchdiffeq (the RMS norm of the scaled
   error), and a step budget whose error says what to do. Dormand-Prince's
-  tableau is TFP's own; Tsit5's and Bosh3's are below.
+  tableau is TFP's own; Tsit5's and Bosh3's are below. Backprop on JAX,
+  which cannot reverse TFP's unbounded loops, takes the same steps in one
+  bounded loop of ours instead (`_bounded_solve`).
 - Fixed-step solvers (`euler`, `midpoint`, `rk4`) are a loop of ours with a
   static number of steps (reverse-mode differentiable on both substrates).
 - TFP integrates forward in time only; every solve runs in `s = |t -
@@ -522,7 +524,7 @@ def fixed_grid(t_start, times, num_steps=None, step_size=None):
 def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
               atol=None, first_step_size=None, max_num_steps=None,
               num_steps=None, step_size=None, unroll=False, error_mask=None,
-              save_at=None, direction=None):
+              save_at=None, direction=None, bounded_loop=None):
     """Solves `dy/dt = fn(t, y)` from `t_start` to `t_end` (either order).
 
     Args:
@@ -548,6 +550,11 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
         save_at: None, or Python floats from `t_start` towards `t_end`,
             strictly monotone, the last `t_end`: the times whose states to
             return.
+        bounded_loop: None, or for an adaptive method a function
+            `bounded_loop(cond, body, state, max_iterations)` that runs
+            `body` while `cond` holds, at most `max_iterations` times, in a
+            loop that reverse mode can differentiate (`_bounded_solve`).
+            None: TFP's loop.
 
     Returns:
         `(y(t_end), counts)`, or with `save_at` `(ys, counts)`, `ys` the
@@ -586,7 +593,7 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
             sub, fn_s, 0.0, times, y0, tableau(sub, method), rtol=rtol,
             atol=atol, first_step_size=first_step_size,
             max_num_steps=max_num_steps, what=what, error_mask=error_mask,
-            ok=ok)
+            ok=ok, bounded_loop=bounded_loop)
     counts = tf.concat([counts, tf.reshape(tf.cast(status, tf.int32), [1])],
                        axis=0)
     if save_at is None:
@@ -673,7 +680,8 @@ def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size,
 
 
 def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
-                        first_step_size, max_num_steps, what, error_mask, ok):
+                        first_step_size, max_num_steps, what, error_mask, ok,
+                        bounded_loop):
     """An adaptive solve in increasing time `s`; states at `times`.
 
     `ok` is False when the initial state is not finite: the solve then ends
@@ -710,23 +718,89 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
     )
     # rtol and atol as tensors of the solve's dtype: TFP would round them to
     # float32.
-    results = sub.solve(step, fn, s0_, y0, times, initial,
-                        rtol=tf.constant(rtol, dtype),
-                        atol=tf.constant(atol, dtype))
-    diagnostics = results.diagnostics
+    rtol, atol = tf.constant(rtol, dtype), tf.constant(atol, dtype)
+    if bounded_loop is None:
+        results = sub.solve(step, fn, s0_, y0, times, initial, rtol=rtol,
+                            atol=atol)
+        states, diagnostics = results.states, results.diagnostics
+    else:
+        states, diagnostics = _bounded_solve(
+            tf, bounded_loop, step, fn, times, initial, rtol=rtol, atol=atol,
+            max_num_steps=max_num_steps)
     evals = diagnostics.num_ode_fn_evaluations
     finished = (evals <= step.max_evals) & ok
     status = tf.where(ok, tf.where(finished, OK, EXHAUSTED),
                       tf.where(f0_ok, NONFINITE_STATE, NONFINITE_DERIVATIVE))
     ys = tf.nest.map_structure(
         lambda y: tf.where(finished, y, tf.constant(float("nan"), y.dtype)),
-        results.states)
+        states)
     steps = evals // step.evals_per_step
     accepted = tf.cast(diagnostics.num_matrix_factorizations, tf.int32)
     # TFP counts the evaluations of its steps only; ours came before them.
     counts = tf.stack([tf.cast(evals + setup_evals, tf.int32), accepted,
                        tf.cast(steps, tf.int32) - accepted])
     return ys, counts, status
+
+
+# The loop state of `_bounded_solve` besides TFP's solver state: what
+# `_AdaptiveStep` reads and updates of TFP's diagnostics.
+_Diagnostics = collections.namedtuple(
+    "_Diagnostics", ["num_ode_fn_evaluations", "num_matrix_factorizations"])
+
+
+def _bounded_solve(tf, bounded_loop, step, fn, times, initial, *, rtol, atol,
+                   max_num_steps):
+    """TFP's adaptive loop, as one loop of at most `max_num_steps + 1` steps.
+
+    TFP steps to each output time in turn, in nested unbounded loops that
+    JAX cannot reverse-differentiate. This loop takes the same steps
+    (`step`, an `_AdaptiveStep`, with TFP's default safety factor and step
+    factor bounds) one after another, and after each accepted step writes
+    the output times it passed, by TFP's interpolation of that step: as in
+    TFP, a step passes the times in `[start, end)`, so the solve steps
+    beyond the last time. The step past the budget ends the solve (as in
+    TFP's loop), hence one iteration more than `max_num_steps`. Returns
+    `(states, diagnostics)`: the states at `times`, stacked, and the steps'
+    evaluations and accepted steps.
+    """
+    dtype = times.dtype
+    factors = [tf.constant(v, dtype) for v in (0.9, 10.0, 0.1)]
+    zero = tf.constant(0, tf.int32)
+    y0 = initial.current_state
+
+    def body(carry):
+        state, diagnostics, outputs = carry
+        state, diagnostics = step(state, diagnostics, fn, atol, rtol,
+                                  *factors)
+        start, end = state.last_step_start, state.current_time
+        passed = (times >= start) & (times < end)
+        outputs = tf.cond(
+            tf.reduce_any(passed),
+            lambda: _write_passed(tf, outputs, passed, (times - start)
+                                  / (end - start),
+                                  state.interpolating_coefficients),
+            lambda: outputs)
+        return state, diagnostics, outputs
+
+    _, diagnostics, states = bounded_loop(
+        lambda carry: carry[0].current_time <= times[-1], body,
+        (initial, _Diagnostics(zero, zero), tf.nest.map_structure(
+            lambda y: tf.stack([tf.zeros_like(y)] * times.shape[0]), y0)),
+        max_num_steps + 1)
+    return states, diagnostics
+
+
+def _write_passed(tf, outputs, passed, x, coefficients):
+    """`outputs` (stacked over times) with the times where `passed` set to
+    the quartic `coefficients` (TFP's, highest power first) at `x`."""
+    def write(out, *cs):
+        shape = [-1] + [1] * (len(out.shape) - 1)
+        x_ = tf.reshape(x, shape)
+        value = cs[0] * x_ ** 4 + cs[1] * x_ ** 3 + cs[2] * x_ ** 2 + \
+            cs[3] * x_ + cs[4]
+        return tf.where(tf.reshape(passed, shape), value, out)
+
+    return tf.nest.map_structure(write, outputs, *coefficients)
 
 
 def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *,

@@ -71,11 +71,18 @@ class Backprop(Gradient):
 
     Exact for the arithmetic of the steps taken (step sizes are held fixed),
     so it matches finite differences of the forward solve; memory grows with
-    the number of steps, as every stage is kept for the backward pass. On
-    JAX it needs a fixed-step solver (JAX cannot reverse-differentiate the
-    adaptive solvers' unbounded loop), and with unevenly spaced `save_at`
-    times it keeps every interval's stages for as many steps as the longest
-    interval takes.
+    the number of steps, as every stage is kept for the backward pass.
+
+    On JAX, which cannot reverse-differentiate an unbounded loop, an
+    adaptive solver then takes its steps in a loop bounded by its
+    `max_num_steps` and checkpointed, as diffrax's
+    `RecursiveCheckpointAdjoint` does: the same steps and outputs as the
+    adjoint's forward solve; memory for about `2 sqrt(max_num_steps)`
+    solver states (the state, its derivative, the last step's
+    interpolation) and one step's stages, however many steps it takes; the
+    backward pass reruns each forward step twice. A fixed-step solver
+    there, with unevenly spaced `save_at` times, keeps every interval's
+    stages for as many steps as the longest interval takes.
     """
 
     name = "backprop"

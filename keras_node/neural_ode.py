@@ -85,11 +85,11 @@ class NeuralODE(keras.layers.Layer):
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
     `tfp-nightly`). On JAX the gradients reach the initial state and the
     dynamics' trainable weights, an exhausted `max_num_steps` returns NaN
-    (an eager call raises a `RuntimeError`), `gradient="backprop"` needs a
-    fixed-step solver (JAX cannot reverse-differentiate the adaptive
-    solvers' unbounded loop), and the counts reach `fit`'s logs only
-    through the `keras_node.callbacks.LogEvaluationCounts` callback (Keras'
-    JAX trainer builds its logs from metric variables alone).
+    (an eager call raises a `RuntimeError`), `gradient="backprop"` with an
+    adaptive solver steps in a bounded, checkpointed loop (see
+    `gradients.Backprop`), and the counts reach `fit`'s logs only through
+    the `keras_node.callbacks.LogEvaluationCounts` callback (Keras' JAX
+    trainer builds its logs from metric variables alone).
 
     Args:
         dynamics: a Keras layer or model mapping the state `h` of shape
@@ -278,15 +278,6 @@ class NeuralODE(keras.layers.Layer):
                     "backward solve takes the fixed-step solver's steps. "
                     f"Received: gradient={adjoint!r}")
             return None, None
-        if isinstance(self.gradient, gradients.Backprop) and \
-                keras.backend.backend() == "jax":
-            raise ValueError(
-                "Received an invalid value for argument `gradient`, expected "
-                '"adjoint" with the adaptive solver '
-                f"{self.solver!r} on the JAX backend: JAX cannot "
-                "reverse-differentiate an unbounded loop. Use a fixed-step "
-                'solver ("rk4", "midpoint", "euler") for backprop, or the '
-                f"adjoint. Received: gradient={self.gradient!r}")
         return (positive_float("rtol", 1e-3 if rtol is None else rtol),
                 positive_float("atol", 1e-3 if atol is None else atol))
 

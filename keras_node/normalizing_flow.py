@@ -43,8 +43,7 @@ class ContinuousNormalizingFlow(keras.Model):
     Solvers, tolerances, gradient methods and the evaluation counts are the
     `NeuralODE`'s (the flow holds one, `ode`): the gradient is the adjoint
     by default, `"backprop"` differentiates the solver. Both backends; on
-    JAX, as for `NeuralODE`, `"backprop"` needs a fixed-step solver and the
-    counts reach `fit`'s logs through
+    JAX, as for `NeuralODE`, the counts reach `fit`'s logs through
     `keras_node.callbacks.LogEvaluationCounts`.
 
     Args:

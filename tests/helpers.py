@@ -192,6 +192,16 @@ def gradient_program_size(ode, h0, loss_fn):
     return len(_gradient_program(ode, h0, loss_fn))
 
 
+def gradient_temp_bytes(ode, h0, loss_fn):
+    """JAX: the compiled gradient of `loss_fn(ode(h0))`'s working memory,
+    in bytes (XLA's `temp_size_in_bytes`)."""
+    import jax
+
+    grad, args = _jax_gradient(ode, h0, loss_fn, False)
+    compiled = jax.jit(grad).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 def gradient_program_loops(ode, h0, loss_fn):
     """How many loops the compiled gradient of `loss_fn(ode(h0))` holds."""
     return sum(op in ("While", "StatelessWhile") or

@@ -265,9 +265,6 @@ def test_benchmark_recipes_are_valid_options():
      "--adjoint-norm is for --gradient adjoint with an adaptive solver"),
     (["--gradient", "backprop", "--adjoint-norm", "full"],
      "--adjoint-norm is for --gradient adjoint with an adaptive solver"),
-    pytest.param(["--gradient", "backprop"], "--gradient backprop needs a "
-                 "fixed-step solver on Keras' jax backend, not --solver "
-                 "dopri5", marks=jax_only("TensorFlow runs it")),
     pytest.param(["--strategy", "mirrored"], "--strategy mirrored needs "
                  "Keras' TensorFlow backend; on jax use auto",
                  marks=jax_only("TensorFlow runs it")),

@@ -8,12 +8,12 @@ import pytest
 import scipy.linalg
 from keras import ops
 
-from conftest import BACKEND, tensorflow_only
+from conftest import BACKEND, jax_only, tensorflow_only
 
 from helpers import Linear, finite_difference_check
 from helpers import gradients as tape_gradients
-from helpers import (gradient_program_loops, linear_gradients, mlp_dynamics,
-                     run_layer_test, sin)
+from helpers import (gradient_program_loops, gradient_temp_bytes,
+                     linear_gradients, mlp_dynamics, run_layer_test, sin)
 from keras_node import NeuralODE, gradients, solvers
 from keras_node.callbacks import LogEvaluationCounts
 
@@ -202,7 +202,67 @@ def test_backprop_equals_finite_differences_of_the_discrete_solve(
     assert float(ode.num_backward_evals) == float(ode.num_forward_evals)
 
 
-@tensorflow_only("JAX refuses backprop through an adaptive solve")
+@pytest.mark.parametrize("cls", [solvers.DormandPrince, solvers.Tsit5,
+                                 solvers.Bosh3])
+@pytest.mark.parametrize("t1, save_at, first_step_size", [
+    (2.0, None, None),
+    (2.0, [0.0, 0.3, 0.31, 2.0], None),  # t0, and two times in one step
+    (-1.5, [-0.5, -1.5], None),          # backwards in time
+    (2.0, [0.5, 2.0], 0.5),              # a step that ends on a time
+    (2.0, None, 1.0),                    # a first step too long: rejected
+])
+def test_backprop_takes_the_adjoints_steps(cls, t1, save_at,
+                                           first_step_size):
+    # On JAX, backprop steps in a bounded loop of its own (TFP's cannot be
+    # reverse-differentiated): the same steps and outputs as TFP's.
+    runs = []
+    for gradient in ("adjoint", "backprop"):
+        ode = linear_ode(t1=t1, save_at=save_at, gradient=gradient,
+                         solver=cls(first_step_size=first_step_size),
+                         rtol=1e-6, atol=1e-6)
+        runs.append((ode(H0), [float(count) for count in (
+            ode.num_forward_evals, ode.steps_accepted, ode.steps_rejected)]))
+    (adjoint, adjoint_counts), (backprop, backprop_counts) = runs
+    np.testing.assert_allclose(backprop, adjoint, rtol=0, atol=1e-13)
+    assert backprop_counts == adjoint_counts
+    assert adjoint_counts[2] >= (first_step_size == 1.0)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_backprop_is_the_gradient_of_the_steps_taken(name):
+    # The rows e1 and e2 share the steps of the batch, so their outputs are
+    # the discrete solve's propagators M(t), h(t) = h0 M(t)^T: the steps'
+    # gradient of sum_t W_t * h(t) is sum_t W_t M(t), which at rtol 1e-3
+    # is far from the analytic gradient.
+    h0 = np.concatenate([np.eye(2), H0])
+    weights = np.random.default_rng(5).normal(size=(2, 4, 2))
+    ode = linear_ode(t1=2.0, save_at=[0.7, 2.0], solver=name,
+                     gradient="backprop", rtol=1e-3, atol=1e-3)
+    out = np.asarray(ode(h0))
+    grad = tape_gradients(
+        ode, h0, lambda h: ops.sum(ops.transpose(h, (1, 0, 2)) * weights))
+    propagators = [out[:2, i].T for i in range(2)]
+    discrete = sum(w @ m for w, m in zip(weights, propagators))
+    np.testing.assert_allclose(grad[0], discrete, rtol=0, atol=1e-12)
+    analytic = sum(w @ scipy.linalg.expm(A * t)
+                   for w, t in zip(weights, (0.7, 2.0)))
+    assert np.max(np.abs(discrete - analytic)) > 1e-6
+
+
+@jax_only("TensorFlow keeps every step for the backward pass")
+def test_adaptive_backprop_memory_grows_as_the_root_of_the_budget():
+    # Whatever the steps taken (here a few), JAX needs a loop bounded by
+    # max_num_steps; checkpointed, it keeps about 2 sqrt(max_num_steps)
+    # states. Sixteen times the budget: four times the memory, not 16.
+    h0 = np.random.default_rng(0).normal(size=(64, 256))
+    sizes = [gradient_temp_bytes(
+        NeuralODE(mlp_dynamics(256, 256), gradient="backprop",
+                  solver=solvers.DormandPrince(max_num_steps=n)),
+        h0, ops.sum) for n in (100, 1600)]
+    assert 2 < sizes[1] / sizes[0] < 6
+
+
+@tensorflow_only("counts TensorFlow's gradient functions")
 @pytest.mark.parametrize("solver", [
     "dopri5", "bosh3", solvers.DormandPrince(first_step_size=0.1), "rk4"])
 def test_backprop_counts_the_evaluations_it_differentiates(solver):
@@ -256,8 +316,6 @@ def test_backprop_counts_the_evaluations_it_differentiates(solver):
 @pytest.mark.parametrize("name", ADAPTIVE)
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_gradients_converge_to_the_analytic_gradient(name, gradient):
-    if gradient == "backprop" and BACKEND == "jax":
-        pytest.skip("JAX refuses backprop through an adaptive solve")
     expected = analytic_grads(1.5)
     # Bosh3, of order 3: about 500 evaluations at 1e-7, over 2,000 at 1e-9.
     tight, bound = (1e-7, 1e-5) if name == "bosh3" else (1e-9, 1e-6)
@@ -304,9 +362,6 @@ SOLVER_GRADIENTS = [
 def test_every_solver_and_gradient_keeps_the_layer_contract(
         solver, gradient, tmp_path):
     adaptive = solvers.get(solver).adaptive
-    if BACKEND == "jax" and adaptive and gradients.get(gradient) == \
-            gradients.Backprop():
-        pytest.skip("JAX refuses backprop through an adaptive solve")
 
     def make():
         return NeuralODE(mlp_dynamics(8, 3), solver=solver,

@@ -55,18 +55,18 @@ SOLVER_TABLE = [
     ("diffrax-recursive-slices", "tsit5", None),
     ("diffrax-backsolve-slices", "dopri5", None),
 ]
-# --solver-table --gpu: ours runs on Keras' JAX backend, where an adaptive
-# solve has no backprop (JAX cannot reverse an unbounded loop), so its
-# adaptive solvers have the adjoint alone; diffrax, on JAX too, is their
-# closest peer (stock convolutions: the slices are for XLA:CPU). Each of
-# ours is followed by its peers, so that a run cut short by a time limit
-# leaves whole comparisons.
+# --solver-table --gpu: ours runs on Keras' JAX backend; its adaptive
+# solvers with the adjoint, and Tsit5 with backprop (a bounded, checkpointed
+# loop there) against diffrax's `RecursiveCheckpointAdjoint`. Diffrax, on
+# JAX too, is their closest peer (stock convolutions: the slices are for
+# XLA:CPU). Each of ours is followed by its peers, so that a run cut short
+# by a time limit leaves whole comparisons.
 GPU_SOLVER_TABLE = [
     *[config for solver in ("dopri5", "tsit5", "bosh3")
       for config in ((OURS, solver, "adjoint"),
                      ("torchdiffeq", solver, "adjoint"),
                      ("diffrax-backsolve-stock", solver, None))],
-    ("diffrax-recursive-stock", "tsit5", None),
+    (OURS, "tsit5", "backprop"), ("diffrax-recursive-stock", "tsit5", None),
     *[config for gradient in ("backprop", "adjoint")
       for config in ((OURS, "rk4", gradient),
                      ("torchdiffeq", "rk4", gradient))],
