@@ -262,9 +262,10 @@ class _NotANumber(keras.layers.Layer):
         return h * float("nan")
 
 
-@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
-def test_nan_initial_state_fails_at_the_first_evaluation(solver):
-    ode = NeuralODE(_Negative(), solver=solver)
+@pytest.mark.parametrize("solver, gradient", [
+    ("dopri5", "adjoint"), ("dopri5", "backprop"), ("rk4", "adjoint")])
+def test_nan_initial_state_fails_at_the_first_evaluation(solver, gradient):
+    ode = NeuralODE(_Negative(), solver=solver, gradient=gradient)
     with pytest.raises(SOLVE_ERROR,
                        match=r"NeuralODE 'neural_ode.*' \(forward solve from "
                        r"t0=0.0 to t1=1.0\): the initial state holds NaN or "
@@ -298,9 +299,11 @@ class _NaNWall(keras.layers.Layer):
         return keras.ops.where(keras.ops.abs(h) > 5.0, float("nan"), 3.0 * h)
 
 
-def test_a_trial_step_into_nan_is_rejected_not_stalled():
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_a_trial_step_into_nan_is_rejected_not_stalled(gradient):
     ode = NeuralODE(_NaNWall(), t1=0.5, rtol=1e-6, atol=1e-6,
-                    solver=solvers.DormandPrince(first_step_size=0.5))
+                    solver=solvers.DormandPrince(first_step_size=0.5),
+                    gradient=gradient)
     np.testing.assert_allclose(ode(np.ones((1, 1), "float32")),
                                [[np.exp(1.5)]], rtol=1e-5)
     assert float(ode.steps_rejected) >= 1
