@@ -239,8 +239,10 @@ class _AdaptiveStep:
     def max_evals(self):
         return self._step_budget * self.evals_per_step
 
-    def __call__(self, solver_state, diagnostics, ode_fn, atol, rtol, safety,
-                 ifactor, dfactor):
+    # The step-size controller: safety factor, least and largest factor.
+    SAFETY, DFACTOR, IFACTOR = 0.9, 0.1, 10.0
+
+    def __call__(self, solver_state, diagnostics, ode_fn, atol, rtol):
         tf, where = self._sub.tf, self._sub.nest_where
         y0, f0, _, t0, dt, interpolation = solver_state
         # Times and step sizes are not differentiated. Stopped here, in the
@@ -279,10 +281,10 @@ class _AdaptiveStep:
             current_time=tf.where(
                 in_budget, tf.where(accept, t0 + dt, t0),
                 tf.constant(float("inf"), t0.dtype)),
-            # A zero error gives an infinite factor, clipped to ifactor.
+            # A zero error gives an infinite factor, clipped to IFACTOR.
             step_size=dt * tf.clip_by_value(
-                safety * error_ratio ** (-1.0 / self._tab.order),
-                dfactor, ifactor),
+                self.SAFETY * error_ratio ** (-1.0 / self._tab.order),
+                self.DFACTOR, self.IFACTOR),
             interpolating_coefficients=new_interpolation,
         )
         diagnostics = diagnostics._replace(
@@ -754,8 +756,7 @@ def _bounded_solve(tf, bounded_loop, step, fn, times, initial, *, rtol, atol,
 
     TFP steps to each output time in turn, in nested unbounded loops that
     JAX cannot reverse-differentiate. This loop takes the same steps
-    (`step`, an `_AdaptiveStep`, with TFP's default safety factor and step
-    factor bounds) one after another, and after each accepted step writes
+    (`step`, an `_AdaptiveStep`) one after another, and after each accepted step writes
     the output times it passed, by TFP's interpolation of that step: as in
     TFP, a step passes the times in `[start, end)`, so the solve steps
     beyond the last time. The step past the budget ends the solve (as in
@@ -763,15 +764,12 @@ def _bounded_solve(tf, bounded_loop, step, fn, times, initial, *, rtol, atol,
     `(states, diagnostics)`: the states at `times`, stacked, and the steps'
     evaluations and accepted steps.
     """
-    dtype = times.dtype
-    factors = [tf.constant(v, dtype) for v in (0.9, 10.0, 0.1)]
     zero = tf.constant(0, tf.int32)
     y0 = initial.current_state
 
     def body(carry):
         state, diagnostics, outputs = carry
-        state, diagnostics = step(state, diagnostics, fn, atol, rtol,
-                                  *factors)
+        state, diagnostics = step(state, diagnostics, fn, atol, rtol)
         start, end = state.last_step_start, state.current_time
         passed = (times >= start) & (times < end)
         outputs = tf.cond(

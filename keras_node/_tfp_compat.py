@@ -89,15 +89,16 @@ def substrate(backend):
 
         def _step(self, solver_state, diagnostics, max_ode_fn_evals, ode_fn,
                   atol, rtol, safety, ifactor, dfactor):
-            del max_ode_fn_evals
+            # `step` keeps its own budget and step-size controller.
+            del max_ode_fn_evals, safety, ifactor, dfactor
             return self._keras_node_step(solver_state, diagnostics, ode_fn,
-                                         atol, rtol, safety, ifactor, dfactor)
+                                         atol, rtol)
 
     def solve(step, fn, t0, y0, times, initial, rtol, atol):
         """TFP's loop from `t0` over `times`, from the state `initial`.
 
-        `step(solver_state, diagnostics, ode_fn, atol, rtol, safety,
-        ifactor, dfactor)` takes one step and returns the new solver state
+        `step(solver_state, diagnostics, ode_fn, atol, rtol)` takes one step
+        (with its own step-size controller) and returns the new solver state
         and diagnostics. Returns TFP's `Results`.
         """
         solver = Solver(step, rtol=rtol, atol=atol)
