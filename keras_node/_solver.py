@@ -756,10 +756,10 @@ def _bounded_solve(tf, bounded_loop, step, fn, times, initial, *, rtol, atol,
 
     TFP steps to each output time in turn, in nested unbounded loops that
     JAX cannot reverse-differentiate. This loop takes the same steps
-    (`step`, an `_AdaptiveStep`) one after another, and after each accepted step writes
-    the output times it passed, by TFP's interpolation of that step: as in
-    TFP, a step passes the times in `[start, end)`, so the solve steps
-    beyond the last time. The step past the budget ends the solve (as in
+    (`step`, an `_AdaptiveStep`) one after another, and after each accepted
+    step writes the output times it passed, by TFP's interpolation of that
+    step: as in TFP, a step passes the times in `[start, end)`, so the solve
+    steps beyond the last time. The step past the budget ends the solve (as in
     TFP's loop), hence one iteration more than `max_num_steps`. Returns
     `(states, diagnostics)`: the states at `times`, stacked, and the steps'
     evaluations and accepted steps.
