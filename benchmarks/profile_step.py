@@ -15,6 +15,11 @@ dynamics work (forward NFE x one evaluation + backward NFE x one adjoint
 evaluation) and the rest (down-sampling and head layers, the solver's own
 arithmetic and loop overhead, the optimizer). `--solver`, `--gradient` and
 `--num-steps` choose the model's solve as in `train_step.py`. Prints JSON.
+
+`--trace DIR` also records five train steps with TensorFlow's profiler into
+DIR, for TensorBoard's Profile tab (`pip install tensorboard-plugin-profile`,
+then `tensorboard --logdir DIR`): its framework op statistics give each
+operation's time, the convolutions' and their gradients' among them.
 """
 
 import argparse
@@ -44,6 +49,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--trace", type=pathlib.Path, metavar="DIR",
+                        help="also record five train steps with "
+                        "TensorFlow's profiler into DIR, for TensorBoard")
     add_solve_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -131,6 +139,11 @@ def main(argv=None):
         "train_step_s": median_time(
             lambda: model.train_on_batch(x, y), args.repeats),
     }
+    if args.trace is not None:
+        tf.profiler.experimental.start(str(args.trace))
+        for _ in range(5):
+            model.train_on_batch(x, y)
+        tf.profiler.experimental.stop()
     nfe_forward = float(ode.num_forward_evals)
     nfe_backward = float(ode.num_backward_evals)
     dynamics_work = (nfe_forward * times["dynamics_evaluation_s"]
@@ -142,6 +155,7 @@ def main(argv=None):
         **times,
         "dynamics_work_s": dynamics_work,
         "dynamics_share_of_step": dynamics_work / times["train_step_s"],
+        "trace": None if args.trace is None else str(args.trace),
         "machine": describe(), **provenance(),
     }, indent=2))
 

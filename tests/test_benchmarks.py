@@ -180,13 +180,18 @@ def test_solver_table_gives_each_of_ours_its_peers_ratios(
 
 
 @tensorflow_only("benchmarks/profile_step.py times tf.functions")
-def test_profile_step_times_the_chosen_solve_and_the_layers_around_it():
+def test_profile_step_times_the_chosen_solve_and_the_layers_around_it(
+        tmp_path):
+    trace = tmp_path / "trace"
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.profile_step", "--repeats", "1",
          "--batch-size", "4", "--solver", "rk4", "--gradient", "backprop",
-         "--num-steps", "2"],
+         "--num-steps", "2", "--trace", str(trace)],
         cwd=ROOT, capture_output=True, text=True, check=True)
     report = json.loads(result.stdout)
+    # The profiler's trace of the train steps, for TensorBoard.
+    assert report["trace"] == str(trace)
+    assert list(trace.glob("plugins/profile/*/*.xplane.pb"))
     assert report["solver"] == \
         "RK4(num_steps=2, step_size=None, unroll=False)"
     assert report["gradient"] == "Backprop()"
