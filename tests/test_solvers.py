@@ -265,6 +265,22 @@ def test_adaptive_backprop_memory_grows_as_the_root_of_the_budget():
     assert 2 < sizes[1] / sizes[0] < 6
 
 
+@jax_only("TensorFlow keeps every step for the backward pass")
+def test_adaptive_backprop_keeps_the_outputs_once():
+    # The states at the save_at times ride in the bounded loop's state, yet
+    # its checkpoints need not keep them (nothing differentiated reads
+    # them): 32 output times add about their own size and their gradient's,
+    # not a copy at each of the 2 sqrt(max_num_steps) = 80 checkpoints.
+    h0 = np.random.default_rng(0).normal(size=(64, 256)).astype("float32")
+    one, many = [gradient_temp_bytes(
+        NeuralODE(mlp_dynamics(256, 256), gradient="backprop",
+                  solver=solvers.DormandPrince(max_num_steps=1600),
+                  save_at=save_at),
+        h0, ops.sum) for save_at in (None, list(np.linspace(0, 1, 33)[1:]))]
+    outputs = 32 * h0.nbytes
+    assert many - one < 4 * outputs
+
+
 @tensorflow_only("counts TensorFlow's gradient functions")
 @pytest.mark.parametrize("solver", [
     "dopri5", "bosh3", solvers.DormandPrince(first_step_size=0.1), "rk4"])
