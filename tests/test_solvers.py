@@ -251,6 +251,17 @@ def test_adaptive_backprop_is_the_gradient_of_the_steps_taken(name):
     assert np.max(np.abs(discrete - analytic)) > 1e-6
 
 
+def _backprop_temp_bytes(h0, max_num_steps, save_at=None):
+    """XLA's working memory for the gradient of backprop through a
+    Dormand-Prince solve of a 256-wide MLP from `h0` (on JAX, its bounded
+    loop)."""
+    return gradient_temp_bytes(
+        NeuralODE(mlp_dynamics(256, 256), gradient="backprop",
+                  solver=solvers.DormandPrince(max_num_steps=max_num_steps),
+                  save_at=save_at),
+        h0, ops.sum)
+
+
 @jax_only("TensorFlow keeps every step for the backward pass")
 def test_adaptive_backprop_memory_grows_as_the_root_of_the_budget():
     # Whatever the steps taken (here a few), JAX needs a loop bounded by
@@ -258,10 +269,7 @@ def test_adaptive_backprop_memory_grows_as_the_root_of_the_budget():
     # states. Sixteen times the budget: at most about four times the
     # memory (3.0 measured, with the part that does not grow), not 16.
     h0 = np.random.default_rng(0).normal(size=(64, 256))
-    sizes = [gradient_temp_bytes(
-        NeuralODE(mlp_dynamics(256, 256), gradient="backprop",
-                  solver=solvers.DormandPrince(max_num_steps=n)),
-        h0, ops.sum) for n in (100, 1600)]
+    sizes = [_backprop_temp_bytes(h0, n) for n in (100, 1600)]
     assert 2 < sizes[1] / sizes[0] < 6
 
 
@@ -272,11 +280,8 @@ def test_adaptive_backprop_keeps_the_outputs_once():
     # them): 32 output times add about their own size and their gradient's,
     # not a copy at each of the 2 sqrt(max_num_steps) = 80 checkpoints.
     h0 = np.random.default_rng(0).normal(size=(64, 256)).astype("float32")
-    one, many = [gradient_temp_bytes(
-        NeuralODE(mlp_dynamics(256, 256), gradient="backprop",
-                  solver=solvers.DormandPrince(max_num_steps=1600),
-                  save_at=save_at),
-        h0, ops.sum) for save_at in (None, list(np.linspace(0, 1, 33)[1:]))]
+    one, many = [_backprop_temp_bytes(h0, 1600, save_at) for save_at in
+                 (None, list(np.linspace(0, 1, 33)[1:]))]
     outputs = 32 * h0.nbytes
     assert many - one < 4 * outputs
 
