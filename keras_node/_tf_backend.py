@@ -143,7 +143,10 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
                 with tf.GradientTape(watch_accessed_variables=False) as tape:
                     tape.watch(y)
                     tape.watch(params)
-                    f = fn(t, y)
+                    # A graph's gradient starts at the root name scope, where
+                    # a layer's own (its name) may not start with "_".
+                    with tf.name_scope("adjoint"):
+                        f = fn(t, y)
                 vjp = tape.gradient(
                     f, [y] + params, output_gradients=a,
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,

@@ -128,6 +128,18 @@ def test_fit_logs_evaluation_counts():
     assert float(ode.num_backward_evals) == batches[-1]["nfe_backward"]
 
 
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_dynamics_named_with_a_leading_underscore_train(gradient):
+    # TensorFlow's graph-mode gradient starts at the root name scope, which
+    # refuses a name starting with "_" (Keras names `_Dynamics` "_dynamics").
+    model = keras.Sequential([
+        keras.Input((2,)),
+        NeuralODE(keras.layers.Dense(2, name="_dynamics"), gradient=gradient)])
+    model.compile("sgd", "mse")
+    history = model.fit(np.ones((4, 2)), np.zeros((4, 2)), verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
 @contextlib.contextmanager
 def shared_model_warnings():
     """Collects the "shares its model" warnings given inside, repeats
