@@ -733,10 +733,15 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
     finished = (evals <= step.max_evals) & ok
     status = tf.where(ok, tf.where(finished, OK, EXHAUSTED),
                       tf.where(f0_ok, NONFINITE_STATE, NONFINITE_DERIVATIVE))
+    # A failed solve's states are NaN, and so are their gradients (with
+    # backprop a `where` would give zeros, as if the loss were flat).
     ys = tf.nest.map_structure(
-        lambda y: tf.where(finished, y, tf.constant(float("nan"), y.dtype)),
+        lambda y: y * tf.where(finished, tf.constant(1.0, y.dtype),
+                               tf.constant(float("nan"), y.dtype)),
         states)
-    steps = evals // step.evals_per_step
+    # An exhausted budget's last trial step (evaluated where no assertion
+    # stops it) is not a step.
+    steps = tf.minimum(evals // step.evals_per_step, max_num_steps)
     accepted = tf.cast(diagnostics.num_matrix_factorizations, tf.int32)
     # TFP counts the evaluations of its steps only; ours came before them.
     counts = tf.stack([tf.cast(evals + setup_evals, tf.int32), accepted,

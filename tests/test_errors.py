@@ -4,9 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import SOLVE_ERROR, graph, tensorflow_only, xla
+from conftest import BACKEND, SOLVE_ERROR, graph, tensorflow_only, xla
 
 from helpers import Linear, mlp_dynamics
+from helpers import gradients as tape_gradients
 from keras_node import NeuralODE, gradients, solvers
 
 
@@ -213,6 +214,28 @@ def test_exhausted_budget_under_xla_ends_in_nan_not_a_hang():
     solve = xla(ode)
     assert np.all(np.isnan(solve(np.full((2, 2), 10.0, "float32"))))
     assert np.all(np.isfinite(solve(np.full((2, 2), 0.1, "float32"))))
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", pytest.param(
+    "backprop", marks=pytest.mark.skipif(
+        BACKEND == "tensorflow", reason="TensorFlow's XLA cannot compile "
+        "the gradient of TFP's unbounded loop"))])
+def test_exhausted_budget_under_xla_gives_nan_gradients(gradient):
+    # Not zeros, which would pass for a flat loss; and the counts stay
+    # within the budget (the last, unfinished trial step is not a step).
+    ode = NeuralODE(_Square(), gradient=gradient,
+                    solver=solvers.DormandPrince(max_num_steps=50))
+    ode(np.full((2, 2), 0.1, "float32"))  # built
+    h0 = np.full((2, 2), 10.0, "float32")
+    if BACKEND == "tensorflow":  # tape_gradients compiles it on JAX
+        import tensorflow as tf
+
+        grads = tf.function(lambda h: tape_gradients(ode, h, keras.ops.sum),
+                            jit_compile=True)(tf.constant(h0))
+    else:
+        grads = tape_gradients(ode, h0, keras.ops.sum)
+    assert all(np.all(np.isnan(g)) for g in grads)
+    assert float(ode.steps_accepted) + float(ode.steps_rejected) == 50
 
 
 @pytest.mark.parametrize("make, error, match", [
