@@ -116,8 +116,6 @@ def test_fit_logs_evaluation_counts():
         steps = logs["steps_accepted"] + logs["steps_rejected"]
         assert logs["steps_accepted"] >= 1
         assert logs["nfe_forward"] == 2 + 6 * steps
-    # The logged counts are the last step's: the layer's own counters, and
-    # those of the same gradient taken again on the same batch.
         # The adjoint's one backward solve counts alike (a double count
         # would leave a remainder of 2).
         assert logs["nfe_backward"] >= 8
