@@ -152,8 +152,11 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
                 )
                 vjp = tf.nest.map_structure(tf.convert_to_tensor, vjp)
+                # A state of unknown shape leaves the weights' gradients
+                # without one, which TFP's loop would refuse.
                 return (f, tf.nest.map_structure(tf.negative, vjp[0]),
-                        [-tf.cast(g, dtype) for g in vjp[1:]])
+                        [-tf.ensure_shape(tf.cast(g, dtype), p.shape)
+                         for g, p in zip(vjp[1:], params)])
 
             # The parameter gradients integrate in the state's dtype: a
             # float64 state with float32 weights keeps them in float64.

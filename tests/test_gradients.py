@@ -139,6 +139,23 @@ def test_gradients_under_tf_function_match_eager():
         np.testing.assert_allclose(e, g, rtol=1e-5, atol=1e-5)
 
 
+@tensorflow_only("a traced shape with unknown dimensions (JAX traces "
+                 "static shapes)")
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_gradients_with_an_unknown_state_dimension_match_known(gradient):
+    # Sequences of varying length: (batch, None, features).
+    import tensorflow as tf
+
+    ode = NeuralODE(mlp_dynamics(8, 3), gradient=gradient)
+    h0 = np.random.default_rng(5).normal(size=(2, 5, 3)).astype("float32")
+    known = tf.function(lambda h: gradients(ode, h, tf.reduce_sum))(h0)
+    unknown = tf.function(
+        lambda h: gradients(ode, h, tf.reduce_sum),
+        input_signature=[tf.TensorSpec((None, None, 3), tf.float32)])(h0)
+    for k, u in zip(known, unknown):
+        np.testing.assert_allclose(k, u, rtol=1e-5, atol=1e-6)
+
+
 def test_seminorm_takes_fewer_backward_steps():
     keras.utils.set_random_seed(5)
     h0 = np.random.default_rng(5).normal(size=(16, 4)).astype("float32")
