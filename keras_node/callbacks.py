@@ -23,12 +23,6 @@ class LogEvaluationCounts(keras.callbacks.Callback):
     """
 
     def on_train_batch_end(self, batch, logs=None):
-        self._log_counts(logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._log_counts(logs)  # the epoch's last step, for `History`
-
-    def _log_counts(self, logs):
         if logs is None or keras.backend.backend() == "tensorflow":
             return
         import jax
@@ -38,8 +32,16 @@ class LogEvaluationCounts(keras.callbacks.Callback):
         from keras_node._nfe_metric import named_counts
 
         jax.effects_barrier()  # the backward count of this step is in
+        self._counts = {}
         for layer in flatten_layers(self.model):
             if isinstance(layer, NeuralODE):
                 layer.note_model(self.model)
-                logs.update({name: float(value) for name, value
-                             in named_counts(layer).items()})
+                self._counts.update({name: float(value) for name, value
+                                     in named_counts(layer).items()})
+        logs.update(self._counts)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # The epoch's last train step, for `History` (validation has since
+        # solved again).
+        if logs is not None and getattr(self, "_counts", None):
+            logs.update(self._counts)

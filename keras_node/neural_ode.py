@@ -284,17 +284,17 @@ class NeuralODE(keras.layers.Layer):
     @property
     def num_forward_evals(self):
         """Dynamics evaluations of the last forward solve (a float tensor)."""
-        return self._forward_evals.value
+        return keras.ops.copy(self._forward_evals)
 
     @property
     def steps_accepted(self):
         """Accepted steps of the last forward solve (a float tensor)."""
-        return self._steps_accepted.value
+        return keras.ops.copy(self._steps_accepted)
 
     @property
     def steps_rejected(self):
         """Rejected steps of the last forward solve (0 for fixed steps)."""
-        return self._steps_rejected.value
+        return keras.ops.copy(self._steps_rejected)
 
     @property
     def num_backward_evals(self):
@@ -303,7 +303,7 @@ class NeuralODE(keras.layers.Layer):
             # Counted on the host: a JAX backward pass has no layer state.
             return keras.ops.convert_to_tensor(
                 self._backward_evals_host, "float32")
-        return self._backward_evals.value
+        return keras.ops.copy(self._backward_evals)
 
     def build(self, input_shape):
         # Under a distribution strategy each replica counts its own solve;

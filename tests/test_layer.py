@@ -126,6 +126,29 @@ def test_fit_logs_evaluation_counts():
     assert float(ode.num_backward_evals) == batches[-1]["nfe_backward"]
 
 
+class _Squared(keras.layers.Layer):
+    def call(self, h):
+        return h * h
+
+
+def test_epoch_logs_keep_the_train_counts_past_validation():
+    # dh/dt = h^2 from 0.9 nears its blow-up at t = 1.1: many more steps
+    # than from 0.1, the validation batch.
+    hard, easy = np.full((8, 1), 0.9, "float32"), np.full((8, 1), 0.1,
+                                                          "float32")
+    inputs = keras.Input((1,))
+    ode = NeuralODE(_Squared(), rtol=1e-6, atol=1e-6)
+    model = keras.Model(inputs, keras.layers.Dense(1)(ode(inputs)))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    batches = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: batches.append(dict(logs)))
+    history = model.fit(hard, hard, verbose=0, validation_data=(easy, easy),
+                        callbacks=[LogEvaluationCounts(), record])
+    assert history.history["nfe_forward"] == [batches[-1]["nfe_forward"]]
+    assert float(ode.num_forward_evals) < batches[-1]["nfe_forward"] / 2
+
+
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_dynamics_named_with_a_leading_underscore_train(gradient):
     # TensorFlow's graph-mode gradient starts at the root name scope, which
