@@ -22,6 +22,10 @@ class LogEvaluationCounts(keras.callbacks.Callback):
     backward pass's report, so the logs hold the current step's counts.
     """
 
+    def __init__(self):
+        super().__init__()
+        self._counts = {}  # the last train step's, on JAX
+
     def on_train_batch_end(self, batch, logs=None):
         if logs is None or keras.backend.backend() == "tensorflow":
             return
@@ -43,5 +47,5 @@ class LogEvaluationCounts(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         # The epoch's last train step, for `History` (validation has since
         # solved again).
-        if logs is not None and getattr(self, "_counts", None):
+        if logs is not None:
             logs.update(self._counts)
