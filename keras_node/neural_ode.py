@@ -62,8 +62,9 @@ class NeuralODE(keras.layers.Layer):
 
     Mixed precision: under a `mixed_float16` or `mixed_bfloat16` policy the
     dynamics compute in half precision, but the state, the solver and the
-    adjoint stay in float32 (float64 inputs stay float64, with the solver's
-    coefficients in float64), and the output has the input's dtype. Not
+    adjoint stay in float32 (float64 inputs, or a layer of dtype float64,
+    solve in float64, with the solver's coefficients in float64), and the
+    output has the input's dtype (a float64 layer's is float64). Not
     supported: dynamics that update state during the solve
     (`BatchNormalization`'s moving statistics, for example), dynamics with
     several inputs or outputs, gradients with respect to `t0` or `t1`.
@@ -358,8 +359,16 @@ class NeuralODE(keras.layers.Layer):
         return self.dynamics(state, **kwargs)
 
     def _state_dtype(self, input_dtype):
-        dtype = keras.backend.standardize_dtype(input_dtype)
-        return "float64" if dtype == "float64" else "float32"
+        """float64 for float64 inputs or a float64 layer, else float32 (also
+        under mixed precision)."""
+        dtypes = {keras.backend.standardize_dtype(d)
+                  for d in (input_dtype, self.compute_dtype)}
+        return "float64" if "float64" in dtypes else "float32"
+
+    def _output_dtype(self, input_dtype):
+        """As any Keras layer's, a float64 layer's output is float64; else
+        the input's dtype (also under mixed precision)."""
+        return "float64" if self.compute_dtype == "float64" else input_dtype
 
     @property
     def output_times(self):
@@ -374,7 +383,7 @@ class NeuralODE(keras.layers.Layer):
     def compute_output_spec(self, inputs):
         check_floating(inputs)
         return keras.KerasTensor(self.compute_output_shape(inputs.shape),
-                                 dtype=inputs.dtype)
+                                 dtype=self._output_dtype(inputs.dtype))
 
     def call(self, inputs):
         check_floating(inputs)
@@ -396,7 +405,7 @@ class NeuralODE(keras.layers.Layer):
         if self.augment_dim:
             hs = hs[..., :inputs.shape[-1]]
         hs = hs[0] if self.save_at is None else keras.ops.moveaxis(hs, 0, 1)
-        return keras.ops.cast(hs, inputs.dtype)
+        return keras.ops.cast(hs, self._output_dtype(inputs.dtype))
 
     def _solve(self, h0, *, reverse=False, kinetic_energy=0.0,
                 jacobian_norm=0.0, trace=None, noise=None):

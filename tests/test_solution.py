@@ -47,6 +47,17 @@ def test_error_follows_tolerance():
     assert errors[1] < errors[0] / 100
 
 
+def test_a_float64_layer_solves_float32_inputs_in_float64():
+    # As a Keras layer of dtype float64 would: its output is float64 too.
+    # (H0 is exact in float32; a float32 solve is off by about 1e-7.)
+    ode = NeuralODE(Linear(A, dtype="float64"), t1=1.0, rtol=1e-12,
+                    atol=1e-12, dtype="float64")
+    out = ode(H0.astype("float32"))
+    assert keras.backend.standardize_dtype(out.dtype) == "float64"
+    np.testing.assert_allclose(out, linear_solution(0.0, 1.0), rtol=1e-10,
+                               atol=1e-10)
+
+
 def test_float32_state_keeps_dtype():
     ode = NeuralODE(Linear(A), t1=1.0)
     out = ode(H0.astype("float32"))
