@@ -177,6 +177,15 @@ class ContinuousNormalizingFlow(keras.Model):
                           "log-likelihood", loss)
         super().compile(optimizer=optimizer, **kwargs)
 
+    def compile_from_config(self, config):
+        """Compiles a loaded flow as it was saved (its optimizer's state is
+        loaded next): Keras skips a model whose `compile` is its own."""
+        config = keras.saving.deserialize_keras_object(config)
+        config.pop("loss", None)  # None: the flow's own
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
                      training=True):
         """The negative mean log-likelihood, plus any added losses (the
