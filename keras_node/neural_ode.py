@@ -307,6 +307,11 @@ class NeuralODE(keras.layers.Layer):
         return keras.ops.copy(self._backward_evals)
 
     def build(self, input_shape):
+        if self.augment_dim and tuple(input_shape)[-1] is None:
+            raise invalid(
+                ValueError, "augment_dim", "0 for inputs whose last axis (the "
+                f"channels) has no known size, here {tuple(input_shape)}",
+                self.augment_dim)
         # Under a distribution strategy each replica counts its own solve;
         # reading gives the mean over replicas.
         # (An initializer, not a value: Keras' symbolic build of a subclassed

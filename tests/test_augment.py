@@ -80,3 +80,11 @@ def test_dynamics_must_output_the_augmented_width():
                        r"shape of its input, the state \(None, 4\) \(3 "
                        r"channels and augment_dim=1\)"):
         NeuralODE(mlp_dynamics(4, 3), augment_dim=1)(keras.Input((3,)))
+
+
+def test_augment_dim_needs_a_known_number_of_channels():
+    with pytest.raises(ValueError, match=r"argument `augment_dim`, expected 0 "
+                       r"for inputs whose last axis \(the channels\) has no "
+                       r"known size, here \(None, None\). Received: "
+                       r"augment_dim=1"):
+        NeuralODE(mlp_dynamics(4, 3), augment_dim=1)(keras.Input((None,)))
