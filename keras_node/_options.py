@@ -33,8 +33,9 @@ class Options:
 
 def resolve(identifier, base, classes, argument):
     """The `base` instance named, configured or given by `identifier`."""
-    if isinstance(identifier, dict):
-        identifier = keras.saving.deserialize_keras_object(identifier)
+    if isinstance(identifier, dict):  # short class names too, as Keras'
+        identifier = keras.saving.deserialize_keras_object(
+            identifier, module_objects={cls.__name__: cls for cls in classes})
     if isinstance(identifier, base):
         return identifier
     by_name = {cls.name: cls for cls in classes}

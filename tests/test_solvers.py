@@ -443,6 +443,12 @@ def test_solver_and_gradient_by_name_and_object():
                         "config": {"num_steps": 3, "step_size": None},
                         "registered_name": "keras_node>RK4"}) \
         == solvers.RK4(3)
+    # The short form, as keras.optimizers.get({"class_name": "Adam", ...}).
+    assert solvers.get({"class_name": "RK4", "config": {"num_steps": 3}}) \
+        == solvers.RK4(3)
+    assert gradients.get({"class_name": "Adjoint",
+                          "config": {"norm": "full"}}) \
+        == gradients.Adjoint(norm="full")
     assert gradients.get("backprop") == gradients.Backprop()
     assert solvers.RK4().num_steps == 10
     ode = NeuralODE(mlp_dynamics(4, 2), solver="rk4")
