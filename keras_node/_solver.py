@@ -614,9 +614,10 @@ def differentiated_evals(evals, options):
 
 def _vector(tf, values, dtype):
     """`values` as a vector of `dtype`: Python numbers as one constant (on
-    JAX's substrate a list becomes an operation per element)."""
+    JAX's substrate a list becomes an operation per element). In `dtype`
+    from the start: JAX without float64 warns of a float64 constant."""
     if all(isinstance(v, (int, float)) for v in values):
-        return tf.cast(tf.constant(np.asarray(values)), dtype)
+        return tf.constant(np.asarray(values), dtype)
     return tf.convert_to_tensor(values, dtype)
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -10,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BACKEND, tensorflow_only
+from conftest import BACKEND, ROOT, jax_only, tensorflow_only
 
 from helpers import (kinetic_energy_after_fit, mlp_dynamics,
                      small_conv_dynamics)
@@ -284,6 +285,17 @@ def test_savedmodel_serves_in_fresh_process(tmp_path):
     served = np.array(eval(out.strip().splitlines()[-1]))
     np.testing.assert_allclose(served, model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
+
+
+@jax_only("JAX's default of no float64 (the suite turns float64 on)")
+def test_jax_without_float64_trains_without_warnings():
+    # An adaptive solve built a float64 constant: JAX warned at every trace.
+    env = {**os.environ, "JAX_ENABLE_X64": "0", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/scripts/jax_float32_fit.py")],
+        capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained without warnings" in result.stdout
 
 
 @pytest.mark.slow
