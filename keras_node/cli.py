@@ -6,6 +6,14 @@ import math
 import pathlib
 
 
+def _port(text):
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a port number from 0 to 65535, received {port}")
+    return port
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="keras-node",
@@ -29,7 +37,7 @@ def main(argv=None):
         "API")
     serve.add_argument("--model-base-path", type=pathlib.Path, required=True)
     serve.add_argument("--model-name", required=True)
-    serve.add_argument("--port", type=int, default=8501)
+    serve.add_argument("--port", type=_port, default=8501)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--max-instances", type=int, default=256,
                        help="most instances in one request (default: "
@@ -55,8 +63,15 @@ def main(argv=None):
     if args.command == "export":
         from keras_node.serving import export_saved_model
 
-        path = export_saved_model(args.model, args.base_path, args.version,
-                                  classifier=args.classifier)
+        if not (args.model.is_file() and args.model.suffix == ".keras"):
+            parser.error(f"argument model: expected a .keras file, received "
+                         f"{str(args.model)!r}")
+        try:
+            path = export_saved_model(args.model, args.base_path,
+                                      args.version,
+                                      classifier=args.classifier)
+        except (ValueError, FileExistsError) as error:
+            parser.error(str(error))
         print(f"Wrote {path}")
         return
 

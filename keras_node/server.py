@@ -218,9 +218,11 @@ def _first_line(error):
 
 def _signature_metadata(signature):
     def tensor_info(spec):
-        dims = [{"size": str(-1 if d is None else d)} for d in spec.shape]
+        shape = ({"unknown_rank": True} if spec.shape.rank is None else
+                 {"dim": [{"size": str(-1 if d is None else d)}
+                          for d in spec.shape]})
         return {"dtype": types_pb2.DataType.Name(spec.dtype.as_datatype_enum),
-                "tensor_shape": {"dim": dims}, "name": spec.name}
+                "tensor_shape": shape, "name": spec.name}
 
     _, inputs = signature.structured_input_signature
     return {
@@ -240,6 +242,13 @@ def _parse_json(data):
         raise _RequestError(f"JSON Parse error: {error}")
 
 
+def _check_names(names, specs):
+    unknown = set(names) - set(specs)
+    if unknown:
+        raise _RequestError(f"Unknown input(s) {sorted(map(str, unknown))}; "
+                            f"the signature takes {sorted(specs)}")
+
+
 def _parse_inputs(body, signature, max_instances):
     """Named input arrays and whether the request used the row format."""
     _, specs = signature.structured_input_signature
@@ -252,8 +261,13 @@ def _parse_inputs(body, signature, max_instances):
         if not isinstance(instances, list) or not instances:
             raise _RequestError("'instances' must be a non-empty list")
         if all(isinstance(i, dict) for i in instances):
-            columns = {name: [i.get(name) for i in instances]
-                       for name in specs}
+            _check_names(set().union(*instances), specs)
+            for index, instance in enumerate(instances):
+                for name in specs:
+                    if name not in instance:
+                        raise _RequestError(
+                            f"Missing input '{name}' in instance {index}")
+            columns = {name: [i[name] for i in instances] for name in specs}
         elif len(specs) == 1:
             columns = {next(iter(specs)): instances}
         else:
@@ -268,10 +282,7 @@ def _parse_inputs(body, signature, max_instances):
         else:
             raise _RequestError(
                 "'inputs' must be an object keyed by input name")
-    unknown = set(columns) - set(specs)
-    if unknown:
-        raise _RequestError(f"Unknown input(s) {sorted(map(str, unknown))}; "
-                            f"the signature takes {sorted(specs)}")
+    _check_names(columns, specs)
     arrays = {}
     for name, spec in specs.items():
         if name not in columns:
@@ -280,13 +291,16 @@ def _parse_inputs(body, signature, max_instances):
     return arrays, row
 
 
-def _check_numbers(name, value):
-    """Raises unless `value` is a nested list of JSON numbers.
+def _check_numbers(name, value, spec):
+    """Raises unless `value` is a nested list of JSON numbers, integers for
+    an integer `spec`.
 
     Strings (`"0.5"`), booleans and nulls are refused, as TF Serving does;
-    so is nesting deeper than any signature needs. Iterative, so no request
-    can exhaust the stack.
+    so are fractions for an integer input (`1.0` too, as TF Serving), and
+    nesting deeper than any signature needs. Iterative, so no request can
+    exhaust the stack.
     """
+    numbers = int if spec.dtype.is_integer else (int, float)
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -295,18 +309,30 @@ def _check_numbers(name, value):
                 raise _RequestError(f"Input '{name}' nests deeper than "
                                     f"{_MAX_DEPTH} levels")
             stack.extend((x, depth + 1) for x in item)
-        elif isinstance(item, bool) or not isinstance(item, (int, float)):
+        elif isinstance(item, bool) or not isinstance(item, numbers):
+            if isinstance(item, float):
+                raise _integers_error(name, spec)
             raise _RequestError(
                 f"Input '{name}' must be a (nested) list of numbers of one "
                 f"shape; it holds {type(item).__name__} {str(item)[:40]!r}")
 
 
+def _integers_error(name, spec):
+    info = np.iinfo(spec.dtype.as_numpy_dtype)
+    return _RequestError(f"Input '{name}' must hold integers in [{info.min}, "
+                         f"{info.max}] ({spec.dtype.name})")
+
+
 def _to_array(name, value, spec, max_instances):
     dtype = spec.dtype.as_numpy_dtype
-    _check_numbers(name, value)
+    _check_numbers(name, value, spec)
     try:
-        array = np.asarray(value, dtype=np.float64)
+        # Integers as int64: through float64, beyond 2**53 they would round.
+        array = np.asarray(
+            value, dtype=np.int64 if spec.dtype.is_integer else np.float64)
     except OverflowError:
+        if spec.dtype.is_integer:
+            raise _integers_error(name, spec)
         raise _RequestError(f"Input '{name}' holds a number too large for "
                             f"{spec.dtype.name}")
     except (TypeError, ValueError):
@@ -323,13 +349,10 @@ def _to_array(name, value, spec, max_instances):
             f"expected {expected.as_list()}")
     if not np.all(np.isfinite(array)):
         raise _RequestError(f"Input '{name}' holds a non-finite number")
-    if np.issubdtype(dtype, np.integer):
+    if spec.dtype.is_integer:
         info = np.iinfo(dtype)
-        if np.any(array != np.round(array)) or array.min() < info.min \
-                or array.max() > info.max:
-            raise _RequestError(
-                f"Input '{name}' must hold integers in [{info.min}, "
-                f"{info.max}] ({spec.dtype.name})")
+        if array.min() < info.min or array.max() > info.max:
+            raise _integers_error(name, spec)
     elif np.issubdtype(dtype, np.floating):
         if np.max(np.abs(array)) > np.finfo(dtype).max:
             raise _RequestError(

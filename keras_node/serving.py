@@ -89,6 +89,15 @@ def export_saved_model(model, base_path, version=None, *, classifier=False,
             "Received an invalid value for argument `classifier`: a "
             "classifier model has one output (the logits), but this model "
             f"has {len(model.outputs)}. Received: classifier=True")
+    if classifier and (len(model.outputs[0].shape) != 2
+                       or (model.outputs[0].shape[-1] or 2) < 2):
+        raise ValueError(
+            "Received an invalid value for argument `classifier`: a "
+            "classifier's logits are (batch, classes) with two or more "
+            "classes (their softmax gives the probabilities), but this "
+            f"model's output has shape {tuple(model.outputs[0].shape)}. A "
+            "binary classifier with one logit is served as is: leave "
+            "classifier=False. Received: classifier=True")
     extra = dict(signatures or {})
     if "serving_default" in extra:
         raise ValueError(
@@ -111,7 +120,10 @@ def export_saved_model(model, base_path, version=None, *, classifier=False,
 
     input_specs = [tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=x.name)
                    for x in model.inputs]
-    unpack = (lambda xs: xs[0]) if len(input_specs) == 1 else list
+    # The signature's arguments (in the order of `model.inputs`) as the
+    # model takes them: a tensor, or a list or dict of them.
+    unpack = (lambda xs: xs[0]) if len(input_specs) == 1 else (
+        lambda xs: keras.tree.pack_sequence_as(model.input, list(xs)))
 
     module = tf.Module()
     module.model = model  # tracks the variables

@@ -217,6 +217,9 @@ BAD_REQUESTS = [
      {"signature_name": "predict_pixels", "instances": [[[300] * 28] * 28]},
      None, 400, "must hold integers in [0, 255] (uint8)"),
     (f"/v1/models/{NAME}:predict",
+     {"signature_name": "predict_pixels", "instances": [[[1.0] * 28] * 28]},
+     None, 400, "must hold integers in [0, 255] (uint8)"),
+    (f"/v1/models/{NAME}:predict",
      {"signature_name": "nope", "instances": [[[0] * 28] * 28]}, None, 400,
      'signature name: "nope" not found'),
     (f"/v1/models/{NAME}:predict",
@@ -407,6 +410,40 @@ def test_export_serves_any_model_by_its_input_names(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_export_takes_dict_inputs_and_inputs_of_any_rank(tmp_path):
+    from keras_node.server import _signature_metadata
+
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    h = NeuralODE(keras.layers.Dense(5, activation="tanh"))(
+        keras.layers.Concatenate()([a, b]))
+    model = keras.Model({"b": b, "a": a}, h)  # keys out of order
+    flat = (tf.TensorSpec(None, tf.float32, name="v"),
+            lambda v: {"a": tf.reshape(v, (-1, 5))[:, :3],
+                       "b": tf.reshape(v, (-1, 5))[:, 3:]})
+    path = export_saved_model(model, tmp_path, signatures={"flat": flat})
+    loaded = tf.saved_model.load(str(path))
+    x = {"a": np.ones((2, 3), "float32"), "b": np.zeros((2, 2), "float32")}
+    out = loaded.signatures["serving_default"](**x)["outputs"]
+    np.testing.assert_allclose(out, model.predict(x, verbose=0), rtol=1e-5,
+                               atol=1e-6)
+    metadata = _signature_metadata(loaded.signatures["flat"])
+    assert metadata["inputs"]["v"]["tensor_shape"] == {"unknown_rank": True}
+
+
+def test_integers_reach_the_model_exactly():
+    from keras_node.server import _RequestError, _to_array
+
+    spec = tf.TensorSpec((None, 1), tf.int64, name="ids")
+    ids = [[2**53 + 1], [2**63 - 1], [-2**63]]
+    assert _to_array("ids", ids, spec, 8).tolist() == ids
+    for bad in ([[2**63]], [[1.0]], [[0.5]]):
+        with pytest.raises(_RequestError, match=r"Input 'ids' must hold "
+                           r"integers in \[-9223372036854775808, "
+                           r"9223372036854775807\] \(int64\)"):
+            _to_array("ids", bad, spec, 8)
+
+
 def test_server_answers_a_lone_output_as_tf_serving_does(tmp_path):
     # Two named inputs, one output: TF Serving answers with the output's
     # values alone, `{"predictions": [row, ...]}` and `{"outputs": rows}`.
@@ -437,7 +474,15 @@ def test_server_answers_a_lone_output_as_tf_serving_does(tmp_path):
                 ({"inputs": state.tolist()},
                  "'inputs' must be an object keyed by input name"),
                 ({"inputs": {"state": state.tolist()}},
-                 "Missing input 'scale'")]:
+                 "Missing input 'scale'"),
+                ({"instances": [{"state": state[0].tolist(),
+                                 "scale": scale[0].tolist(), "typo": [0]}]},
+                 "Unknown input(s) ['typo']; the signature takes ['scale', "
+                 "'state']"),
+                ({"instances": [{"state": state[0].tolist(),
+                                 "scale": scale[0].tolist()},
+                                {"state": state[1].tolist()}]},
+                 "Missing input 'scale' in instance 1")]:
             status, body = request(url, path, bad)
             assert status == 400 and message in body["error"], body
     finally:
@@ -452,6 +497,11 @@ def test_export_argument_errors(tmp_path):
                        r"classifier model has one output \(the logits\), "
                        r"but this model has 2"):
         export_saved_model(two, tmp_path, classifier=True)
+    binary = keras.Model(x, keras.layers.Dense(1)(x))
+    with pytest.raises(ValueError, match=r"argument `classifier`: a "
+                       r"classifier's logits are \(batch, classes\) with two "
+                       r"or more classes .* output has shape \(None, 1\)"):
+        export_saved_model(binary, tmp_path, classifier=True)
     one = small_classifier(0)
     with pytest.raises(ValueError, match=r"argument `signatures`: "
                        r"'serving_default' is the model's own signature"):
@@ -626,6 +676,33 @@ def test_cli_refuses_impossible_options(exported, capsys):
                   "--model-name", NAME, "--max-instances", "0"])
     assert "argument `max_instances`, expected a positive integer. " \
         "Received: max_instances=0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "missing.keras", "out"],
+     "argument model: expected a .keras file, received 'missing.keras'"),
+    (["serve", "--model-base-path", ".", "--model-name", NAME, "--port",
+      "70000"],
+     "argument --port: expected a port number from 0 to 65535, received "
+     "70000"),
+])
+def test_cli_argument_errors(argv, message, capsys):
+    from keras_node import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_cli_export_errors_name_the_argument(exported, tmp_path, capsys):
+    from keras_node import cli
+
+    model = tmp_path / "model.keras"
+    small_classifier(0).save(model)
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(model), str(exported[0]), "--version", "1"])
+    assert f"Version 1 already exists in {exported[0]}" in \
+        capsys.readouterr().err
 
 
 def test_export_is_atomic(tmp_path, monkeypatch):
