@@ -34,8 +34,10 @@ def run(library, seed, iterations, gradient, adjoint_norm):
               "--gradient", gradient]
     if library == "keras-node":
         out = tempfile.mkdtemp(prefix="spiral-")
-        argv = [sys.executable, "-m", "examples.spiral", *common,
-                "--adjoint-norm", adjoint_norm, "--no-plot", "--out", out]
+        norm = (["--adjoint-norm", adjoint_norm] if gradient == "adjoint"
+                else [])
+        argv = [sys.executable, "-m", "examples.spiral", *common, *norm,
+                "--no-plot", "--out", out]
     else:
         python = ROOT / ".venv-torch" / "bin" / "python"
         if not python.exists():

@@ -24,7 +24,7 @@ import pathlib
 import keras
 import numpy as np
 
-from examples.options import check_ranges
+from examples.options import check_out_folder, check_ranges
 from keras_node import NeuralODE
 from keras_node.callbacks import LogEvaluationCounts
 
@@ -126,8 +126,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_ranges(parser, args,
                  positive=("iterations", "batch_size", "points"))
+    check_out_folder(parser, args.out)
     if min(args.augment_dims) < 0:
         parser.error("--augment-dims must be at least 0")
+    if len(set(args.augment_dims)) < len(args.augment_dims):
+        parser.error(f"--augment-dims names a model twice: "
+                     f"{' '.join(map(str, args.augment_dims))}")
 
     x, y = annuli(args.points, args.seed)
     test_x, test_y = annuli(args.points, args.seed + 1)

@@ -22,7 +22,7 @@ import time
 import keras
 import numpy as np
 
-from examples.options import check_ranges
+from examples.options import check_out_folder, check_ranges
 from keras_node import ContinuousNormalizingFlow
 from keras_node.callbacks import LogEvaluationCounts
 
@@ -197,6 +197,7 @@ def parse_args(argv=None):
                            "test_points", "print_every", "learning_rate",
                            "tol", "t1"),
                  non_negative=("kinetic_energy", "jacobian_norm"))
+    check_out_folder(parser, args.out)
     return args
 
 

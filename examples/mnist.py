@@ -34,7 +34,7 @@ from examples.mnist_common import (AccuracyMonitor, build_model,
                                    make_optimizer, plot_history,
                                    resume_history, solver_and_gradient)
 from examples.mnist_data import export_for_serving, load_mnist, make_datasets
-from examples.mnist_options import TENSORFLOW, parse_args
+from examples.mnist_options import TENSORFLOW, check_same_run, parse_args
 from keras_node.callbacks import LogEvaluationCounts
 from keras_node.training import (CheckpointError, ResumableCheckpoint,
                                  StopAtIteration, agree_on_checkpoint,
@@ -47,11 +47,16 @@ def main(argv=None):
     args = parse_args(argv, description=__doc__)
     # First: a multi-worker strategy must exist before TensorFlow runs ops.
     strategy = distribution_strategy(args.strategy)
-    keras.utils.set_random_seed(args.seed)
     out = worker_folder(strategy, args.out)
+    try:
+        arrays = load_mnist(args.manual_dir, args.data_dir, args.limit,
+                            args.seed, hold_out=not args.train_on_held_out)
+    except FileNotFoundError as error:  # a file missing from --manual-dir
+        raise SystemExit(str(error))
+    # After the data: tfds draws random numbers when it first prepares them.
+    keras.utils.set_random_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = load_mnist(args.manual_dir, args.data_dir, args.limit, args.seed,
-                        hold_out=not args.train_on_held_out)
+    check_same_run(out, args)
     # What the accuracy printed during training is measured on.
     watched = "test" if args.train_on_held_out else "held_out"
     n_train = len(arrays["train"][0])
@@ -59,6 +64,9 @@ def main(argv=None):
     total_steps = min(steps_per_epoch * args.epochs,
                       args.max_steps or math.inf)
     n_held_out = len(arrays.get("held_out", [[]])[0])
+    if watched == "held_out" and not n_held_out:
+        raise SystemExit(f"--limit {args.limit} holds no image out (10% of "
+                         "each digit's): use a larger --limit.")
     print(f"MNIST: {n_train} train, {n_held_out} held out, "
           f"{len(arrays['test'][0])} test images; {steps_per_epoch} "
           f"iterations per epoch, {total_steps} in all.")

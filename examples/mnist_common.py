@@ -144,8 +144,10 @@ class AccuracyMonitor(keras.callbacks.Callback):
     the accuracies in percent: train over at most `train_batches` batches of
     `train_data`, test over all of `test_data`. Every printed point is kept in
     `history` (a list of dicts with `iteration`, `train_accuracy`,
-    `test_accuracy`), together with each iteration's numeric logs (loss,
-    `nfe_forward`, `nfe_backward`, ...) in `iteration_logs`.
+    `test_accuracy`), together with each iteration's numeric logs in
+    `iteration_logs`: its `nfe_forward`, `nfe_backward`, ..., and Keras'
+    running means of the loss and the accuracy over the epoch's batches so
+    far (so far since `fit` began, in a resumed epoch).
 
     Args:
         train_data: a `tf.data.Dataset` of `(images, labels)` batches, labels

@@ -99,8 +99,9 @@ def make_datasets(arrays, batch_size, seed, shift=0, rotate=0.0,
                 x = layer(x, training=True)
             return x
 
-        train = train.map(lambda x, y: (augment(x), y),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+        # One batch at a time: the layers draw from one random state, so
+        # parallel calls would draw in a different order each run.
+        train = train.map(lambda x, y: (augment(x), y))
     train = train.skip(skip_batches).prefetch(tf.data.AUTOTUNE)
     evaluate = lambda split: (tf.data.Dataset
                               .from_tensor_slices(arrays[split])

@@ -1,12 +1,15 @@
 """The MNIST example's command line: every option, checked."""
 
 import argparse
+import json
+import math
 import os
 import pathlib
 
 import keras
 
-from keras_node.training import STRATEGIES
+from examples.options import check_out_folder
+from keras_node.training import STRATEGIES, write_atomic
 
 MANUAL_DIR_ENV = "KERAS_NODE_MNIST_DIR"
 TENSORFLOW = keras.backend.backend() == "tensorflow"
@@ -70,8 +73,9 @@ def parse_args(argv=None, description=None):
     add("--max-steps", type=int, default=None,
         help="stop after this many iterations in all (default: the epochs')")
     add("--limit", type=int, default=None,
-        help="use only the first N training and N test images, for quick "
-        "runs (default: all)")
+        help="use only the first N training images (90%% of them for "
+        "training, 10%% held out) and N test images, for quick runs "
+        "(default: all)")
     add("--out", type=pathlib.Path, default=pathlib.Path("runs/mnist"),
         help="output folder; a run with the folder of an interrupted run "
         "resumes it (default: %(default)s)")
@@ -142,7 +146,40 @@ def parse_args(argv=None, description=None):
         if not getattr(args, name) >= 0:
             parser.error(f"--{name.replace('_', '-')} must be at least 0, "
                          f"got {getattr(args, name)}")
-    if args.learning_rate <= 0:
+    if not 0 < args.learning_rate < math.inf:
         parser.error(f"--learning-rate must be positive, got "
                      f"{args.learning_rate}")
+    check_out_folder(parser, args.out)
+    if args.manual_dir is not None and not args.manual_dir.is_dir():
+        parser.error(f"--manual-dir must be a folder holding the MNIST files; "
+                     f"{args.manual_dir} is not a folder")
     return args
+
+
+# What a run's checkpoint and model depend on: a resumed run with other
+# values would mix two runs (a solver, a batch size, a data split).
+RUN_OPTIONS = ("epochs", "batch_size", "learning_rate", "weight_decay",
+               "solver", "num_steps", "unroll", "gradient", "adjoint_norm",
+               "kinetic_energy", "augment_dim", "ema", "shift", "rotate",
+               "train_on_held_out", "max_steps", "limit", "seed")
+
+
+def check_same_run(out, args):
+    """Stops unless `args` repeat the options of the run `out` holds (a
+    checkpoint or a trained model); records them for a new run."""
+    path = out / "options.json"
+    options = {name: getattr(args, name) for name in RUN_OPTIONS}
+    started = (out / "model.keras").exists() or any(
+        (out / "backup").glob("*"))
+    if not (started and path.exists()):
+        write_atomic(path, json.dumps(options, indent=2))
+        return
+    saved = json.loads(path.read_text())
+    changed = [f"--{name.replace('_', '-')} {saved.get(name)} (this command: "
+               f"{value})" for name, value in options.items()
+               if saved.get(name) != value]
+    if changed:
+        raise SystemExit(
+            f"{out} holds a run with other options: {', '.join(changed)}. "
+            "Resume it with its own options, or pass another --out to train "
+            "anew.")

@@ -1,11 +1,26 @@
-"""The range checks the examples' and benchmarks' command lines share."""
+"""The checks the examples' and benchmarks' command lines share."""
+
+import math
 
 
 def check_ranges(parser, args, positive=(), non_negative=()):
-    """Stops with `parser`'s usage error for an option out of range."""
+    """Stops with `parser`'s usage error for an option out of range (NaN and
+    infinity are out of every range)."""
     for name in positive:
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+        if not 0 < getattr(args, name) < math.inf:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got "
+                         f"{getattr(args, name)}")
     for name in non_negative:
-        if not getattr(args, name) >= 0:
-            parser.error(f"--{name.replace('_', '-')} must be at least 0")
+        if not 0 <= getattr(args, name) < math.inf:
+            parser.error(f"--{name.replace('_', '-')} must be at least 0, "
+                         f"got {getattr(args, name)}")
+
+
+def check_out_folder(parser, out):
+    """Stops with `parser`'s usage error unless `out` is, or can become, a
+    folder: checked before training, which it would otherwise lose."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                parser.error(f"--out must be a folder, but {path} is a file")
+            return

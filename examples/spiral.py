@@ -21,7 +21,7 @@ import time
 import keras
 import numpy as np
 
-from examples.options import check_ranges
+from examples.options import check_out_folder, check_ranges
 from keras_node import NeuralODE, gradients
 
 TRUE_A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
@@ -132,20 +132,23 @@ def main(argv=None):
                         choices=["adjoint", "backprop"],
                         help="backprop is the demo's default (odeint), "
                         "adjoint its --adjoint (default: %(default)s)")
-    parser.add_argument("--adjoint-norm", default="seminorm",
+    parser.add_argument("--adjoint-norm", default=None,
                         choices=["seminorm", "full"],
                         help="the adjoint's error norm; full is "
-                        "torchdiffeq's default (default: %(default)s)")
+                        "torchdiffeq's default (default: seminorm)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("runs/spiral"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     check_ranges(parser, args, positive=("iterations", "test_every"))
+    check_out_folder(parser, args.out)
+    if args.adjoint_norm is not None and args.gradient != "adjoint":
+        parser.error("--adjoint-norm is for --gradient adjoint")
 
     t, true_y = true_trajectory()
     keras.utils.set_random_seed(args.seed)
-    gradient = (gradients.Adjoint(norm=args.adjoint_norm)
+    gradient = (gradients.Adjoint(norm=args.adjoint_norm or "seminorm")
                 if args.gradient == "adjoint" else "backprop")
     model, trajectory = build_models(t, gradient)
     model.compile(keras.optimizers.RMSprop(1e-3), "mae")
@@ -180,7 +183,8 @@ def main(argv=None):
     final, learnt = trajectory_loss()
     result = {"final_loss": final, "train_time_s": train_time,
               "iterations": args.iterations, "seed": args.seed,
-              "gradient": args.gradient, "adjoint_norm": args.adjoint_norm,
+              "gradient": args.gradient,
+              "adjoint_norm": getattr(gradient, "norm", None),
               "losses": losses}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "spiral.json").write_text(json.dumps(result, indent=1))

@@ -111,6 +111,7 @@ def test_cnf_example_runs_and_writes_its_figures(tmp_path, capsys):
     ("--iterations", "0", "--iterations must be positive"),
     ("--tol", "-1e-3", "--tol must be positive"),
     ("--jacobian-norm", "-1", "--jacobian-norm must be at least 0"),
+    ("--learning-rate", "inf", "--learning-rate must be positive, got inf"),
 ])
 def test_cnf_example_rejects_bad_options(option, value, message, capsys):
     with pytest.raises(SystemExit):
@@ -123,6 +124,14 @@ def test_cnf_example_rejects_bad_options(option, value, message, capsys):
     (annuli, ["--points=-5"], "--points must be positive"),
     (annuli, ["--augment-dims", "0", "-1"], "--augment-dims must be at least 0"),
     (spiral, ["--iterations=0"], "--iterations must be positive"),
+    (annuli, ["--augment-dims", "1", "1"],
+     "--augment-dims names a model twice: 1 1"),
+    (spiral, ["--gradient", "backprop", "--adjoint-norm", "full"],
+     "--adjoint-norm is for --gradient adjoint"),
+    (spiral, ["--out", __file__],
+     f"--out must be a folder, but {__file__} is a file"),
+    (annuli, ["--out", f"{__file__}/run"],
+     f"--out must be a folder, but {__file__} is a file"),
 ])
 def test_examples_reject_bad_options(example, argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -62,6 +62,21 @@ def test_split_is_reproducible_and_disjoint():
     assert len(set(kept) | set(held)) == 1000
 
 
+def test_augmented_stream_is_reproducible_and_resumes_where_it_left():
+    rng = np.random.default_rng(0)
+    arrays = {"train": (rng.random((256, 28, 28, 1)).astype("float32"),
+                        rng.integers(0, 10, 256))}
+
+    def batches(skip):
+        data = mnist_data.make_datasets(arrays, 32, seed=0, shift=2,
+                                        rotate=10.0, skip_batches=skip)
+        return [x.numpy() for x, _ in data["train"].take(6 - skip)]
+
+    whole = batches(0)
+    for a, b in zip(whole + whole[3:], batches(0) + batches(3)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("shift, rotate", [(0, 0.0), (2, 0.0), (0, 10.0),
                                            (2, 10.0)])
 def test_augmentation_moves_training_images_only(shift, rotate):
@@ -246,6 +261,11 @@ def test_benchmark_recipes_are_valid_options():
 @pytest.mark.parametrize("argv, message", [
     (["--limit", "0"], "--limit must be a positive integer, got 0"),
     (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
+    (["--learning-rate", "nan"], "--learning-rate must be positive, got nan"),
+    (["--out", __file__], f"--out must be a folder, but {__file__} is a "
+     "file"),
+    (["--manual-dir", "/nonexistent"], "--manual-dir must be a folder "
+     "holding the MNIST files; /nonexistent is not a folder"),
     (["--strategy", "tpu"], "invalid choice: 'tpu'"),
     (["--ema", "1"], "--ema must be in [0, 1), got 1.0"),
     (["--shift", "14"], "--shift must be in [0, 13] pixels, got 14"),
@@ -333,6 +353,35 @@ def test_crash_after_training_resumes_at_the_end(data_args, tmp_path,
         artifacts.append("saved_model/1")
     for name in artifacts:
         assert (out / name).exists(), name
+
+
+def test_resuming_with_other_options_is_refused(data_args, tmp_path):
+    # A run killed after its first checkpoint, resumed with another solver
+    # and batch size.
+    out = tmp_path / "run"
+    argv = data_args + HARNESS + ["--max-steps", "7", "--checkpoint-every",
+                                  "5", "--out", str(out)]
+
+    def killed(model, path):
+        raise KeyboardInterrupt
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(mnist, "save_model_atomic", killed):
+        with pytest.raises(KeyboardInterrupt):
+            mnist.main(argv)
+    with pytest.raises(SystemExit, match=(
+            rf"{out} holds a run with other options: --batch-size 32 \(this "
+            r"command: 64\), --solver euler \(this command: midpoint\)\. "
+            r"Resume it with its own options, or pass another --out")):
+        mnist.main(argv + ["--batch-size", "64", "--solver", "midpoint"])
+    assert (out / "backup" / "ckpt-7.json").exists()  # nothing lost
+
+
+def test_a_limit_with_no_image_held_out_is_refused(data_args, tmp_path):
+    with pytest.raises(SystemExit, match=r"--limit 5 holds no image out"):
+        mnist.main(data_args + QUICK[2:] + ["--limit", "5", "--out",
+                                            str(tmp_path / "run")])
 
 
 def test_damaged_checkpoints_stop_with_a_message(data_args, tmp_path,
