@@ -28,9 +28,10 @@ A multi-worker training script resumes like this (each worker runs it):
         checkpoint.set_model(model)
         checkpoint.restore()
         done = agree_on_checkpoint(strategy, checkpoint)
-    with peers_watched(strategy):
-        model.fit(data.skip(done), ..., callbacks=[
-            checkpoint, StopAtIteration(total)])
+    if done < total:  # `fit` takes a step before any callback can stop it
+        with peers_watched(strategy):
+            model.fit(data.skip(done), ..., callbacks=[
+                checkpoint, StopAtIteration(total)])
     checkpoint.delete()  # once the results are saved
 """
 
@@ -38,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import numbers
 import os
 import pathlib
 import re
@@ -55,6 +57,15 @@ __all__ = ["CheckpointError", "ResumableCheckpoint", "StopAtIteration",
 logger = logging.getLogger("keras_node.training")
 
 
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or value < 1:
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected a "
+            f"positive integer. Received: {name}={value!r}")
+    return int(value)
+
+
 class CheckpointError(RuntimeError):
     """No checkpoint in the folder can be restored."""
 
@@ -63,11 +74,14 @@ def write_atomic(path, text):
     """Writes `text` to `path` under a temporary name, then renames it."""
     path = pathlib.Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def save_model_atomic(model, path):
@@ -105,7 +119,15 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     Unlike `keras.callbacks.BackupAndRestore` it does not delete its folder
     when training ends: it saves a last checkpoint there instead, so that a
     run killed after `fit` but before its results are written resumes at
-    its end. Call `delete()` once they are.
+    its end. Call `delete()` once they are. A checkpoint it saves replaces
+    any other at its iteration or later (a damaged one, or one of a run it
+    stepped back from), so that a resume never takes another run's.
+
+    Not saved: the state of random layers' seed generators (`Dropout`, and
+    Keras' random augmentation layers), so after a resume they draw other
+    numbers than the uninterrupted run would. With `steps_per_execution` in
+    `compile`, callbacks see every that many steps: make `save_every` a
+    multiple of it.
 
     Args:
         directory: the checkpoint folder (one per worker in multi-worker
@@ -120,15 +142,10 @@ class ResumableCheckpoint(keras.callbacks.Callback):
 
     def __init__(self, directory, save_every=100, keep=2):
         super().__init__()
-        for name, value in (("save_every", save_every), ("keep", keep)):
-            if isinstance(value, bool) or not isinstance(value, int) \
-                    or value < 1:
-                raise ValueError(
-                    f"Received an invalid value for argument `{name}`, "
-                    f"expected a positive integer. Received: {name}={value!r}")
+        self.save_every = _positive_int("save_every", save_every)
+        self.keep = _positive_int("keep", keep)
         self.directory = pathlib.Path(directory)
-        self.save_every = save_every
-        self.keep = keep
+        self._sound = set()  # checkpoints restored or written by this run
 
     def _paths(self, iteration):
         return (self.directory / f"ckpt-{iteration}.weights.h5",
@@ -170,6 +187,14 @@ class ResumableCheckpoint(keras.callbacks.Callback):
             CheckpointError: checkpoints are there but none is sound.
         """
         candidates = self.iterations() if iteration is None else [iteration]
+        model = self.model
+        if candidates and (model is None or not model.built
+                           or getattr(model, "optimizer", None) is None):
+            raise ValueError(
+                "ResumableCheckpoint.restore needs a built and compiled "
+                "model: call `set_model(model)` first, with a model that has "
+                "its weights (an `Input`, or a call on a batch) and an "
+                "optimizer (`compile`).")
         damaged = []
         for candidate in candidates:
             problem = self._problem(candidate)
@@ -178,6 +203,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
             if problem is None:
                 for earlier in damaged:
                     logger.warning("Skipped a damaged checkpoint: %s", earlier)
+                self._sound.add(candidate)
                 return candidate
             damaged.append(problem)
         if damaged:
@@ -205,8 +231,8 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     def save(self):
         """Saves a checkpoint of the current optimizer step."""
         iteration = int(self.model.optimizer.iterations.numpy())
-        if iteration in self.iterations():
-            return
+        if iteration in self._sound:
+            return  # restored or written by this run: the same state
         self.directory.mkdir(parents=True, exist_ok=True)
         weights, meta = self._paths(iteration)
         partial = self.directory / f"partial-{weights.name}"
@@ -215,7 +241,12 @@ class ResumableCheckpoint(keras.callbacks.Callback):
                   "sha256": _digest(partial)}
         os.replace(partial, weights)
         write_atomic(meta, json.dumps(record))
-        for old in self.iterations()[self.keep:]:
+        self._sound.add(iteration)
+        # Later iterations than this one are another run's (one this run
+        # stepped back from, or foreign files): a resume must not take them.
+        present = self.iterations()
+        stale = [i for i in present if i > iteration]
+        for old in stale + [i for i in present if i <= iteration][self.keep:]:
             for path in reversed(self._paths(old)):  # the JSON first
                 path.unlink(missing_ok=True)
 
@@ -235,16 +266,15 @@ class StopAtIteration(keras.callbacks.Callback):
     """Ends `fit` once the optimizer has taken `total` steps in all.
 
     Counts the optimizer's steps, not this `fit`'s batches, so a run resumed
-    from a checkpoint stops at the same step as an uninterrupted one.
+    from a checkpoint stops at the same step as an uninterrupted one. `fit`
+    takes a step before a callback can stop it: do not call it when the
+    restored step is already `total`. With `steps_per_execution`, make
+    `total` a multiple of it.
     """
 
     def __init__(self, total):
         super().__init__()
-        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-            raise ValueError(
-                "Received an invalid value for argument `total`, expected a "
-                f"positive integer. Received: total={total!r}")
-        self.total = total
+        self.total = _positive_int("total", total)
 
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) >= self.total:
@@ -273,8 +303,10 @@ def distribution_strategy(name="auto"):
     if keras.backend.backend() != "tensorflow":
         if name not in ("auto", "default"):
             raise ValueError(
-                f"The {name!r} strategy needs Keras' TensorFlow backend; "
-                f"Keras is using {keras.backend.backend()!r}. Use 'auto'.")
+                "Received an invalid value for argument `name`, expected "
+                f"'auto' or 'default' on Keras' {keras.backend.backend()} "
+                "backend (the other strategies are tf.distribute's). "
+                f"Received: name={name!r}")
         return None
     import tensorflow as tf
 
@@ -368,7 +400,8 @@ def peers_watched(strategy):
         yield
     except (tf.errors.UnavailableError, tf.errors.CancelledError,
             tf.errors.DeadlineExceededError, tf.errors.AbortedError) as error:
-        reason = error.message.strip().splitlines()[-1]
+        reason = (error.message.strip().splitlines() or
+                  [type(error).__name__])[-1]
         raise SystemExit(
             f"Training stopped: a worker of the cluster is gone "
             f"({type(error).__name__}: {reason}). Start every worker again "

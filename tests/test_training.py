@@ -104,6 +104,42 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, damage, caplog):
     assert "Skipped a damaged checkpoint" in caplog.text
 
 
+def test_a_damaged_checkpoint_is_written_anew(tmp_path):
+    # Resumed from 5 past a damaged 10: reaching 10 replaces it, so the
+    # next resume starts there, with the uninterrupted run's weights.
+    whole, _ = checkpointed_run(tmp_path / "whole", 10)
+    checkpointed_run(tmp_path / "run", 10)
+    weights = tmp_path / "run" / "ckpt-10.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:100])
+    model, checkpoint, x, y = fresh(tmp_path / "run")
+    assert checkpoint.restore() == 5
+    train(model, x, y, 10, [checkpoint], initial=5)
+    checkpoint.on_train_end()  # saves at 10
+    model, checkpoint, _, _ = fresh(tmp_path / "run")
+    assert checkpoint.restore() == 10
+    for a, b in zip(whole.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_that_steps_back_drops_the_later_checkpoints(tmp_path):
+    checkpointed_run(tmp_path, 10)
+    (tmp_path / "ckpt-999.json").write_text("{}")  # a foreign file
+    model, checkpoint, x, y = fresh(tmp_path)
+    assert checkpoint.restore(iteration=5) == 5
+    train(model, x, y, 8, [checkpoint], initial=5)
+    checkpoint.save()  # at 8: 10 and 999 are another run's
+    assert checkpoint.iterations() == [8, 5]
+
+
+def test_restore_needs_a_built_compiled_model(tmp_path):
+    checkpointed_run(tmp_path, 5)
+    checkpoint = ResumableCheckpoint(tmp_path)
+    checkpoint.set_model(keras.Sequential([keras.layers.Dense(3)]))
+    with pytest.raises(ValueError, match=r"ResumableCheckpoint.restore needs "
+                       r"a built and compiled model"):
+        checkpoint.restore()
+
+
 def test_no_sound_checkpoint_names_the_files(tmp_path):
     checkpointed_run(tmp_path, 10)
     for iteration in (5, 10):
@@ -133,6 +169,7 @@ def test_atomic_writes_leave_the_old_file_on_a_crash(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_atomic(path, "new")
     assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]  # no partial file left
     model, _, _ = model_and_data()
     with pytest.raises(KeyboardInterrupt):
         save_model_atomic(model, tmp_path / "model.keras")
@@ -153,6 +190,12 @@ def test_stop_at_iteration_counts_the_optimizer_steps(tmp_path):
     assert int(model.optimizer.iterations.numpy()) == 10
 
 
+def test_numpy_integers_are_integers(tmp_path):
+    assert StopAtIteration(np.int64(5)).total == 5
+    assert ResumableCheckpoint(tmp_path, save_every=np.int32(3)).save_every \
+        == 3
+
+
 @pytest.mark.parametrize("total", [0, 2.5, True])
 def test_stop_at_iteration_argument(total):
     with pytest.raises(ValueError, match=r"argument `total`, expected a "
@@ -168,8 +211,9 @@ def test_distribution_strategy_names():
     strategy = distribution_strategy("default")
     if BACKEND == "jax":
         assert strategy is None
-        with pytest.raises(ValueError, match=r"The 'mirrored' strategy needs "
-                           r"Keras' TensorFlow backend; Keras is using 'jax'"):
+        with pytest.raises(ValueError, match=r"argument `name`, expected "
+                           r"'auto' or 'default' on Keras' jax backend .* "
+                           r"Received: name='mirrored'"):
             distribution_strategy("mirrored")
     else:
         import tensorflow as tf
