@@ -180,6 +180,8 @@ def main(argv=None):
     write_atomic(out / "request.json", json.dumps(
         {"signature_name": "predict_pixels", "instances": pixels.tolist()}))
     checkpoint.delete()
+    if out != args.out:
+        return metrics  # another worker's copy: the chief's is the result
     print("Serve the SavedModel with TF Serving's REST API, and query it "
           f"with the first test image (a {arrays['test'][1][0]}):\n"
           f"  keras-node serve --model-base-path {out / 'saved_model'} "
