@@ -2,13 +2,12 @@
 
 import argparse
 import json
-import math
 import os
 import pathlib
 
 import keras
 
-from examples.options import check_out_folder
+from examples.options import check_out_folder, check_ranges
 from keras_node.training import STRATEGIES, write_atomic
 
 MANUAL_DIR_ENV = "KERAS_NODE_MNIST_DIR"
@@ -146,9 +145,7 @@ def parse_args(argv=None, description=None):
         if not getattr(args, name) >= 0:
             parser.error(f"--{name.replace('_', '-')} must be at least 0, "
                          f"got {getattr(args, name)}")
-    if not 0 < args.learning_rate < math.inf:
-        parser.error(f"--learning-rate must be positive, got "
-                     f"{args.learning_rate}")
+    check_ranges(parser, args, positive=("learning_rate",))
     check_out_folder(parser, args.out)
     if args.manual_dir is not None and not args.manual_dir.is_dir():
         parser.error(f"--manual-dir must be a folder holding the MNIST files; "
