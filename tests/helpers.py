@@ -52,6 +52,13 @@ def tanh(x):
     return keras.ops.tanh(x)
 
 
+class Square(keras.layers.Layer):
+    """`dh/dt = h^2`: from h0 > 0 it blows up at t = 1 / h0."""
+
+    def call(self, h):
+        return h * h
+
+
 def small_conv_dynamics(channels=4, dtype=None):
     return keras.Sequential(
         [

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import BACKEND, SOLVE_ERROR, graph, tensorflow_only, xla
 
-from helpers import Linear, mlp_dynamics
+from helpers import Linear, Square, mlp_dynamics
 from helpers import gradients as tape_gradients
 from keras_node import NeuralODE, gradients, solvers
 
@@ -132,14 +132,9 @@ def test_stiff_solve_stops_at_max_num_steps(gradient):
         ode(np.ones((1, 2)))
 
 
-class _Square(keras.layers.Layer):
-    def call(self, h):
-        return h * h
-
-
 def test_exploding_solve_fails_instead_of_hanging():
     # h' = h^2 from h0 = 10 blows up at t = 0.1.
-    ode = NeuralODE(_Square(), solver=solvers.Tsit5(max_num_steps=200))
+    ode = NeuralODE(Square(), solver=solvers.Tsit5(max_num_steps=200))
     with pytest.raises(SOLVE_ERROR,
                        match=r"did not finish within max_num_steps=200 "
                        r".* stiff, exploding or not finite"):
@@ -209,7 +204,7 @@ def test_the_counts_metric_is_not_serialized_alone():
 
 def test_exhausted_budget_under_xla_ends_in_nan_not_a_hang():
     # XLA compiles assertions away; the solve must still stop.
-    ode = NeuralODE(_Square(), solver=solvers.DormandPrince(max_num_steps=50))
+    ode = NeuralODE(Square(), solver=solvers.DormandPrince(max_num_steps=50))
     ode(np.full((2, 2), 0.1, "float32"))  # built
     solve = xla(ode)
     assert np.all(np.isnan(solve(np.full((2, 2), 10.0, "float32"))))
@@ -223,7 +218,7 @@ def test_exhausted_budget_under_xla_ends_in_nan_not_a_hang():
 def test_exhausted_budget_under_xla_gives_nan_gradients(gradient):
     # Not zeros, which would pass for a flat loss; and the counts stay
     # within the budget (the last, unfinished trial step is not a step).
-    ode = NeuralODE(_Square(), gradient=gradient,
+    ode = NeuralODE(Square(), gradient=gradient,
                     solver=solvers.DormandPrince(max_num_steps=50))
     ode(np.full((2, 2), 0.1, "float32"))  # built
     h0 = np.full((2, 2), 10.0, "float32")

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import BACKEND, ROOT, jax_only, tensorflow_only
 
-from helpers import (kinetic_energy_after_fit, mlp_dynamics,
+from helpers import (Square, kinetic_energy_after_fit, mlp_dynamics,
                      small_conv_dynamics)
 from keras_node import NeuralODE, gradients, solvers
 from keras_node.callbacks import LogEvaluationCounts
@@ -127,18 +127,13 @@ def test_fit_logs_evaluation_counts():
     assert float(ode.num_backward_evals) == batches[-1]["nfe_backward"]
 
 
-class _Squared(keras.layers.Layer):
-    def call(self, h):
-        return h * h
-
-
 def test_epoch_logs_keep_the_train_counts_past_validation():
     # dh/dt = h^2 from 0.9 nears its blow-up at t = 1.1: many more steps
     # than from 0.1, the validation batch.
     hard, easy = np.full((8, 1), 0.9, "float32"), np.full((8, 1), 0.1,
                                                           "float32")
     inputs = keras.Input((1,))
-    ode = NeuralODE(_Squared(), rtol=1e-6, atol=1e-6)
+    ode = NeuralODE(Square(), rtol=1e-6, atol=1e-6)
     model = keras.Model(inputs, keras.layers.Dense(1)(ode(inputs)))
     model.compile(keras.optimizers.SGD(0.0), "mse")
     batches = []

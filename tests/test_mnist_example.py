@@ -319,6 +319,18 @@ def test_solver_and_gradient_options_reach_the_model(data_args, tmp_path):
     assert ode.augment_dim == 2 and ode.dynamics.output_shape[-1] == 66
 
 
+def killed_before_saving_the_model(argv, monkeypatch):
+    """Runs the example with `argv`, killed after `fit` returned, before
+    model.keras is written (the checkpoint is still there)."""
+    def killed(model, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mnist, "save_model_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        mnist.main(argv)
+    monkeypatch.undo()
+
+
 @pytest.mark.slow
 def test_crash_after_training_resumes_at_the_end(data_args, tmp_path,
                                                  monkeypatch, capsys):
@@ -328,15 +340,9 @@ def test_crash_after_training_resumes_at_the_end(data_args, tmp_path,
     argv = data_args + HARNESS + ["--max-steps", "7", "--checkpoint-every",
                                   "5", "--out", str(out)]
 
-    def killed(model, path):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(mnist, "save_model_atomic", killed)
-    with pytest.raises(KeyboardInterrupt):
-        mnist.main(argv)
+    killed_before_saving_the_model(argv, monkeypatch)
     assert not (out / "model.keras").exists()
     assert (out / "backup" / "ckpt-7.json").exists()
-    monkeypatch.undo()
     # A history truncated by an older version's in-place write.
     history = out / "history.json"
     history.write_text(history.read_text()[:50])
@@ -355,21 +361,15 @@ def test_crash_after_training_resumes_at_the_end(data_args, tmp_path,
         assert (out / name).exists(), name
 
 
-def test_resuming_with_other_options_is_refused(data_args, tmp_path):
+def test_resuming_with_other_options_is_refused(data_args, tmp_path,
+                                                monkeypatch):
     # A run killed after its first checkpoint, resumed with another solver
     # and batch size.
     out = tmp_path / "run"
     argv = data_args + HARNESS + ["--max-steps", "7", "--checkpoint-every",
                                   "5", "--out", str(out)]
 
-    def killed(model, path):
-        raise KeyboardInterrupt
-
-    import unittest.mock
-
-    with unittest.mock.patch.object(mnist, "save_model_atomic", killed):
-        with pytest.raises(KeyboardInterrupt):
-            mnist.main(argv)
+    killed_before_saving_the_model(argv, monkeypatch)
     with pytest.raises(SystemExit, match=(
             rf"{out} holds a run with other options: --batch-size 32 \(this "
             r"command: 64\), --solver euler \(this command: midpoint\)\. "
