@@ -21,8 +21,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import keras
 
 from keras_node import _jax_compat, _solver
+from keras_node._keras_compat import stored_dtypes
 from keras_node._tfp_compat import substrate
 
 _TFP = substrate("jax")
@@ -33,11 +35,21 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
           jacobian=False, trace=None, noise=None):
     """As the TensorFlow backend's `solve`; `on_backward_evals` runs on the
     host."""
-    non_trainable = [v.value for v in dynamics.non_trainable_variables]
+    with stored_dtypes():
+        params = [v.value for v in dynamics.trainable_variables]
+        non_trainable = [(v, v.value)
+                         for v in dynamics.non_trainable_variables]
 
     def dynamics_fn(t, h, params):
         kwargs = {"t": t} if time_dependent else {}
-        out, _ = dynamics.stateless_call(params, non_trainable, h, **kwargs)
+        with stored_dtypes():
+            scope = keras.StatelessScope(state_mapping=[
+                *zip(dynamics.trainable_variables, params), *non_trainable])
+        # The layer's `__call__` (`stateless_call` runs its bare `call`):
+        # it casts `h` and its weights to its own dtype policy, as on
+        # TensorFlow.
+        with scope:
+            out = dynamics(h, **kwargs)
         _solver.check_derivative(dynamics.name, out, h.shape)
         return out.astype(h.dtype)
 
@@ -48,7 +60,6 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     fn, y0, mask = _solver.augment(
         _TFP.tf, dynamics_fn, h0, vjp=_vjp, kinetic=kinetic,
         jacobian=jacobian, trace=trace, noise=noise)
-    params = [v.value for v in dynamics.trainable_variables]
     if gradient == "backprop":
         ys, counts = _solver.integrate(
             _TFP, lambda t, y: fn(t, y, params), t0, times[-1], y0,

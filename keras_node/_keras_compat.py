@@ -10,6 +10,12 @@ found (`_private`); the patch reads the source of what it patches.
 - `calling_model(layer)`: the outermost layer of the call in progress (the
   `CallContext`'s `entry_layer` in Keras' global state), so that a layer
   learns which model it runs in, also in a subclassed model.
+- `stored_dtypes()`: no autocast scope (Keras' global state
+  `autocast_scope`), so that a variable's `value` and `dtype` are as
+  stored. Inside a layer under a mixed policy they are of
+  half precision, but the JAX backend differentiates the dynamics with
+  respect to the stored weights, and maps them in a `StatelessScope`
+  (which casts each value to its variable's `dtype`).
 - `has_functional_sibling(layer)`: walks the functional graph through
   `_inbound_nodes`, `_outbound_nodes` and their nodes' `operation` and
   `parent_nodes`, to find whether a layer's model holds another of its
@@ -79,6 +85,23 @@ def calling_model(layer):
         context = global_state.get_global_attribute("current_call_ctx")
     entry = getattr(context, "entry_layer", None)
     return None if entry is layer else entry
+
+
+@contextlib.contextmanager
+def stored_dtypes():
+    """A scope where variables read as stored, not cast to the compute
+    dtype of the layer being called (as they are under a mixed policy)."""
+    with _private("autocast scope (keras.src.backend.common.global_state)"):
+        from keras.src.backend.common import global_state
+
+        scope = global_state.get_global_attribute("autocast_scope")
+    # No scope, not `AutocastScope(None)`: under that, Keras 3.15 gives a
+    # float64 variable the `dtype` float32 (`standardize_dtype(None)`).
+    global_state.set_global_attribute("autocast_scope", None)
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("autocast_scope", scope)
 
 
 def has_functional_sibling(layer):

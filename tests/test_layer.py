@@ -10,10 +10,11 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import scipy.linalg
 
 from conftest import BACKEND, ROOT, jax_only, tensorflow_only
 
-from helpers import (Square, kinetic_energy_after_fit, mlp_dynamics,
+from helpers import (Linear, Square, kinetic_energy_after_fit, mlp_dynamics,
                      small_conv_dynamics)
 from keras_node import NeuralODE, gradients, solvers
 from keras_node.callbacks import LogEvaluationCounts
@@ -346,13 +347,23 @@ def test_mixed_precision_dynamics_keep_float32_state():
         keras.mixed_precision.set_global_policy("float32")
     assert np.isfinite(logs["loss"][0])
     assert outputs.dtype == "float16"
-    if BACKEND == "jax":
-        return  # the solver calls the dynamics statelessly, not `__call__`
     # The solver hands the dynamics a float32 state; they compute in float16.
     assert len(seen) > 10
     standard = keras.backend.standardize_dtype
     assert {(standard(a), standard(b)) for a, b in seen[1:]} == {
         ("float32", "float16")}
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_dynamics_keep_their_own_precision_under_mixed_precision(gradient):
+    # A float64 layer in a mixed_float16 NeuralODE reads its weights in
+    # float64, not rounded to float16 (0.2 and 0.3 are not float16 numbers).
+    a = np.array([[-0.3, 1.0], [0.2, 0.5]])
+    h0 = np.random.default_rng(0).normal(size=(5, 2)).astype("float32")
+    ode = NeuralODE(Linear(a, dtype="float64"), rtol=1e-7, atol=1e-7,
+                    gradient=gradient, dtype="mixed_float16")
+    np.testing.assert_allclose(ode(h0), h0 @ scipy.linalg.expm(a).T,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_jit_compile_auto_trains_without_xla_on_tensorflow():
