@@ -1,5 +1,6 @@
 """The `ContinuousNormalizingFlow` model."""
 
+import inspect
 import math
 
 import keras
@@ -34,8 +35,8 @@ class ContinuousNormalizingFlow(keras.Model):
 
     Train it as any Keras model, without labels: `compile(optimizer)` and
     `fit(x)`; the loss is the negative mean log-likelihood (in nats;
-    `sample_weight` weighs it as Keras weighs its losses) plus the
-    regularisers' losses, and `compile` takes no `loss`. Under a
+    `fit(x, sample_weight=w)` weighs it as Keras weighs its losses) plus
+    the regularisers' losses, and `compile` takes no `loss`. Under a
     `tf.distribute` strategy each replica solves its share of the batch.
     `evaluate(x)` reports the same (with the regularisers, if any); the
     held-out negative log-likelihood alone is `-log_prob(x).mean()`.
@@ -72,7 +73,14 @@ class ContinuousNormalizingFlow(keras.Model):
         inputs: data points, a floating tensor `(batch, *event_shape)`.
 
     Returns:
-        `log p(x)` per example, `(batch,)`, in the inputs' dtype.
+        `log p(x)` per example, `(batch,)`, in the inputs' dtype, as
+        `NeuralODE`'s output: float64 inputs solve in float64, and under
+        mixed precision the data are not rounded to half precision (a
+        float64 flow solves in float64 and returns float64).
+
+    As for Keras' `Dropout`, the seed generator's state is not saved: a
+    loaded flow draws its probes and samples from the start of its seed's
+    sequence again.
 
     Example:
 
@@ -93,8 +101,10 @@ class ContinuousNormalizingFlow(keras.Model):
                  noise=None, kinetic_energy=0.0, jacobian_norm=0.0,
                  seed=None, **kwargs):
         super().__init__(**kwargs)
+        self.autocast = False  # the ode chooses the solve's dtype
         self.ode = NeuralODE(dynamics, t0=t0, t1=t1, rtol=rtol, atol=atol,
-                             solver=solver, gradient=gradient, name="ode")
+                             solver=solver, gradient=gradient, name="ode",
+                             dtype=self.dtype_policy)
         if trace not in _TRACES:
             raise invalid(ValueError if isinstance(trace, str) else TypeError,
                           "trace", '"exact" or "hutchinson"', trace)
@@ -131,7 +141,8 @@ class ContinuousNormalizingFlow(keras.Model):
 
     def compute_output_spec(self, inputs):
         check_floating(inputs)
-        return keras.KerasTensor(inputs.shape[:1], dtype=inputs.dtype)
+        return keras.KerasTensor(inputs.shape[:1],
+                                 dtype=self.ode._output_dtype(inputs.dtype))
 
     def call(self, inputs):
         check_floating(inputs)
@@ -146,7 +157,7 @@ class ContinuousNormalizingFlow(keras.Model):
         if penalty is not None:
             self.add_loss(penalty)
         log_prob = _standard_normal_log_prob(zs[0]) + divergence[-1]
-        return keras.ops.cast(log_prob, inputs.dtype)
+        return keras.ops.cast(log_prob, self.ode._output_dtype(inputs.dtype))
 
     def log_prob(self, x):
         """`log p(x)` per example, in nats: the model's call."""
@@ -177,6 +188,16 @@ class ContinuousNormalizingFlow(keras.Model):
                           "log-likelihood", loss)
         super().compile(optimizer=optimizer, **kwargs)
 
+    def fit(self, *args, **kwargs):
+        """Keras' `fit`; with arrays, `sample_weight` needs no `y`."""
+        args, kwargs = _carry_weights(super().fit, args, kwargs)
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """Keras' `evaluate`; with arrays, `sample_weight` needs no `y`."""
+        args, kwargs = _carry_weights(super().evaluate, args, kwargs)
+        return super().evaluate(*args, **kwargs)
+
     def compile_from_config(self, config):
         """Compiles a loaded flow as it was saved (its optimizer's state is
         loaded next): Keras skips a model whose `compile` is its own."""
@@ -205,7 +226,8 @@ class ContinuousNormalizingFlow(keras.Model):
         config.update(trace=self.trace, noise=self.noise,
                       kinetic_energy=self.kinetic_energy,
                       jacobian_norm=self.jacobian_norm, seed=self.seed,
-                      name=self.name, trainable=self.trainable)
+                      name=self.name, trainable=self.trainable,
+                      dtype=keras.dtype_policies.serialize(self.dtype_policy))
         return config
 
     @classmethod
@@ -217,6 +239,26 @@ class ContinuousNormalizingFlow(keras.Model):
             if isinstance(config.get(key), dict):
                 config[key] = module.get(config[key])
         return cls(**config)
+
+
+def _carry_weights(method, args, kwargs):
+    """`method`'s arguments with `x` as the (ignored) `y` where arrays come
+    with a `sample_weight` but no `y`: Keras drops the weights of `(x, None,
+    weights)`. Returns the new `args` and `kwargs`."""
+    bound = inspect.signature(method).bind(*args, **kwargs)
+    arguments = bound.arguments
+    data = [arguments.get(key) for key in ("x", "y", "sample_weight")]
+    if _drops_weights(*data):
+        arguments["y"] = data[0]
+    validation = arguments.get("validation_data")
+    if isinstance(validation, (tuple, list)) and len(validation) == 3 and (
+            _drops_weights(*validation)):
+        arguments["validation_data"] = (validation[0], *validation[::2])
+    return bound.args, bound.kwargs
+
+
+def _drops_weights(x, y, sample_weight):
+    return hasattr(x, "shape") and y is None and sample_weight is not None
 
 
 class _NegativeLogLikelihood(keras.losses.Loss):

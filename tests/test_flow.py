@@ -160,6 +160,54 @@ def test_config_round_trip_and_saving(tmp_path):
                                flow.sample(3, seed=5), rtol=1e-6)
 
 
+def test_a_float64_flow_is_loaded_as_float64(tmp_path):
+    flow = linear_flow(**TIGHT)
+    flow(X)
+    flow.save(tmp_path / "flow.keras")
+    loaded = keras.saving.load_model(tmp_path / "flow.keras")
+    for model in (ContinuousNormalizingFlow.from_config(flow.get_config()),
+                  loaded):
+        assert model.dtype_policy.name == "float64"
+    x = X.astype("float32")  # solved in float64 all the same
+    z1 = x @ scipy.linalg.expm(A).T
+    log_prob = loaded.log_prob(x)
+    assert keras.backend.standardize_dtype(log_prob.dtype) == "float64"
+    np.testing.assert_allclose(log_prob, normal_log_prob(z1) + np.trace(A),
+                               rtol=1e-9)
+    assert keras.backend.standardize_dtype(loaded.sample(2).dtype) == (
+        "float64")
+
+
+@pytest.mark.parametrize("dtype, x_dtype, tolerance", [
+    (None, "float64", 1e-10), ("mixed_float16", "float32", 1e-7)])
+def test_the_data_keep_their_precision(dtype, x_dtype, tolerance):
+    # As NeuralODE's: float64 data solve in float64, and mixed precision
+    # leaves float32 data unrounded (the dynamics here stay in float64).
+    flow = ContinuousNormalizingFlow(Linear(A, dtype="float64"), dtype=dtype,
+                                     rtol=tolerance, atol=tolerance)
+    x = X.astype(x_dtype)
+    z1 = x @ scipy.linalg.expm(A).T
+    log_prob = flow.log_prob(x)
+    assert keras.backend.standardize_dtype(log_prob.dtype) == x_dtype
+    np.testing.assert_allclose(log_prob, normal_log_prob(z1) + np.trace(A),
+                               rtol=100 * tolerance)
+
+
+def test_sample_weight_needs_no_labels():
+    # Keras weighs a loss as sum(w * loss) / batch size; a learning rate of
+    # 0 keeps fit's loss that of the flow as it is.
+    w = np.linspace(0.0, 2.0, len(X))
+    flow = linear_flow(**TIGHT)
+    flow.compile(keras.optimizers.SGD(0.0))
+    expected = np.sum(-np.asarray(flow.log_prob(X)) * w) / len(X)
+    logs = flow.evaluate(X, sample_weight=w, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(expected, rel=1e-6)  # a float32 mean
+    history = flow.fit(X, batch_size=len(X), sample_weight=w, verbose=0,
+                       validation_data=(X, None, w)).history
+    assert history["loss"][0] == pytest.approx(expected, rel=1e-6)
+    assert history["val_loss"][0] == pytest.approx(expected, rel=1e-6)
+
+
 def test_a_loaded_flow_keeps_training_where_it_stopped(tmp_path):
     x = X.astype("float32")
     flow = ContinuousNormalizingFlow(mlp_dynamics(8, 2), seed=3)
