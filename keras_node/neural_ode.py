@@ -257,6 +257,7 @@ class NeuralODE(keras.layers.Layer):
         self.evaluation_counts = _nfe_metric.EvaluationCounts(self)
         self._backward_evals_host = 0.0
         self.shares_model = False  # found out when called in a model
+        _backend()  # a missing or unsupported TFP fails here, not in `fit`
 
     def _tolerances(self, rtol, atol):
         """`(rtol, atol)` checked against the solver and gradient method."""
@@ -538,7 +539,9 @@ def _upgrade_config(config):
 
 
 def _backend():
-    """The module that solves on Keras' backend (imported on first use)."""
+    """The module that solves on Keras' backend (imported on first use).
+    Raises `ImportError` if its packages are missing, or if TFP is of a
+    version whose private API keras-node has not checked."""
     backend = keras.backend.backend()
     try:
         if backend == "jax":
@@ -548,7 +551,7 @@ def _backend():
         from keras_node import _tf_backend
 
         return _tf_backend
-    except ImportError as error:
+    except ModuleNotFoundError as error:  # not an unsupported version's
         needs = {"jax": "jax and tfp-nightly",
                  "tensorflow": "tensorflow and tensorflow-probability"}
         raise ImportError(

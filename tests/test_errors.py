@@ -376,6 +376,26 @@ def test_unsupported_tfp_versions_are_refused(version):
         check_version(version)
 
 
+def test_an_unsupported_tfp_fails_when_a_layer_is_made():
+    import subprocess
+    import sys
+
+    # Before any data are loaded, with the version's own message (not the
+    # one of a missing package).
+    module = {"jax": "tensorflow_probability.substrates.jax"}.get(
+        keras.backend.backend(), "tensorflow_probability")
+    script = (f"import {module} as tfp; tfp.__version__ = '0.24.0'; "
+              "import keras, keras_node; "
+              "keras_node.NeuralODE(keras.layers.Dense(2))")
+    result = subprocess.run([sys.executable, "-c", script],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert ("ImportError: keras-node needs TensorFlow Probability 0.25 to "
+            "0.26.x (checked: ") in result.stderr
+    assert "found version 0.24.0." in result.stderr
+    assert "Install them with" not in result.stderr
+
+
 @pytest.mark.parametrize("version", ["0.25.0", "0.26.0-dev20261027"])
 def test_supported_tfp_versions_pass(version):
     from keras_node._tfp_compat import check_version
