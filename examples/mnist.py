@@ -9,7 +9,11 @@ on GPU" on `keras_node.NeuralODE`, trains it with `model.fit` under a
     metrics.json           the run's figures (test accuracy, NFE, timing)
     history.json           accuracy points and per-iteration logs
     accuracy.png, nfe.png  their plots
-    backup/                the checkpoint a killed run resumes from
+    request.json           a request to try it with (TensorFlow backend)
+    options.json           the run's options (a resumed run must match)
+
+and, until the run ends, `backup/`: the checkpoint a killed run resumes
+from.
 
 Run from the repository's root; offline (no download), hand tfds the folder
 with the four canonical files:
