@@ -1,8 +1,8 @@
 """The JAX backend of `NeuralODE`: the adjoint as a `jax.custom_vjp`.
 
-On JAX there are no variables to close over: the dynamics run through
-`dynamics.stateless_call` with their trainable weights passed in explicitly,
-so that the adjoint can return their gradients. Steps are taken by the same
+On JAX there are no variables to close over: the dynamics run in a
+`keras.StatelessScope` that maps their weights to values passed in
+explicitly, so that the adjoint can return their gradients. Steps are taken by the same
 `_solver` code as on TensorFlow, on TFP's JAX substrate (`tfp-nightly`).
 
 What differs from TensorFlow: assertions cannot run inside JAX's loops, so
