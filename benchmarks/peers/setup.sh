@@ -2,12 +2,15 @@
 # Creates the two virtual environments that benchmarks/peers/run.py uses:
 #
 #   .venv-torch  torch 2.13.0 (CPU) + torchdiffeq 0.2.5
-#   .venv-jax    jax (CPU) + diffrax + optax, whatever versions pip gives
+#   .venv-jax    tools/jax-venv.sh's (keras-node on the JAX backend, which
+#                CI's tests use) + diffrax + optax, whatever versions pip
+#                gives
 #
 # at the repository root (gitignored by `/.venv*/`). A venv that already
-# exists is kept and only gets what it lacks: `tools/jax-venv.sh` (which CI
-# runs) makes a .venv-jax of its own for the JAX backend's tests, without
-# diffrax. Prints the installed versions at the end.
+# exists is kept and only gets what it lacks; .venv-jax is made by
+# `tools/jax-venv.sh` (with the system's packages, which it requires of a
+# .venv-jax it keeps), so the two scripts run in either order. Prints the
+# installed versions at the end.
 #
 # torch is pinned to exactly 2.13.0: an unpinned `pip install torch` from
 # PyPI fetches the multi-GB CUDA build. Point pip at the CPU wheel, e.g.
@@ -30,7 +33,8 @@ make_venv() {  # make_venv DIR PACKAGE...
 }
 
 make_venv .venv-torch torch==2.13.0 torchdiffeq==0.2.5
-make_venv .venv-jax jax diffrax optax
+PYTHON="$PYTHON" bash "$ROOT/tools/jax-venv.sh"
+"$ROOT/.venv-jax/bin/python" -m pip install jax diffrax optax
 
 "$ROOT/.venv-torch/bin/python" -c \
     'import torch, torchdiffeq; print("torch", torch.__version__, "torchdiffeq", torchdiffeq.__version__)'
