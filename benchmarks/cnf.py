@@ -1,6 +1,7 @@
 """Our continuous normalizing flow against TFP's FFJORD, and the regularisers.
 
-    python -m benchmarks.cnf [--iterations 500] [--rounds 2] [--parts tfp regularisers]
+    python -m benchmarks.cnf [--iterations 500] [--rounds 2] \\
+        [--parts tfp regularisers]
 
 Part `tfp`: `ContinuousNormalizingFlow` against `tfp.bijectors.FFJORD` on
 the same toy data (`examples/cnf.py`'s, `--dataset`), the same dynamics
@@ -327,7 +328,8 @@ def part_tfp(args, train_x, test):
     libraries["tfp"]["nfe_note"] = (
         "forward: TFP's num_ode_fn_evaluations of the solve (augmented "
         "state); backward not reported by TFP")
-    difference = log_probs["tfp"] - log_probs["keras-node"]  # ours' NLL - TFP's
+    # ours' NLL - TFP's
+    difference = log_probs["tfp"] - log_probs["keras-node"]
     delta = float(np.mean(difference))
     se = float(np.std(difference, ddof=1) / math.sqrt(len(difference)))
     ratio = (libraries["keras-node"]["median_step_s"]
@@ -395,10 +397,13 @@ def metadata(argv):
     from benchmarks.machine import provenance
     from benchmarks.train_step import machine
 
+    record = provenance()
     return {
-        **provenance(),
+        **record,
         "machine": machine(),
-        "versions": {"tensorflow": tf.__version__,
+        # The installed distributions' and the imported modules' versions.
+        "versions": {**record["versions"],
+                     "tensorflow": tf.__version__,
                      "tensorflow_probability": tfp.__version__,
                      "keras": keras.__version__,
                      "keras_node": keras_node.__version__},
@@ -410,7 +415,8 @@ def metadata(argv):
 def print_table(result):
     if "tfp" in result:
         part = result["tfp"]
-        print(f"\n{result['dataset']}, {part['libraries']['tfp']['iterations']}"
+        print(f"\n{result['dataset']}, "
+              f"{part['libraries']['tfp']['iterations']}"
               f" iterations, batch {result['args']['batch_size']}, tol "
               f"{result['args']['tol']}")
         print(f"{'library':<12} {'median step':>12} {'NFE fwd':>8} "

@@ -1,15 +1,17 @@
 """The README's and the results page's pictures, from the benchmarks' JSON.
 
-    python -m benchmarks.figures                 # docs/data/*.json -> docs/images/*.png
+    python -m benchmarks.figures    # docs/data/*.json -> docs/images/*.png
     python -m benchmarks.figures --collect-mnist runs/mnist-one-epoch \\
-        --collect-peers runs/peers.json          # first, to record new runs
+        --collect-peers runs/peers.json    # first, to record new runs
 
 `--collect-mnist RUN` copies a run of `examples/mnist.py` (its
-`metrics.json` and `history.json`) into `docs/data/mnist_one_epoch.json`,
-and `--collect-peers FILE` the JSON of `benchmarks/peers/run.py` into
-`docs/data/peers_cpu.json`, each with the date, the commit and the versions
-of the moment they are collected (collect right after the run). Then it
-draws, from those files alone:
+`metrics.json`, with the run's options, and `history.json`) into
+`docs/data/mnist_one_epoch.json`, with the command that the options make,
+and the date, the commit and the versions of the moment it is collected
+(collect right after the run). `--collect-peers FILE` copies the JSON of
+`benchmarks/peers/run.py` into `docs/data/peers_cpu.json`, with the
+command, date, commit and versions that the JSON records. Then it draws,
+from those files alone:
 
 - `docs/images/mnist_one_epoch.png`: accuracy (train and held-out, every
   `--eval-every` iterations) and the solver's evaluations per iteration;
@@ -22,10 +24,10 @@ import datetime
 import json
 import os
 import pathlib
-import platform
+import shlex
 import subprocess
 
-from benchmarks.machine import cpu_model
+from benchmarks.machine import cpu_model, versions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "data"
@@ -36,41 +38,56 @@ PEERS = "peers_cpu.json"
 
 def provenance():
     """The date, commit and versions of now, for a collected result."""
-    import keras
-
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                             cwd=ROOT, capture_output=True, text=True
                             ).stdout.strip() or None
-    versions = {"keras": keras.__version__, "python":
-                platform.python_version()}
-    for name in ("tensorflow", "tensorflow_probability"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
     return {"date": datetime.date.today().isoformat(), "commit": commit,
             "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
-            "versions": versions}
+            "versions": versions()}
+
+
+def mnist_command(options):
+    """The `examples/mnist.py` command of a run's recorded options (its
+    `metrics.json`'s `args`): those that differ from the defaults, and
+    `--manual-dir`."""
+    from examples.mnist_options import parse_args
+
+    defaults = {name: str(value) if isinstance(value, pathlib.Path)
+                else value for name, value in vars(parse_args([])).items()}
+    words = ["python", "-m", "examples.mnist"]
+    for name, value in options.items():
+        if value == defaults.get(name) and name != "manual_dir":
+            continue
+        if value is None or value is False:
+            continue
+        words.append("--" + name.replace("_", "-"))
+        if value is not True:
+            words.append(str(value))
+    return shlex.join(words)
 
 
 def collect_mnist(run, data=DATA):
     run = pathlib.Path(run)
     metrics = json.loads((run / "metrics.json").read_text())
     history = json.loads((run / "history.json").read_text())
-    record = {**provenance(),
-              "command": "python -m examples.mnist --manual-dir "
-                         "../shared/data/mnist --eval-every 50",
+    record = {**provenance(), "command": mnist_command(metrics["args"]),
               "metrics": metrics, "history": history}
     _write(data / MNIST, record)
 
 
 def collect_peers(path, data=DATA):
+    """With the run's own command, date, commit, machine and versions where
+    its JSON records them, else (an older JSON) those of now."""
     result = json.loads(pathlib.Path(path).read_text())
-    record = {**provenance(),
-              "command": "python -m benchmarks.peers.run --rounds 2 "
-                         "--steps 8 --warmup 2 --peers torchdiffeq "
-                         "diffrax-backsolve-slices diffrax-recursive-slices",
+    record = {**provenance(), "command": result.get("command"),
               "result": result}
+    if "versions" in result:
+        machine = result["machine"]
+        record.update(
+            date=result["date"][:10],
+            commit=result["git_commit"] and result["git_commit"][:7],
+            machine=f"{machine['cpu']}, {machine['cpu_count']} CPUs",
+            versions=result["versions"])
     _write(data / PEERS, record)
 
 
@@ -116,6 +133,17 @@ def draw_mnist(record, path):
     plt.close(fig)
 
 
+def peers_settings(result):
+    """The settings of a run.py JSON, for a title: batch, solver, tolerance
+    and ours' gradient (run.py's defaults in a JSON from before it recorded
+    them)."""
+    from benchmarks.peers.run import DEFAULT_SOLVE
+
+    solve = {**DEFAULT_SOLVE, **result}
+    return (f"batch {result['batch_size']}, {solve['solver']} at "
+            f"rtol = atol = {result['tolerance']:g}, {solve['gradient']}")
+
+
 def draw_peers(record, path):
     import matplotlib
 
@@ -137,7 +165,7 @@ def draw_peers(record, path):
     ax.invert_yaxis()
     ax.set_xlim(0, max(times) * 1.45)
     ax.set(xlabel="median train step (s), lower is better",
-           title="MNIST train step, batch 128, Dopri5 at 1e-3, adjoint\n"
+           title=f"MNIST train step, {peers_settings(record['result'])}\n"
                  f"({_caption(record)})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

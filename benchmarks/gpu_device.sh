@@ -29,7 +29,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
     > "$OUT/gpu.txt" 2>&1
 python3 -m pip install --quiet --no-index --find-links .whl \
-    keras tfp-nightly > "$OUT/pip.txt" 2>&1
+    -r .whl/requirements.txt > "$OUT/pip.txt" 2>&1
 export KERAS_BACKEND=jax PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL=2
 for part in $PARTS; do

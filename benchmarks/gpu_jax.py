@@ -1,6 +1,7 @@
 """The README's MNIST classifier trained on Keras' JAX backend; JSON.
 
-    KERAS_BACKEND=jax python -m benchmarks.gpu_jax --manual-dir DIR [--max-steps N]
+    KERAS_BACKEND=jax python -m benchmarks.gpu_jax --manual-dir DIR \\
+        [--max-steps N]
     KERAS_BACKEND=jax python -m benchmarks.gpu_jax --manual-dir DIR --long
 
 For machines with JAX (CUDA or CPU) and no TensorFlow: the MNIST files are
@@ -23,7 +24,6 @@ import gzip
 import json
 import os
 import pathlib
-import platform
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -182,7 +182,7 @@ def main(argv=None):
         "options": {name: getattr(args, name) for name in
                     ["epochs", "learning_rate", "shift", "weight_decay",
                      "kinetic_energy", "train_on_held_out", "seed",
-                     "batch_size"]},
+                     "batch_size", "max_steps", "test_images"]},
         "jit_compile": trainer.jit_compile,
         "train_s": train_time,
         "nfe_forward_test_batch": float(ode.num_forward_evals),
@@ -190,8 +190,6 @@ def main(argv=None):
         "nfe_backward_last_step": timer.last_logs.get("nfe_backward"),
         "test_accuracy": 100.0 * test["accuracy"],
         "test_accuracy_per_epoch": timer.test_accuracy,
-        "versions": {"jax": jax.__version__, "keras": keras.__version__,
-                     "python": platform.python_version()},
         "machine": describe(), **provenance(),
     }
     text = json.dumps(result, indent=2)

@@ -20,7 +20,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
     > "$OUT/gpu.txt" 2>&1
 python3 -m pip install --quiet --no-index --find-links .whl \
-    keras tfp-nightly >> "$OUT/gpu.txt" 2>&1
+    -r .whl/requirements.txt >> "$OUT/gpu.txt" 2>&1
 export KERAS_BACKEND=jax PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false
 names=()

@@ -73,7 +73,8 @@ def main(argv=None):
             "discrete_vs_exact": compare(discrete, exact),
         })
     result = {"benchmark": "gradient_accuracy",
-              "model": str(args.model or "initial"), "loss": loss,
+              "model": str(args.model or "initial"), "seed": args.seed,
+              "loss": loss,
               "rows": rows, "machine": describe(), **provenance()}
     print(json.dumps(result, indent=2))
     return result

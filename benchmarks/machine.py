@@ -1,4 +1,4 @@
-"""The machine a benchmark ran on, and when, for its JSON output.
+"""The machine a benchmark ran on, when, and with what, for its JSON output.
 
 Step times depend on the CPU and on TensorFlow's use of oneDNN, which
 TensorFlow turns on by default only on some CPUs (see
@@ -6,12 +6,24 @@ TensorFlow turns on by default only on some CPUs (see
 """
 
 import datetime
+import importlib.metadata
+import json
 import os
 import pathlib
 import platform
 import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Where a copy of the repository without its .git (the GPU machines') finds
+# the commit it was copied from: written by tools/device-wheels.sh.
+COMMIT_FILE = pathlib.Path(".whl") / "commit.json"
+# The distributions whose versions a result depends on (those installed are
+# recorded). tensorflow-probability and tfp-nightly provide the same module;
+# where both are installed (.venv-jax sees the system's packages) both are
+# listed, and the one imported is the first on sys.path.
+PACKAGES = ("numpy", "keras", "tensorflow", "tensorflow-probability",
+            "tfp-nightly", "jax", "jaxlib", "torch", "torchdiffeq",
+            "diffrax")
 
 
 # The vector instructions that decide which kernels oneDNN and PyTorch use:
@@ -57,10 +69,23 @@ def describe():
             "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
 
 
+def versions():
+    """A dict: Python's version and those of the installed `PACKAGES`, read
+    from their metadata (nothing is imported)."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
 def provenance():
     """A dict: the date (UTC, ISO 8601), the repository's commit and
-    whether tracked files differ from it (None for both outside a git
-    checkout)."""
+    whether tracked files differ from it, and `versions()`. Outside a git
+    checkout the commit and the flag come from `COMMIT_FILE` if there is
+    one, else both are None."""
     def git(*command):
         try:
             return subprocess.run(["git", *command], cwd=ROOT, text=True,
@@ -69,8 +94,18 @@ def provenance():
         except (OSError, subprocess.CalledProcessError):
             return None
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    commit = git("rev-parse", "HEAD")
+    if commit is not None:
+        status = git("status", "--porcelain", "--untracked-files=no")
+        dirty = None if status is None else bool(status)
+    else:
+        try:
+            recorded = json.loads((ROOT / COMMIT_FILE).read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        commit = recorded.get("git_commit")
+        dirty = recorded.get("git_dirty")
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
-            "git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": None if status is None else bool(status)}
+            "git_commit": commit, "git_dirty": dirty,
+            "versions": versions()}

@@ -150,6 +150,7 @@ def main(argv=None):
                      + nfe_backward * times["adjoint_evaluation_s"])
     print(json.dumps({
         "benchmark": "profile_step", "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "solver": repr(solver), "gradient": repr(gradient),
         "nfe_forward": nfe_forward, "nfe_backward": nfe_backward,
         **times,

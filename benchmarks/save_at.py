@@ -1,6 +1,7 @@
 """Train steps of a small NeuralODE against its number of output times; JSON.
 
-    python -m benchmarks.save_at [--times 1 10 40] [--solver rk4 --num-steps 20]
+    python -m benchmarks.save_at [--times 1 10 40] \\
+        [--solver rk4 --num-steps 20]
     KERAS_BACKEND=jax .venv-jax/bin/python -m benchmarks.save_at
 
 The model: `NeuralODE` of an MLP (2 -> 50 tanh -> 2) from t0 = 0, saved at
@@ -88,7 +89,8 @@ def main(argv=None):
         if run is None:
             sys.exit(f"the run with {n} output times failed: see above.")
         runs.append(run)
-    result = {"benchmark": "save_at", **solve, "runs": runs,
+    result = {"benchmark": "save_at", **solve, "steps": args.steps,
+              "runs": runs,
               "machine": describe(), **provenance()}
     print_json(result, args.json_out)
     return result

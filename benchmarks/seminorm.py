@@ -95,7 +95,8 @@ def main(argv=None):
             for norm in ("full", "seminorm")]
     print(json.dumps({
         "benchmark": "seminorm", "problem": "spiral (torchdiffeq ode_demo)",
-        "steps": args.steps, "span": span, "rtol": args.tolerance,
+        "steps": args.steps, "batch_size": args.batch_size,
+        "seed": args.seed, "span": span, "rtol": args.tolerance,
         "atol": atol,
         "runs": runs,
         "backward_ratio_seminorm_to_full":

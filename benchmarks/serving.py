@@ -39,7 +39,8 @@ def export_untrained(base):
 
 
 def start_server(base, name="mnist"):
-    """`(process, port)`: `keras-node serve` on a free port, once it answers."""
+    """`(process, port)`: `keras-node serve` on a free port, once it
+    answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -118,7 +119,11 @@ def main(argv=None):
         finally:
             server.terminate()
             server.wait(timeout=30)
-    print(json.dumps({"benchmark": "serving", "runs": runs,
+    print(json.dumps({"benchmark": "serving",
+                      # None: the untrained README model.
+                      "model_base_path": (None if args.model_base_path is None
+                                          else str(args.model_base_path)),
+                      "runs": runs,
                       "machine": describe(), **provenance()}, indent=2))
 
 

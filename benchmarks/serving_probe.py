@@ -6,13 +6,15 @@ Starts the server (the README's MNIST model, untrained, exported to a
 temporary folder, as `benchmarks/serving.py` does) and measures:
 
 - a mixed load: `--clients` threads, each on its own keep-alive connection,
-  send `--requests` predict requests in all, half of them malformed (a
+  send `--requests` predict requests in all, each thread a good one and a
+  malformed one in turn (so a good request follows every malformed one but
+  a thread's last on its connection), about half of them malformed (a
   rotation of the cases that used to give 500s or be accepted: deep
   nesting, a list as `signature_name`, a 400-digit integer, numbers as
   strings, booleans, values beyond float32, a Unicode version number, a
   wrong shape, bad JSON). Reported: answers by status, 500s and connection
-  errors (the goal for both is 0), and the p50/p99 latency of the good
-  requests;
+  errors (the goal for both is 0), the share of malformed requests sent,
+  and the p50/p99 latency of the good requests;
 - a 100 MB body (sent for real, with its Content-Length): the server's peak
   resident memory meanwhile against its idle memory (goal: within 100 MB),
   the time to its answer, and `/healthz` latency while it is sent (goal:
@@ -57,6 +59,15 @@ def bad_requests():
     ]
 
 
+def client_requests(index, requests, clients, good, bad):
+    """Client `index`'s share of `requests` (every `clients`-th), as `(path,
+    body)`: good and malformed in turn, so that a good request follows each
+    malformed one on the connection; the malformed ones go round `bad`."""
+    return [(PREDICT, good) if turn % 2 == 0
+            else bad[(index + turn // 2) % len(bad)]
+            for turn in range(len(range(index, requests, clients)))]
+
+
 def mixed_load(port, requests, clients):
     good = json.dumps({"instances": np.random.default_rng(0).random(
         (1, 28, 28, 1)).round(3).tolist()}).encode()
@@ -69,9 +80,8 @@ def mixed_load(port, requests, clients):
     def client(index):
         nonlocal connection_errors
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for i in range(index, requests, clients):
-            path, body = (PREDICT, good) if i % 2 == 0 else bad[
-                (i // 2) % len(bad)]
+        for path, body in client_requests(index, requests, clients, good,
+                                          bad):
             start = time.perf_counter()
             try:
                 connection.request("POST", path, body)
@@ -100,8 +110,12 @@ def mixed_load(port, requests, clients):
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     latencies = np.array(latencies) * 1000
+    sent_bad = sum(body is not good for index in range(clients)
+                   for _, body in client_requests(index, requests, clients,
+                                                  good, bad))
     return {
-        "requests": requests, "clients": clients, "bad_fraction": 0.5,
+        "requests": requests, "clients": clients,
+        "bad_fraction": sent_bad / requests if requests else None,
         "seconds": time.perf_counter() - started,
         "status_counts": {str(k): v for k, v in sorted(statuses.items())},
         "served": sum(statuses.values()),

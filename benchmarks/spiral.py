@@ -9,9 +9,10 @@ one after the other in fresh processes (ours, torch, ours, torch, ...), on
 the same problem, the same batches, iterations, optimizer and tolerances,
 with the same gradient method (`--gradient`). Prints a JSON object: every
 run's final loss over the whole trajectory and training time (the
-whole-trajectory tests left out), per library the median of each over the
-seeds, and `time_ratio` (ours over torchdiffeq's median time) and
-`loss_ratio` (likewise).
+whole-trajectory tests left out; torchdiffeq's with its versions), per
+library the median of each over the seeds, and `time_ratio` (ours over
+torchdiffeq's median time) and `loss_ratio` (likewise), with the settings,
+the machine, the date, the commit and the versions.
 """
 
 import argparse
@@ -54,8 +55,11 @@ def run(library, seed, iterations, gradient, adjoint_norm):
         result = json.loads((pathlib.Path(out) / "spiral.json").read_text())
     else:
         result = json.loads(process.stdout.strip().splitlines()[-1])
-    return {"final_loss": result["final_loss"],
-            "train_time_s": result["train_time_s"]}
+    record = {"final_loss": result["final_loss"],
+              "train_time_s": result["train_time_s"]}
+    if library != "keras-node":  # ours' versions are the JSON's own
+        record["versions"] = result["versions"]
+    return record
 
 
 def main(argv=None):

@@ -9,20 +9,21 @@ its own): the model of `examples/mnist.py`, batch 128, Adam, on fixed random
 images, `--warmup` untimed steps and then `--steps` timed ones. Prints one
 JSON object: per tolerance the median and minimum step time, the forward and
 backward evaluations of the last step, and the peak resident memory; plus
-the machine. The adjoint's promise is that peak memory stays flat while the
-evaluations (solver steps) grow with a tighter tolerance.
+the settings, the machine, the date, the commit and the versions. A child
+that fails stops it with the child's error output. The adjoint's promise is
+that peak memory stays flat while the evaluations (solver steps) grow with
+a tighter tolerance.
 """
 
 import argparse
 import json
-import os
 import pathlib
 import resource
-import subprocess
 import sys
 import time
 
 from benchmarks.machine import describe, provenance
+from benchmarks.peers.run import run_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -78,13 +79,17 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
 
 
 SOLVE_DEFAULTS = {"solver": "dopri5", "gradient": "adjoint", "num_steps": 4}
+# keras_node.solvers' names (not imported here: the parent processes need no
+# backend).
+SOLVERS = ["dopri5", "tsit5", "bosh3", "euler", "midpoint", "rk4"]
 
 
 def add_solve_arguments(parser):
     """`--solver`, `--gradient` and `--num-steps`: the model's solve, for
     `examples.mnist_common.solver_and_gradient` (defaults: `SOLVE_DEFAULTS`).
     """
-    parser.add_argument("--solver", default=SOLVE_DEFAULTS["solver"])
+    parser.add_argument("--solver", default=SOLVE_DEFAULTS["solver"],
+                        choices=SOLVERS)
     parser.add_argument("--gradient", default=SOLVE_DEFAULTS["gradient"],
                         choices=["adjoint", "backprop"])
     parser.add_argument("--num-steps", type=int,
@@ -110,8 +115,8 @@ def main(argv=None):
     parser.add_argument("--adjoint-norm", default="seminorm",
                         choices=["full", "seminorm"])
     parser.add_argument("--jit-compile", action="store_true",
-                        help="ask Keras to compile the train step with XLA (the "
-                        "JSON's jit_compile says whether it did)")
+                        help="ask Keras to compile the train step with XLA "
+                        "(the JSON's jit_compile says whether it did)")
     add_solve_arguments(parser)
     parser.add_argument("--unroll", action="store_true",
                         help="unroll a fixed-step solver's steps")
@@ -126,7 +131,7 @@ def main(argv=None):
         return
     runs = []
     for tolerance in args.tolerances:
-        out = subprocess.run(
+        run = run_json(
             [sys.executable, "-m", "benchmarks.train_step", "--child",
              str(tolerance),
              "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -134,13 +139,13 @@ def main(argv=None):
              "--adjoint-norm", args.adjoint_norm, "--solver", args.solver,
              "--gradient", args.gradient, "--num-steps", str(args.num_steps)]
             + ["--jit-compile"] * args.jit_compile
-            + ["--unroll"] * args.unroll,
-            check=True, capture_output=True, text=True, cwd=ROOT,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        ).stdout
-        runs.append(json.loads(out.strip().splitlines()[-1]))
+            + ["--unroll"] * args.unroll, f"tolerance {tolerance}")
+        if run is None:  # run_json printed the child's stderr
+            sys.exit(f"the run at tolerance {tolerance} failed: see above.")
+        runs.append(run)
     print(json.dumps({"benchmark": "train_step",
-                      "batch_size": args.batch_size, "runs": runs,
+                      "batch_size": args.batch_size, "steps": args.steps,
+                      "warmup": args.warmup, "runs": runs,
                       "machine": machine(), **provenance()}, indent=2))
 
 

@@ -5,6 +5,7 @@ import importlib
 import json
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 
@@ -56,9 +57,48 @@ def test_provenance_records_the_date_and_the_commit(monkeypatch, tmp_path):
                           capture_output=True, check=True).stdout.strip()
     assert record["git_commit"] == head
     assert isinstance(record["git_dirty"], bool)
+    assert record["versions"] == machine.versions()
     monkeypatch.setattr(machine, "ROOT", tmp_path)  # not a git checkout
     record = machine.provenance()
     assert record["git_commit"] is None and record["git_dirty"] is None
+    # A copy without .git (the GPU machines'): tools/device-wheels.sh's file.
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / machine.COMMIT_FILE).write_text(
+        '{"git_commit": "abc123", "git_dirty": false}\n')
+    record = machine.provenance()
+    assert record["git_commit"] == "abc123" and record["git_dirty"] is False
+
+
+def test_versions_come_from_metadata_without_importing_the_packages():
+    from benchmarks.machine import PACKAGES
+
+    code = ("import json, sys; from benchmarks.machine import versions; "
+            "print(json.dumps([versions(), sorted(sys.modules)]))")
+    found, modules = json.loads(subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+        text=True, check=True).stdout)
+    import keras
+    import numpy
+
+    assert found["keras"] == keras.__version__
+    assert found["numpy"] == numpy.__version__
+    assert found["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert set(found) <= {"python", *PACKAGES}
+    assert not {"keras", "numpy", "tensorflow", "jax"} & set(modules)
+
+
+def test_device_wheels_stops_without_the_mnist_files(tmp_path):
+    """Before it downloads anything, with a message that says why."""
+    tools = tmp_path / "repo" / "tools"
+    tools.mkdir(parents=True)
+    (tools / "device-wheels.sh").write_text(
+        (ROOT / "tools" / "device-wheels.sh").read_text())
+    result = subprocess.run(["bash", str(tools / "device-wheels.sh")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert ("no .mnist/train-images-idx3-ubyte.gz: put the four MNIST .gz "
+            "files in ../shared/data/mnist" in result.stderr)
+    assert not (tmp_path / "repo" / ".whl").exists()
 
 
 def test_machine_records_the_vector_features(monkeypatch):
@@ -95,6 +135,37 @@ def test_train_step_runs_each_tolerance_in_a_child_process():
     assert run["tolerance"] == 1e-2 and run["nfe_forward"] > 0
     assert run["jit_compile"] is False
     assert run["median_step_s"] > 0 and report["machine"]["tensorflow"]
+    assert report["steps"] == report["warmup"] == 1
+    assert report["versions"]["tensorflow"] == report["machine"]["tensorflow"]
+
+
+@tensorflow_only("benchmarks/train_step.py times the TensorFlow backend")
+def test_train_step_shows_why_a_child_failed():
+    # Only fixed-step solvers unroll: the child stops at once.
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_step", "--tolerances",
+         "1e-2", "--steps", "1", "--warmup", "1", "--unroll"],
+        cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and not result.stdout
+    assert "Only fixed-step solvers unroll" in result.stderr
+    assert result.stderr.rstrip().endswith(
+        "the run at tolerance 0.01 failed: see above.")
+
+
+def test_train_step_solvers_are_the_packages(capsys):
+    from benchmarks.train_step import SOLVERS, main
+
+    from keras_node import solvers
+
+    assert [solvers.get(name).name for name in SOLVERS] == SOLVERS
+    assert set(SOLVERS) == {
+        value.name for value in vars(solvers).values()
+        if isinstance(value, type) and issubclass(value, solvers.Solver)
+        and value.name}
+    with pytest.raises(SystemExit):
+        main(["--solver", "heun"])
+    assert "argument --solver: invalid choice: 'heun'" in (
+        capsys.readouterr().err)
 
 
 @tensorflow_only("benchmarks/train_step.py times the TensorFlow backend")
@@ -126,29 +197,50 @@ def test_keras_jax_step_times_the_chosen_solve(capsys):
 def test_solver_table_gives_each_of_ours_its_peers_ratios(
         gpu, monkeypatch, tmp_path, capsys):
     """`--solver-table` times its table's configurations (on a GPU, ours on
-    the JAX backend, with backprop for rk4 and tsit5) and divides each of
-    ours by torchdiffeq's same solve and diffrax's matching one."""
+    the JAX backend, with backprop for rk4 and tsit5), each of ours followed
+    by its peers in every round, and divides the median over the rounds of
+    each of ours by torchdiffeq's same solve's and diffrax's matching
+    one's."""
     from benchmarks.peers import run
 
     table = run.GPU_SOLVER_TABLE if gpu else run.SOLVER_TABLE
-    # A distinct step time for each configuration, over two rounds.
+    # A distinct step time for each configuration, scaled in each round by
+    # factors whose median, mean, largest and smallest give other ratios.
     times = {run.label(*config): 0.1 * (index + 1)
              for index, config in enumerate(table)}
-    calls = []
+    factors = {"ours": (1.0, 2.0, 7.0), "peer": (4.0, 1.0, 5.0)}
+    calls, names = [], []
 
     def run_once(library, steps, warmup, batch_size, gpu, solver, gradient):
         calls.append(run.command(library, steps, warmup, batch_size, gpu,
                                  solver, gradient))
         name = run.label(library, solver, gradient)
-        rounds = sum(command == calls[-1] for command in calls)
-        return {"median_step_s": times[name] * rounds}  # median: 1.5x
+        rounds = names.count(name)
+        names.append(name)
+        side = "ours" if library == run.OURS else "peer"
+        return {"median_step_s": times[name] * factors[side][rounds]}
 
     monkeypatch.setattr(run, "run_once", run_once)
-    argv = ["--solver-table", "--rounds", "2", "--steps", "1", "--warmup",
+    argv = ["--solver-table", "--rounds", "3", "--steps", "1", "--warmup",
             "1", "--json-out", str(tmp_path / "table.json")]
     run.main(argv + ["--gpu"] * gpu)
-    summary = json.loads((tmp_path / "table.json").read_text())["summary"]
-    assert len(calls) == 2 * len(table) and list(summary) == list(times)
+    result = json.loads((tmp_path / "table.json").read_text())
+    summary = result["summary"]
+    assert result["command"] == shlex.join(
+        ["python", "-m", "benchmarks.peers.run", *argv] + ["--gpu"] * gpu)
+    assert result["versions"]["python"] and result["rounds"] == 3
+    # Every round runs the whole table in its order, where each of ours is
+    # followed by its peers: torchdiffeq's same solve, diffrax's matching.
+    assert names == list(times) * 3 and list(summary) == list(times)
+    assert table[0][0] == run.OURS
+    for library, solver, gradient in table:
+        if library == run.OURS:
+            block = (solver, gradient)
+        elif library.startswith("diffrax-"):
+            assert block[0] == solver
+            assert run.DIFFRAX_ADJOINT[block[1]] == library.split("-")[1]
+        else:
+            assert block == (solver, gradient)
     ours = {(solver, gradient) for library, solver, gradient in table
             if library == run.OURS}
     assert {("rk4", "backprop"), ("tsit5", "backprop")} <= ours
@@ -164,6 +256,10 @@ def test_solver_table_gives_each_of_ours_its_peers_ratios(
         assert argv[0] == (sys.executable if gpu or argv[2] == ours_module
                            else str(ROOT / venvs[argv[2]] / "bin/python"))
         assert ("cuda" in argv) is (gpu and "torchdiffeq_step" in argv[2])
+    for name, entry in summary.items():  # the medians: 2x and 4x
+        median = 2.0 if name.startswith(run.OURS + " ") else 4.0
+        assert entry["median_step_s"] == pytest.approx(times[name] * median)
+        assert entry["rounds"] == 3
     for solver, gradient in ours:
         entry = summary[run.label(run.OURS, solver, gradient)]
         mine = times[run.label(run.OURS, solver, gradient)]
@@ -174,7 +270,7 @@ def test_solver_table_gives_each_of_ours_its_peers_ratios(
                 ("ratio_to_peer", run.label("torchdiffeq", solver, gradient)),
                 ("ratio_to_diffrax", run.label(diffrax, solver))]:
             assert entry.get(key) == (None if peer not in times else
-                                      pytest.approx(mine / times[peer]))
+                                      pytest.approx(mine / times[peer] / 2))
     assert any("ratio_to_diffrax" in entry for entry in summary.values())
     assert "x diffrax" in capsys.readouterr().out  # the printed table
 
@@ -190,7 +286,7 @@ def test_profile_step_times_the_chosen_solve_and_the_layers_around_it(
         cwd=ROOT, capture_output=True, text=True, check=True)
     report = json.loads(result.stdout)
     # The profiler's trace of the train steps, for TensorBoard.
-    assert report["trace"] == str(trace)
+    assert report["trace"] == str(trace) and report["repeats"] == 1
     assert list(trace.glob("plugins/profile/*/*.xplane.pb"))
     assert report["solver"] == \
         "RK4(num_steps=2, step_size=None, unroll=False)"
@@ -277,12 +373,14 @@ def test_dynamics_cost_stages_are_the_layers_around_the_ode_in_order():
 def test_dynamics_cost_ratio_is_ours_over_torch_of_the_medians():
     from benchmarks.peers.dynamics_cost import STAGES, summarize
 
+    # Medians 2 and 5; means 7/3 and 6, largest 4 and 9, smallest 1 and 4.
     runs = {"tensorflow": [{"forward_s": s, "forward_backward_s": 2 * s}
-                           for s in (1.0, 3.0, 2.0)],
+                           for s in (1.0, 4.0, 2.0)],
             "torch": [{"forward_s": s, "forward_backward_s": 8 * s}
-                      for s in (4.0, 5.0, 6.0)]}
+                      for s in (4.0, 9.0, 5.0)]}
     summary = summarize(runs)
     assert summary["tensorflow"]["forward_s"] == 2.0
+    assert summary["torch"]["forward_backward_s"] == 40.0
     assert summary["ratio"] == {"forward_s": 0.4, "forward_backward_s": 0.1}
     assert "stages" not in summary
     # --part around: each stage summarised the same way.
@@ -312,6 +410,7 @@ def test_save_at_benchmark_times_each_number_of_output_times(tmp_path):
                            "--json-out", str(out)])
     assert json.loads(out.read_text()) == result
     assert [run["output_times"] for run in result["runs"]] == [1, 2]
+    assert result["steps"] == 1 and result["versions"]["keras"]
     for run in result["runs"]:
         assert run["backend"] == keras.backend.backend()
         assert run["first_step_s"] > 0 and run["median_step_s"] > 0
@@ -490,3 +589,51 @@ def test_benchmarks_that_need_a_backend_say_so(capsys):
         keras_jax_step.main(["--warmup", "0"])
     assert ("--warmup must be at least 1 (the first step compiles)"
             in capsys.readouterr().err)
+
+
+def test_serving_probe_follows_each_malformed_request_with_a_good_one():
+    from benchmarks.serving_probe import PREDICT, bad_requests, client_requests
+
+    good, bad = b"good", bad_requests()
+    for clients in (8, 3):  # each client's turns, an even count of them too
+        sent = [client_requests(index, 96, clients, good, bad)
+                for index in range(clients)]
+        assert sum(map(len, sent)) == 96
+        for requests in sent:
+            assert requests[0] == (PREDICT, good)
+            for request, following in zip(requests, requests[1:]):
+                assert (request[1] is good) is not (following[1] is good)
+        malformed = [r for requests in sent for r in requests
+                     if r[1] is not good]
+        assert len(malformed) == 96 // 2
+        assert {id(r) for r in malformed} == {id(r) for r in bad}
+
+
+def test_figures_take_the_command_and_settings_from_the_runs(tmp_path):
+    from benchmarks import figures
+
+    result = {"benchmark": "peers", "command": "python -m "
+              "benchmarks.peers.run --batch-size 32", "batch_size": 32,
+              "tolerance": 1e-4, "solver": "tsit5", "gradient": "backprop",
+              "date": "2026-01-02T03:04:05+00:00", "git_commit": "f" * 40,
+              "machine": {"cpu": "a CPU", "cpu_count": 3},
+              "versions": {"python": "3.0.0"}, "summary": {}}
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps(result))
+    figures.collect_peers(path, tmp_path)
+    record = json.loads((tmp_path / figures.PEERS).read_text())
+    assert record["command"] == result["command"]
+    assert (record["date"], record["commit"], record["machine"],
+            record["versions"]) == ("2026-01-02", "fffffff", "a CPU, 3 CPUs",
+                                    {"python": "3.0.0"})
+    assert figures.peers_settings(result) == (
+        "batch 32, tsit5 at rtol = atol = 0.0001, backprop")
+    # An older run.py JSON: its solve was the default.
+    assert figures.peers_settings({"batch_size": 128, "tolerance": 1e-3}) \
+        == "batch 128, dopri5 at rtol = atol = 0.001, adjoint"
+    options = {"epochs": 2, "batch_size": 128, "solver": "tsit5",
+               "unroll": False, "train_on_held_out": True,
+               "manual_dir": "mnist", "tensorboard": None}
+    assert figures.mnist_command(options) == (
+        "python -m examples.mnist --epochs 2 --solver tsit5 "
+        "--train-on-held-out --manual-dir mnist")

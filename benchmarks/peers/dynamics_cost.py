@@ -248,7 +248,8 @@ def main(argv=None):
                                            args.part, solve))
     print(json.dumps({**summarize(runs), "runs": runs, "part": args.part,
                       **(solve if args.part == "ode" else {}),
-                      "batch_size": args.batch_size,
+                      "batch_size": args.batch_size, "rounds": args.rounds,
+                      "repeats": args.repeats, "threads": args.threads,
                       "machine": describe(), **provenance()}, indent=1))
 
 

@@ -17,10 +17,10 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import resource
 import time
 
+from benchmarks.machine import versions
 from benchmarks.train_step import add_solve_arguments
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -74,8 +74,7 @@ def measure(steps, warmup, batch_size, solver="dopri5", gradient="adjoint",
                             if stats else None),
         "compile_s": compile_s,
         "losses": losses,
-        "versions": {"python": platform.python_version(),
-                     "jax": jax.__version__, "keras": keras.__version__},
+        "versions": versions(),
     }
 
 

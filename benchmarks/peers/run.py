@@ -12,7 +12,9 @@ tolerances and data. Prints a table and a JSON object: per library the
 median over rounds of the median step time, of the minimum step time, of the
 forward and backward evaluations and of the peak resident memory, and
 `ratio_to_ours` (its median step time over ours); plus every round's raw
-result. A failed run is reported on stderr and left out.
+result (a peer's with its versions), the command and its settings, the
+machine, the date, the commit and the versions of this Python's packages
+(ours'). A failed run is reported on stderr and left out.
 
 `--gpu` runs them all on a GPU with this one Python (see the README here,
 "On a GPU"): ours through `keras_jax_step.py` on Keras' JAX backend.
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import statistics
 import subprocess
 import sys
@@ -43,34 +46,49 @@ PEERS = ["torchdiffeq", "diffrax-backsolve-slices", "diffrax-recursive-slices",
          "diffrax-backsolve-stock", "diffrax-recursive-stock"]
 DEFAULT_PEERS = PEERS[:4]
 NUM_STEPS = 4  # the fixed-step solvers' steps over [0, 1]
-# --solver-table: (library, solver, gradient). Ours and torchdiffeq take the
-# gradient "adjoint" or "backprop"; a diffrax peer's is in its name.
-SOLVER_TABLE = [
-    *[(OURS, solver, gradient) for gradient in ("adjoint", "backprop")
-      for solver in ("dopri5", "tsit5", "bosh3")],
-    (OURS, "rk4", "backprop"), (OURS, "rk4", "adjoint"),
-    *[("torchdiffeq", solver, gradient) for gradient in ("adjoint", "backprop")
-      for solver in ("dopri5", "tsit5", "bosh3")],
-    ("torchdiffeq", "rk4", "backprop"), ("torchdiffeq", "rk4", "adjoint"),
-    ("diffrax-recursive-slices", "tsit5", None),
-    ("diffrax-backsolve-slices", "dopri5", None),
-]
+# The solve without --solver-table: each script's default (a diffrax peer's
+# gradient is in its name).
+DEFAULT_SOLVE = {"solver": "dopri5", "gradient": "adjoint"}
+
+
+def comparisons(*solves):
+    """(library, solver, gradient) configurations: for each `(solver,
+    gradient, peers)` of `solves`, ours with that solve, then each peer
+    with the same solver (torchdiffeq with the same gradient; a diffrax
+    peer's gradient is in its name), so that a round alternates each of
+    ours with its peers, and a run cut short by a time limit leaves whole
+    comparisons."""
+    return [config for solver, gradient, peers in solves
+            for config in [(OURS, solver, gradient),
+                           *[(peer, solver,
+                              gradient if peer == "torchdiffeq" else None)
+                             for peer in peers]]]
+
+
+# --solver-table: each solver and gradient method of ours against
+# torchdiffeq's, and diffrax's where it has the matching one.
+SOLVER_TABLE = comparisons(
+    ("dopri5", "adjoint", ["torchdiffeq", "diffrax-backsolve-slices"]),
+    ("tsit5", "adjoint", ["torchdiffeq"]),
+    ("bosh3", "adjoint", ["torchdiffeq"]),
+    ("dopri5", "backprop", ["torchdiffeq"]),
+    ("tsit5", "backprop", ["torchdiffeq", "diffrax-recursive-slices"]),
+    ("bosh3", "backprop", ["torchdiffeq"]),
+    ("rk4", "backprop", ["torchdiffeq"]),
+    ("rk4", "adjoint", ["torchdiffeq"]),
+)
 # --solver-table --gpu: ours runs on Keras' JAX backend; its adaptive
 # solvers with the adjoint, and Tsit5 with backprop (a bounded, checkpointed
 # loop there) against diffrax's `RecursiveCheckpointAdjoint`. Diffrax, on
 # JAX too, is their closest peer (stock convolutions: the slices are for
-# XLA:CPU). Each of ours is followed by its peers, so that a run cut short
-# by a time limit leaves whole comparisons.
-GPU_SOLVER_TABLE = [
-    *[config for solver in ("dopri5", "tsit5", "bosh3")
-      for config in ((OURS, solver, "adjoint"),
-                     ("torchdiffeq", solver, "adjoint"),
-                     ("diffrax-backsolve-stock", solver, None))],
-    (OURS, "tsit5", "backprop"), ("diffrax-recursive-stock", "tsit5", None),
-    *[config for gradient in ("backprop", "adjoint")
-      for config in ((OURS, "rk4", gradient),
-                     ("torchdiffeq", "rk4", gradient))],
-]
+# XLA:CPU).
+GPU_SOLVER_TABLE = comparisons(
+    *[(solver, "adjoint", ["torchdiffeq", "diffrax-backsolve-stock"])
+      for solver in ("dopri5", "tsit5", "bosh3")],
+    ("tsit5", "backprop", ["diffrax-recursive-stock"]),
+    ("rk4", "backprop", ["torchdiffeq"]),
+    ("rk4", "adjoint", ["torchdiffeq"]),
+)
 # A diffrax peer's adjoint, by the gradient method it matches.
 DIFFRAX_ADJOINT = {"backprop": "recursive", "adjoint": "backsolve"}
 FIELDS = ["median_step_s", "min_step_s", "nfe_forward", "nfe_backward",
@@ -103,7 +121,8 @@ def command(library, steps, warmup, batch_size, gpu=False, solver=None,
             common += ["--solver", solver]
     if library == OURS:
         if gpu:
-            return [sys.executable, "-m", "benchmarks.peers.keras_jax_step", *common]
+            return [sys.executable, "-m", "benchmarks.peers.keras_jax_step",
+                    *common]
         return [sys.executable, "-m", "benchmarks.train_step",
                 "--child", "1e-3", *common]
     if library == "torchdiffeq":
@@ -243,15 +262,18 @@ def table(summary, ratios=("ratio_to_ours",)):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--peers", nargs="+", choices=PEERS,
                         default=DEFAULT_PEERS,
-                        help="peers to time besides ours (default: %(default)s)")
+                        help="peers to time besides ours (default: "
+                        "%(default)s)")
     parser.add_argument("--gpu", action="store_true",
                         help="run all on the GPU with this Python: ours on "
                              "Keras' JAX backend, torchdiffeq on CUDA, "
@@ -288,12 +310,15 @@ def main(argv=None):
         summary, ratios = summarize(runs), ("ratio_to_ours",)
     result = {
         "benchmark": "peers-solvers" if args.solver_table else "peers",
+        "command": shlex.join(["python", "-m", "benchmarks.peers.run",
+                               *argv]),
         "batch_size": args.batch_size,
         "steps": args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
         "tolerance": 1e-3,
-        **({"num_steps": NUM_STEPS} if args.solver_table else {}),
+        **({"num_steps": NUM_STEPS} if args.solver_table else
+           {**DEFAULT_SOLVE, "peers": list(dict.fromkeys(args.peers))}),
         "gpu": args.gpu,
         "summary": summary,
         "runs": runs,

@@ -8,7 +8,8 @@ random sub-trajectories (the same numpy generator and seed, so the very same
 batches), the same network and initialisation scheme, RMSprop at 1e-3, the
 mean absolute error, dopri5 at torchdiffeq's default tolerances (rtol 1e-7,
 atol 1e-9). Prints one JSON line: the final loss over the whole trajectory
-and the training time (whole-trajectory tests excluded, as in ours).
+and the training time (whole-trajectory tests excluded, as in ours), with
+the settings and the versions.
 """
 
 import argparse
@@ -19,6 +20,8 @@ import numpy as np
 import scipy.integrate
 import torch
 import torchdiffeq
+
+from benchmarks.machine import versions
 
 TRUE_A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
 TRUE_Y0 = np.array([2.0, 0.0])
@@ -94,7 +97,7 @@ def main():
                       "train_time_s": train_time,
                       "iterations": args.iterations, "seed": args.seed,
                       "gradient": args.gradient,
-                      "torch": torch.__version__}))
+                      "versions": versions()}))
 
 
 if __name__ == "__main__":
