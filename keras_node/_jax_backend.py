@@ -2,8 +2,9 @@
 
 On JAX there are no variables to close over: the dynamics run in a
 `keras.StatelessScope` that maps their weights to values passed in
-explicitly, so that the adjoint can return their gradients. Steps are taken by the same
-`_solver` code as on TensorFlow, on TFP's JAX substrate (`tfp-nightly`).
+explicitly, so that the adjoint can return their gradients. Steps are taken
+by the same `_solver` code as on TensorFlow, on TFP's JAX substrate
+(`tfp-nightly`).
 
 What differs from TensorFlow: assertions cannot run inside JAX's loops, so
 an exhausted `max_num_steps` makes the solve return NaN; an eager call (not

@@ -12,10 +12,10 @@ found (`_private`); the patch reads the source of what it patches.
   learns which model it runs in, also in a subclassed model.
 - `stored_dtypes()`: no autocast scope (Keras' global state
   `autocast_scope`), so that a variable's `value` and `dtype` are as
-  stored. Inside a layer under a mixed policy they are of
-  half precision, but the JAX backend differentiates the dynamics with
-  respect to the stored weights, and maps them in a `StatelessScope`
-  (which casts each value to its variable's `dtype`).
+  stored. Inside a layer under a mixed policy they are of half precision,
+  but the JAX backend differentiates the dynamics with respect to the
+  stored weights, and maps them in a `StatelessScope` (which casts each
+  value to its variable's `dtype`).
 - `has_functional_sibling(layer)`: walks the functional graph through
   `_inbound_nodes`, `_outbound_nodes` and their nodes' `operation` and
   `parent_nodes`, to find whether a layer's model holds another of its
