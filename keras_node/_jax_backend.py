@@ -38,14 +38,14 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     host."""
     with stored_dtypes():
         params = [v.value for v in dynamics.trainable_variables]
-        non_trainable = [(v, v.value)
-                         for v in dynamics.non_trainable_variables]
+        frozen = [v.value for v in dynamics.non_trainable_variables]
 
-    def dynamics_fn(t, h, params):
+    def dynamics_fn(t, h, params, frozen):
         kwargs = {"t": t} if time_dependent else {}
         with stored_dtypes():
             scope = keras.StatelessScope(state_mapping=[
-                *zip(dynamics.trainable_variables, params), *non_trainable])
+                *zip(dynamics.trainable_variables, params),
+                *zip(dynamics.non_trainable_variables, frozen)])
         # The layer's `__call__` (`stateless_call` runs its bare `call`):
         # it casts `h` and its weights to its own dtype policy, as on
         # TensorFlow.
@@ -57,10 +57,14 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     if _jax_compat.enabled():
         # On a CPU, so that XLA runs the convolutions of the dynamics and of
         # their gradients inside the solver's loops in its fast kernels.
+        # The non-trainable weights are arguments, not closed over: the
+        # rewrite's backward pass traces the dynamics again, where a jitted
+        # step's tracers of them would leak.
         dynamics_fn = _jax_compat.canonical_convolutions(dynamics_fn)
     fn, y0, mask = _solver.augment(
-        _TFP.tf, dynamics_fn, h0, vjp=_vjp, kinetic=kinetic,
-        jacobian=jacobian, trace=trace, noise=noise)
+        _TFP.tf, lambda t, h, params: dynamics_fn(t, h, params, frozen), h0,
+        vjp=_vjp, kinetic=kinetic, jacobian=jacobian, trace=trace,
+        noise=noise)
     if gradient == "backprop":
         ys, counts = _solver.integrate(
             _TFP, lambda t, y: fn(t, y, params), t0, times[-1], y0,

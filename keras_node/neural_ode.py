@@ -66,8 +66,12 @@ class NeuralODE(keras.layers.Layer):
     solve in float64, with the solver's coefficients in float64), and the
     output has the input's dtype (a float64 layer's is float64). Not
     supported: dynamics that update state during the solve
-    (`BatchNormalization`'s moving statistics, for example), dynamics with
-    several inputs or outputs, gradients with respect to `t0` or `t1`.
+    (`BatchNormalization`'s moving statistics, for example), random layers
+    in the dynamics (`Dropout`, `GaussianNoise`: on TensorFlow each
+    evaluation draws anew, and the adjoint's backward solve does not see the
+    forward solve's draws; on JAX their seed's state does not advance, so
+    every call draws the same), dynamics with several inputs or outputs,
+    gradients with respect to `t0` or `t1`.
     XLA on TensorFlow: XLA drops an adaptive solver's `max_num_steps` error
     (an exhausted budget returns NaN instead), so on TensorFlow a layer with
     an adaptive solver sets `supports_jit = False`, and Keras trains its

@@ -354,6 +354,27 @@ def test_mixed_precision_dynamics_keep_float32_state():
         ("float32", "float16")}
 
 
+@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_dynamics_with_a_frozen_layer_train_the_rest(solver, gradient):
+    # Non-trainable weights in the dynamics (a frozen layer): `fit` (jitted
+    # on JAX) trains the others and leaves them as they were.
+    keras.utils.set_random_seed(0)
+    frozen = keras.layers.Dense(8, activation="tanh")
+    dynamics = keras.Sequential([frozen, keras.layers.Dense(4)])
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, NeuralODE(dynamics, solver=solver,
+                                          gradient=gradient)(inputs))
+    frozen.trainable = False
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    before = [np.copy(w.numpy()) for w in dynamics.weights]
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    model.fit(x, 2 * x, batch_size=16, verbose=0)
+    after = [np.copy(w.numpy()) for w in dynamics.weights]
+    for w0, w1, variable in zip(before, after, dynamics.weights):
+        assert np.array_equal(w0, w1) is not variable.trainable
+
+
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_dynamics_keep_their_own_precision_under_mixed_precision(gradient):
     # A float64 layer in a mixed_float16 NeuralODE reads its weights in
