@@ -232,10 +232,12 @@ class NeuralODE(keras.layers.Layer):
         self.jacobian_norm = non_negative_float("jacobian_norm", jacobian_norm)
         self.seed = check_seed(seed, unused=None if self.jacobian_norm else
                                "no probes are drawn with jacobian_norm=0")
-        self.seed_generator = (keras.random.SeedGenerator(seed)
+        self.seed_generator = (keras.random.SeedGenerator(self.seed)
                                if self.jacobian_norm else None)
         self.save_at = (None if save_at is None
                         else _save_times(save_at, self.t0, self.t1))
+        if getattr(self.solver, "step_size", None) is not None:
+            self._check_num_fixed_steps()
         if isinstance(augment_dim, bool) or not isinstance(
                 augment_dim, numbers.Integral):
             raise invalid(TypeError, "augment_dim", "a non-negative integer",
@@ -262,6 +264,17 @@ class NeuralODE(keras.layers.Layer):
         self._backward_evals_host = 0.0
         self.shares_model = False  # found out when called in a model
         _backend()  # a missing or unsupported TFP fails here, not in `fit`
+
+    def _check_num_fixed_steps(self):
+        """Refuses a `step_size` that makes too many steps over the span."""
+        num_steps = sum(n for _, _, n in _solver.fixed_grid(
+            self.t0, self.output_times, step_size=self.solver.step_size))
+        if num_steps > solvers.MAX_FIXED_STEPS:
+            raise ValueError(
+                "Received an invalid value for argument `solver`, expected a "
+                f"step_size making at most {solvers.MAX_FIXED_STEPS} steps "
+                f"from t0={self.t0} to t1={self.t1}. Received: solver="
+                f"{self.solver!r} ({num_steps} steps)")
 
     def _tolerances(self, rtol, atol):
         """`(rtol, atol)` checked against the solver and gradient method."""
@@ -581,7 +594,8 @@ def _save_times(save_at, t0, t1):
     if not times or not all(math.isfinite(t) for t in times) \
             or steps[0] < 0 or any(step <= 0 for step in steps[1:]) \
             or sign * (times[-1] - t1) > 0 or times[-1] == t0:
-        raise invalid(ValueError, "save_at", expected, save_at)
+        # As floats: float32 times print as in range when they are not.
+        raise invalid(ValueError, "save_at", expected, times)
     return tuple(times)
 
 
@@ -610,7 +624,7 @@ def check_seed(seed, unused=None):
         raise invalid(TypeError, "seed", "None or an integer", seed)
     if seed is not None and unused:
         raise invalid(ValueError, "seed", f"None: {unused}", seed)
-    return seed
+    return None if seed is None else int(seed)  # Keras refuses numpy ints
 
 
 def check_floating(inputs):

@@ -122,7 +122,7 @@ class ContinuousNormalizingFlow(keras.Model):
                           "jacobian_norm=0", noise)
         self.noise = noise
         self.seed = check_seed(seed)
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.event_shape = None
 
     @property
@@ -172,7 +172,7 @@ class ContinuousNormalizingFlow(keras.Model):
             raise ValueError(
                 "ContinuousNormalizingFlow.sample needs the event shape: "
                 "call, fit or build the model first.")
-        check_seed(seed)
+        seed = check_seed(seed)
         dtype = self.ode._state_dtype(self.compute_dtype)
         z = keras.random.normal(
             (num_samples, *self.event_shape), dtype=dtype,

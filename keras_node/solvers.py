@@ -30,6 +30,10 @@ from keras_node._options import (Options, invalid, positive_float,
 __all__ = ["Solver", "DormandPrince", "Tsit5", "Bosh3", "Euler", "Midpoint",
            "RK4", "get"]
 
+# The most steps a fixed-step solve may take (`num_steps`, or the steps
+# that `step_size` makes over the layer's span).
+MAX_FIXED_STEPS = 10**7
+
 
 class Solver(Options):
     """Base class of the solvers. `name` is the string that selects it."""
@@ -50,9 +54,10 @@ class AdaptiveSolver(Solver):
             torchdiffeq and DifferentialEquations.jl do), which costs one
             evaluation and saves many. Defaults to `None`.
         max_num_steps: the most steps, accepted and rejected, that one solve
-            (forward or backward) may take before it fails with an error (on
-            JAX, and under XLA on TensorFlow, the solve returns NaN instead).
-            Defaults to `1000`.
+            may take before it fails with an error (on JAX, and under XLA on
+            TensorFlow, the solve returns NaN instead): the forward solve, or
+            the adjoint's backward solve between two output times (one
+            segment a time of `save_at`). Defaults to `1000`.
     """
 
     adaptive = True
@@ -135,7 +140,7 @@ class FixedStepSolver(Solver):
         if step_size is None:
             self.num_steps = positive_int(
                 "num_steps", 10 if num_steps is None else num_steps,
-                upper=10**7)
+                upper=MAX_FIXED_STEPS)
             self.step_size = None
         else:
             self.num_steps = None

@@ -80,6 +80,15 @@ def dynamics():
          r"Received: save_at=\[0.5, nan\]"),
         (dict(save_at=1.0), TypeError, r"Received: save_at=1.0"),
         (dict(save_at=["1"]), TypeError, r"Received: save_at=\['1'\]"),
+        # float32's 0.3 is past t1=0.3: the message shows it.
+        (dict(t1=0.3, save_at=np.array([0.1, 0.3], "float32")), ValueError,
+         r"Received: save_at=\[0.10000000149011612, 0.30000001192092896\]"),
+        (dict(solver=solvers.Euler(step_size=2.5e-10)), ValueError,
+         r"argument `solver`, expected a step_size making at most 10000000 "
+         r"steps from t0=0.0 to t1=1.0. Received: solver=Euler\(num_steps="
+         r"None, step_size=2.5e-10, unroll=False\) \(4000000000 steps\)"),
+        (dict(solver=solvers.RK4(step_size=9e-8), save_at=[0.5, 1.0]),
+         ValueError, r"at most 10000000 steps .* \(11111112 steps\)"),
         (dict(kinetic_energy=None), TypeError,
          r"argument `kinetic_energy`, expected a finite float. "
          r"Received: kinetic_energy=None"),

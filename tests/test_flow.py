@@ -273,6 +273,16 @@ def test_neural_ode_jacobian_norm_errors(kwargs, error, message):
         NeuralODE(mlp_dynamics(8, 2), **kwargs)
 
 
+def test_numpy_integer_seeds_are_seeds():
+    flow = ContinuousNormalizingFlow(mlp_dynamics(8, 2), trace="hutchinson",
+                                     seed=np.int64(3))
+    flow.build((None, 2))
+    np.testing.assert_array_equal(flow.sample(2, seed=np.int32(4)),
+                                  flow.sample(2, seed=4))
+    ode = NeuralODE(mlp_dynamics(8, 2), jacobian_norm=0.1, seed=np.int64(3))
+    assert type(ode.get_config()["seed"]) is int
+
+
 def test_sample_errors():
     flow = ContinuousNormalizingFlow(mlp_dynamics(8, 2))
     with pytest.raises(ValueError, match=r"sample needs the event shape: "
