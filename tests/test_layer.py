@@ -354,6 +354,19 @@ def test_mixed_precision_dynamics_keep_float32_state():
         ("float32", "float16")}
 
 
+def test_dynamics_get_the_training_flag():
+    class Decay(keras.layers.Layer):  # dh/dt = -h in training, else h
+        def call(self, h, training=None):
+            return -h if training else h
+
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, NeuralODE(Decay(), solver="rk4")(inputs))
+    x = np.ones((3, 2), "float32")
+    for training, rate in ((True, -1.0), (False, 1.0)):
+        np.testing.assert_allclose(model(x, training=training),
+                                   x * np.exp(rate), rtol=1e-5)
+
+
 @pytest.mark.parametrize("solver", ["dopri5", "rk4"])
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_dynamics_with_a_frozen_layer_train_the_rest(solver, gradient):
