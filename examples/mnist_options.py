@@ -131,9 +131,6 @@ def parse_args(argv=None, description=None):
     if not TENSORFLOW and args.strategy not in ("auto", "default"):
         parser.error(f"--strategy {args.strategy} needs Keras' TensorFlow "
                      f"backend; on {keras.backend.backend()} use auto")
-    if args.augment_dim < 0:
-        parser.error(f"--augment-dim must be at least 0, got "
-                     f"{args.augment_dim}")
     if not 0 <= args.ema < 1:
         parser.error(f"--ema must be in [0, 1), got {args.ema}")
     if not 0 <= args.shift < 14:
@@ -141,11 +138,9 @@ def parse_args(argv=None, description=None):
     if not 0 <= args.rotate <= 180:
         parser.error(f"--rotate must be in [0, 180] degrees, got "
                      f"{args.rotate}")
-    for name in ("weight_decay", "kinetic_energy"):
-        if not getattr(args, name) >= 0:
-            parser.error(f"--{name.replace('_', '-')} must be at least 0, "
-                         f"got {getattr(args, name)}")
-    check_ranges(parser, args, positive=("learning_rate",))
+    check_ranges(parser, args, positive=("learning_rate",),
+                 non_negative=("augment_dim", "weight_decay",
+                               "kinetic_energy"))
     check_out_folder(parser, args.out)
     if args.manual_dir is not None and not args.manual_dir.is_dir():
         parser.error(f"--manual-dir must be a folder holding the MNIST files; "
