@@ -253,7 +253,8 @@ def _carry_weights(method, args, kwargs):
     validation = arguments.get("validation_data")
     if isinstance(validation, (tuple, list)) and len(validation) == 3 and (
             _drops_weights(*validation)):
-        arguments["validation_data"] = (validation[0], *validation[::2])
+        x, _, weights = validation
+        arguments["validation_data"] = (x, x, weights)
     return bound.args, bound.kwargs
 
 
