@@ -33,9 +33,10 @@ _TFP = substrate("jax")
 
 def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
           gradient, seminorm, on_backward_evals, kinetic=False,
-          jacobian=False, trace=None, noise=None):
+          jacobian=False, trace=None, noise=None, random_state=()):
     """As the TensorFlow backend's `solve`; `on_backward_evals` runs on the
-    host."""
+    host. Here every non-trainable variable, `random_state`'s among them,
+    is read once, at the start."""
     with stored_dtypes():
         params = [v.value for v in dynamics.trainable_variables]
         frozen = [v.value for v in dynamics.non_trainable_variables]

@@ -16,6 +16,10 @@ found (`_private`); the patch reads the source of what it patches.
   but the JAX backend differentiates the dynamics with respect to the
   stored weights, and maps them in a `StatelessScope` (which casts each
   value to its variable's `dtype`).
+- `seed_generators(layer)`: `Layer._seed_generators` of every layer nested
+  in `layer` (`_flatten_layers`), the `keras.random.SeedGenerator`s that its
+  random layers (`Dropout`, `GaussianNoise`, ...) draw from, so that a
+  `NeuralODE` can hold their draws fixed through a solve.
 - `has_functional_sibling(layer)`: walks the functional graph through
   `_inbound_nodes`, `_outbound_nodes` and their nodes' `operation` and
   `parent_nodes`, to find whether a layer's model holds another of its
@@ -102,6 +106,14 @@ def stored_dtypes():
         yield
     finally:
         global_state.set_global_attribute("autocast_scope", scope)
+
+
+def seed_generators(layer):
+    """The `keras.random.SeedGenerator`s of `layer` and of the layers in it."""
+    with _private("Layer._seed_generators"):
+        return [generator
+                for sub in layer._flatten_layers(include_self=True)
+                for generator in sub._seed_generators]
 
 
 def has_functional_sibling(layer):

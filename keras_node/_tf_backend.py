@@ -1,5 +1,6 @@
 """The TensorFlow backend of `NeuralODE`: the adjoint as a custom gradient."""
 
+import keras
 import tensorflow as tf
 
 from keras_node import _solver
@@ -10,7 +11,7 @@ _TFP = substrate("tensorflow")
 
 def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
           gradient, seminorm, on_backward_evals, kinetic=False,
-          jacobian=False, trace=None, noise=None):
+          jacobian=False, trace=None, noise=None, random_state=()):
     """The states at `times` (stacked first) from `h0`, and the counts.
 
     Args:
@@ -27,6 +28,10 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             evaluations it made.
         kinetic, jacobian, trace, noise: the integrals to solve beside the
             state, as `_solver.augment`'s arguments.
+        random_state: variables of the dynamics (their random layers'
+            seeds) that every evaluation, forward and backward, reads as
+            they are at the start, its updates of them dropped: random
+            layers draw the same at each evaluation of the solve.
 
     Returns:
         `(hs, integrals, counts)`: `hs` with a leading axis of the output
@@ -36,9 +41,16 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         evaluations, accepted and rejected steps and status.
     """
 
+    start = [(v, tf.convert_to_tensor(v)) for v in random_state]
+
     def fn(t, h):
         kwargs = {"t": t} if time_dependent else {}
-        f = dynamics(h, **kwargs)
+        if start:
+            with keras.StatelessScope(state_mapping=start,
+                                      initialize_variables=False):
+                f = dynamics(h, **kwargs)
+        else:
+            f = dynamics(h, **kwargs)
         _solver.check_derivative(dynamics.name, f, h.shape)
         if h.shape.is_fully_defined():
             return tf.cast(f, h.dtype)

@@ -8,7 +8,8 @@ import warnings
 import keras
 
 from keras_node import _nfe_metric, _solver, gradients, solvers
-from keras_node._keras_compat import calling_model, flatten_layers
+from keras_node._keras_compat import (calling_model, flatten_layers,
+                                      seed_generators)
 from keras_node._options import (finite_float, invalid, non_negative_float,
                                  positive_float)
 
@@ -64,14 +65,16 @@ class NeuralODE(keras.layers.Layer):
     dynamics compute in half precision, but the state, the solver and the
     adjoint stay in float32 (float64 inputs, or a layer of dtype float64,
     solve in float64, with the solver's coefficients in float64), and the
-    output has the input's dtype (a float64 layer's is float64). Not
-    supported: dynamics that update state during the solve
-    (`BatchNormalization`'s moving statistics, for example), random layers
-    in the dynamics (`Dropout`, `GaussianNoise`: on TensorFlow each
-    evaluation draws anew, and the adjoint's backward solve does not see the
-    forward solve's draws; on JAX their seed's state does not advance, so
-    every call draws the same), dynamics with several inputs or outputs,
-    gradients with respect to `t0` or `t1`.
+    output has the input's dtype (a float64 layer's is float64).
+    Random layers in the dynamics (`Dropout`, `GaussianNoise`, or any layer
+    drawing from a `keras.random.SeedGenerator`) draw once per solve, as
+    Keras' `recurrent_dropout` draws one mask for every time step: each
+    evaluation of a solve, and of its adjoint's backward solve, sees the
+    same draw, so that the dynamics stay one smooth function of `t` and `h`,
+    and the next solve draws anew. Not supported: dynamics that update
+    state during the solve (`BatchNormalization`'s moving statistics, for
+    example), dynamics with several inputs or outputs, gradients with
+    respect to `t0` or `t1`.
     XLA on TensorFlow: XLA drops an adaptive solver's `max_num_steps` error
     (an exhausted budget returns NaN instead), so on TensorFlow a layer with
     an adaptive solver sets `supports_jit = False`, and Keras trains its
@@ -445,6 +448,7 @@ class NeuralODE(keras.layers.Layer):
         t0, times = ((self.t1, (self.t0,)) if reverse
                      else (self.t0, self.output_times))
         forward, adjoint = self._solve_options(reverse)
+        generators = seed_generators(self.dynamics)
         hs, integrals, counts = _backend().solve(
             self.dynamics, h0, time_dependent=self._time_dependent,
             t0=t0, times=times, forward=forward, adjoint=adjoint,
@@ -452,7 +456,10 @@ class NeuralODE(keras.layers.Layer):
             seminorm=getattr(self.gradient, "norm", None) == "seminorm",
             on_backward_evals=self._record_backward_evals,
             kinetic=bool(kinetic_energy), jacobian=bool(jacobian_norm),
-            trace=trace, noise=noise)
+            trace=trace, noise=noise,
+            random_state=[generator.state for generator in generators])
+        for generator in generators:  # the next solve draws anew
+            generator.next()
         counts = keras.ops.cast(counts, "float32")
         for i, counter in enumerate((self._forward_evals, self._steps_accepted,
                                      self._steps_rejected)):

@@ -16,6 +16,7 @@ from conftest import BACKEND, ROOT, jax_only, tensorflow_only
 
 from helpers import (Linear, Square, kinetic_energy_after_fit, mlp_dynamics,
                      small_conv_dynamics)
+from helpers import gradients as tape_gradients
 from keras_node import NeuralODE, gradients, solvers
 from keras_node.callbacks import LogEvaluationCounts
 
@@ -365,6 +366,57 @@ def test_dynamics_get_the_training_flag():
     for training, rate in ((True, -1.0), (False, 1.0)):
         np.testing.assert_allclose(model(x, training=training),
                                    x * np.exp(rate), rtol=1e-5)
+
+
+class RandomRate(keras.layers.Layer):
+    """`dh/dt = u h`, `u` uniform on [0, 1) and drawn per element."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, h):
+        return h * keras.random.uniform(keras.ops.shape(h),
+                                        seed=self.seed_generator)
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_random_layers_draw_once_per_solve(solver, gradient):
+    # One draw per solve: h(1) = h0 e^u with the generator's first u, then
+    # the next solve draws the next u, which its gradient (e^u) sees too.
+    tolerances = dict(rtol=1e-6, atol=1e-6) if solver == "dopri5" else {}
+    ode = NeuralODE(RandomRate(seed=3), solver=solver, gradient=gradient,
+                    **tolerances)
+    h0 = np.random.default_rng(0).uniform(0.5, 1.5, (3, 4)).astype("float32")
+    draws = keras.random.SeedGenerator(3)
+    first, second = (np.asarray(keras.random.uniform(h0.shape, seed=draws))
+                     for _ in range(2))
+    np.testing.assert_allclose(ode(h0), h0 * np.exp(first), rtol=1e-4)
+    dh0 = tape_gradients(ode, h0, keras.ops.sum)[0]
+    np.testing.assert_allclose(dh0, np.exp(second), rtol=1e-4)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_dropout_in_the_dynamics_trains(gradient):
+    # Each training step solves with one dropout mask (its seed advances
+    # once per step, also in JAX's jitted step); inference keeps it all.
+    keras.utils.set_random_seed(0)
+    dropout = keras.layers.Dropout(0.5, seed=1)
+    dynamics = keras.Sequential([keras.layers.Dense(8, activation="tanh"),
+                                 dropout, keras.layers.Dense(4)])
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, NeuralODE(dynamics, gradient=gradient)(
+        inputs))
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    start = np.copy(dropout.seed_generator.state.numpy())
+    history = model.fit(x, 2 * x, batch_size=8, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    np.testing.assert_array_equal(dropout.seed_generator.state.numpy(),
+                                  start + [0, 8])
+    np.testing.assert_array_equal(model.predict(x, verbose=0),
+                                  model.predict(x, verbose=0))
 
 
 @pytest.mark.parametrize("solver", ["dopri5", "rk4"])
