@@ -26,6 +26,9 @@ class Options:
         return type(other) is type(self) and \
             other.get_config() == self.get_config()
 
+    def __hash__(self):  # equal objects, equal hashes (a config of scalars)
+        return hash((type(self), tuple(sorted(self.get_config().items()))))
+
     def __repr__(self):
         options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({options})"

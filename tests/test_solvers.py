@@ -450,6 +450,9 @@ def test_solver_and_gradient_by_name_and_object():
                           "config": {"norm": "full"}}) \
         == gradients.Adjoint(norm="full")
     assert gradients.get("backprop") == gradients.Backprop()
+    # Hashable, equal objects alike (dict keys, sets, functools.cache).
+    assert len({solvers.RK4(3), solvers.get("rk4"), solvers.RK4(3),
+                gradients.Adjoint(), gradients.get("adjoint")}) == 3
     assert solvers.RK4().num_steps == 10
     ode = NeuralODE(mlp_dynamics(4, 2), solver="rk4")
     assert (ode.rtol, ode.atol) == (None, None)
