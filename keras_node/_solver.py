@@ -705,8 +705,12 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
                                        tab.order)
         setup_evals = 2
     else:
-        step_size = tf.minimum(tf.constant(first_step_size, dtype), span)
+        step_size = tf.constant(first_step_size, dtype)
         setup_evals = 1
+    # A first step that reaches the last output time ends a hair past it:
+    # TFP steps on until a step passes the time, and one that ends on it
+    # does not, so it would cost a second step.
+    step_size = tf.where(step_size >= span, span * (1 + 2.0**-10), step_size)
 
     times = _vector(tf, times, dtype)
     step = _AdaptiveStep(sub, tab=tab, max_num_steps=max_num_steps,

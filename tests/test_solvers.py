@@ -88,6 +88,19 @@ def test_an_output_time_a_step_lands_on_comes_from_the_next_step(cls):
     assert float(ode.steps_accepted) == 3
 
 
+@pytest.mark.parametrize("cls", [solvers.DormandPrince, solvers.Tsit5,
+                                 solvers.Bosh3])
+@pytest.mark.parametrize("first_step_size", [1.0, 4.0])
+def test_a_first_step_that_reaches_t1_is_the_only_step(cls, first_step_size):
+    # A step that ends on t1 does not pass it (TFP's loop would step again):
+    # the first step ends a hair past t1 instead, exact on a constant rate.
+    ode = NeuralODE(_Constant(dtype="float64"), t1=1.0, dtype="float64",
+                    solver=cls(first_step_size=first_step_size))
+    np.testing.assert_allclose(ode(np.full((1, 1), 3.2)), [[3.4]], rtol=0,
+                               atol=1e-13)
+    assert (float(ode.steps_accepted), float(ode.steps_rejected)) == (1, 0)
+
+
 @pytest.mark.parametrize("name", ["dopri5", "tsit5"])
 def test_float64_error_keeps_falling_with_the_tolerance(name):
     errors, evals = [], []
