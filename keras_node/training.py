@@ -88,8 +88,11 @@ def save_model_atomic(model, path):
     """`model.save(path)` (a `.keras` file), atomically."""
     path = pathlib.Path(path)
     partial = path.with_name(f".partial-{path.name}")  # Keras wants .keras
-    model.save(partial)
-    os.replace(partial, path)
+    try:
+        model.save(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _digest(path):
@@ -144,6 +147,11 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.save_every = _positive_int("save_every", save_every)
         self.keep = _positive_int("keep", keep)
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(
+                "Received an invalid value for argument `directory`, "
+                "expected a folder's path (a str or an os.PathLike). "
+                f"Received: directory={directory!r}")
         self.directory = pathlib.Path(directory)
         self._sound = set()  # checkpoints restored or written by this run
 
@@ -203,7 +211,10 @@ class ResumableCheckpoint(keras.callbacks.Callback):
             if problem is None:
                 for earlier in damaged:
                     logger.warning("Skipped a damaged checkpoint: %s", earlier)
-                self._sound.add(candidate)
+                # Those this run restored or wrote before are not its state
+                # any more (a later one, after stepping back, is another
+                # run's and must be written over).
+                self._sound = {candidate}
                 return candidate
             damaged.append(problem)
         if damaged:

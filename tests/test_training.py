@@ -131,6 +131,21 @@ def test_a_run_that_steps_back_drops_the_later_checkpoints(tmp_path):
     assert checkpoint.iterations() == [8, 5]
 
 
+def test_a_run_that_steps_back_writes_over_what_it_restored(tmp_path):
+    # Restored at 10, stepped back to 5, trained to 10 on other data: its
+    # own checkpoint at 10 replaces the one it first restored.
+    checkpointed_run(tmp_path, 10)
+    model, checkpoint, x, y = fresh(tmp_path)
+    assert checkpoint.restore() == 10
+    assert checkpoint.restore(iteration=5) == 5
+    train(model, x, -y, 10, [checkpoint], initial=5)
+    checkpoint.on_train_end()  # as `fit` ends
+    resumed, again, _, _ = fresh(tmp_path)
+    assert again.restore() == 10
+    for a, b in zip(model.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_restore_needs_a_built_compiled_model(tmp_path):
     checkpointed_run(tmp_path, 5)
     checkpoint = ResumableCheckpoint(tmp_path)
@@ -159,6 +174,10 @@ def test_checkpoint_arguments(tmp_path, kwargs, name):
     with pytest.raises(ValueError, match=rf"argument `{name}`, expected a "
                        rf"positive integer. Received: {name}="):
         ResumableCheckpoint(tmp_path, **kwargs)
+    with pytest.raises(TypeError, match=r"argument `directory`, expected a "
+                       r"folder's path \(a str or an os.PathLike\). "
+                       r"Received: directory=None"):
+        ResumableCheckpoint(None)
 
 
 def test_atomic_writes_leave_the_old_file_on_a_crash(tmp_path, monkeypatch):
@@ -173,7 +192,7 @@ def test_atomic_writes_leave_the_old_file_on_a_crash(tmp_path, monkeypatch):
     model, _, _ = model_and_data()
     with pytest.raises(KeyboardInterrupt):
         save_model_atomic(model, tmp_path / "model.keras")
-    assert not (tmp_path / "model.keras").exists()
+    assert list(tmp_path.iterdir()) == [path]  # no partial model left
     monkeypatch.undo()
     save_model_atomic(model, tmp_path / "model.keras")
     assert keras.models.load_model(
