@@ -1,17 +1,81 @@
 """The `keras-node` command: export a trained model, serve SavedModels."""
 
 import argparse
+import importlib
 import logging
 import math
+import os
 import pathlib
+import sys
 
 
 def _port(text):
-    port = int(text)
-    if not 0 <= port <= 65535:
+    try:
+        port = int(text)
+    except ValueError:
+        port = None
+    if port is None or not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(
-            f"expected a port number from 0 to 65535, received {port}")
+            f"expected a port number from 0 to 65535, received {text!r}")
     return port
+
+
+def _positive(kind, expected):
+    """An argparse type: a finite, positive `kind`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(
+                f"expected {expected}, received {text!r}")
+        return value
+
+    return parse
+
+
+_COUNT = _positive(int, "a positive integer")
+_SECONDS = _positive(float, "a positive number of seconds")
+
+
+def _model_name(text):
+    if not text or "/" in text or ":" in text:
+        raise argparse.ArgumentTypeError(
+            "expected a name without '/' or ':' (it is part of the URLs), "
+            f"received {text!r}")
+    return text
+
+
+def _load(export, args):
+    """The model of `keras-node export`, or an error in the command's
+    terms."""
+    import keras
+
+    if not (args.model.is_file() and args.model.suffix == ".keras"):
+        export.error(f"argument model: expected a .keras file, received "
+                     f"{str(args.model)!r}")
+    if keras.backend.backend() != "tensorflow":
+        export.error(
+            "export writes a TensorFlow SavedModel and needs Keras' "
+            f"TensorFlow backend, not {keras.backend.backend()}: run it with "
+            "KERAS_BACKEND=tensorflow (pip install 'keras-node[tensorflow]')")
+    if args.imports:
+        sys.path.insert(0, os.getcwd())  # as `python -m` finds modules
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            export.error(f"argument --import: cannot import {module!r} "
+                         f"({type(error).__name__}: {error})")
+    try:
+        return keras.models.load_model(args.model)
+    except Exception as error:  # Keras raises many kinds
+        hint = (" If it holds custom layers, name the module that defines "
+                "and registers them with --import MODULE."
+                if "Could not locate" in str(error) else "")
+        export.error(f"argument model: {str(args.model)!r} does not load "
+                     f"({type(error).__name__}: {error}).{hint}")
 
 
 def main(argv=None):
@@ -31,47 +95,49 @@ def main(argv=None):
     export.add_argument("--classifier", action="store_true",
                         help="the model's one output is logits: serve "
                         "logits, probabilities and classes")
+    export.add_argument("--import", dest="imports", action="append",
+                        default=[], metavar="MODULE",
+                        help="import MODULE first: one that defines and "
+                        "registers the model's custom layers (repeatable; "
+                        "found as `python -m` finds modules)")
 
     serve = commands.add_parser(
         "serve", help="serve <base>/<N>/ SavedModels over TF Serving's REST "
         "API")
     serve.add_argument("--model-base-path", type=pathlib.Path, required=True)
-    serve.add_argument("--model-name", required=True)
+    serve.add_argument("--model-name", type=_model_name, required=True)
     serve.add_argument("--port", type=_port, default=8501)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--max-instances", type=int, default=256,
+    serve.add_argument("--max-instances", type=_COUNT, default=256,
                        help="most instances in one request (default: "
                        "%(default)s)")
-    serve.add_argument("--poll-seconds", type=float, default=2.0,
+    serve.add_argument("--poll-seconds", type=_SECONDS, default=2.0,
                        help="how often to look for new versions (default: "
                        "%(default)s)")
-    serve.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
+    serve.add_argument("--max-body-bytes", type=_COUNT, default=16 * 2**20,
                        help="largest request body; larger ones get 413 "
                        "before they are read (default: %(default)s)")
-    serve.add_argument("--max-concurrent-runs", type=int, default=2,
+    serve.add_argument("--max-concurrent-runs", type=_COUNT, default=2,
                        help="most model runs at once (default: %(default)s)")
-    serve.add_argument("--queue-timeout", type=float, default=10.0,
+    serve.add_argument("--queue-timeout", type=_SECONDS, default=10.0,
                        help="seconds a request may wait for a model run "
                        "before it gets 503 with Retry-After (default: "
                        "%(default)s)")
-    serve.add_argument("--request-timeout", type=float, default=30.0,
+    serve.add_argument("--request-timeout", type=_SECONDS, default=30.0,
                        help="seconds a client may take to send a request; "
                        "slower ones get 408, idle connections are closed "
                        "(default: %(default)s)")
     args = parser.parse_args(argv)
 
     if args.command == "export":
+        model = _load(export, args)
         from keras_node.serving import export_saved_model
 
-        if not (args.model.is_file() and args.model.suffix == ".keras"):
-            parser.error(f"argument model: expected a .keras file, received "
-                         f"{str(args.model)!r}")
         try:
-            path = export_saved_model(args.model, args.base_path,
-                                      args.version,
+            path = export_saved_model(model, args.base_path, args.version,
                                       classifier=args.classifier)
         except (ValueError, FileExistsError) as error:
-            parser.error(str(error))
+            export.error(str(error))
         print(f"Wrote {path}")
         return
 
@@ -90,7 +156,7 @@ def main(argv=None):
             queue_timeout=args.queue_timeout,
             request_timeout=args.request_timeout)
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        serve.error(str(error))
     from keras_node.server import idle_timeout_protocol
 
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",

@@ -411,6 +411,12 @@ def create_app(base_path, model_name, poll_seconds=2.0, max_instances=256,
             gets 503 with `Retry-After`.
         request_timeout: seconds a client may take to send its body (408).
     """
+    if not isinstance(model_name, str) or not model_name \
+            or "/" in model_name or ":" in model_name:
+        raise ValueError(
+            "Received an invalid value for argument `model_name`, expected a "
+            "name without '/' or ':' (it is part of the URLs). Received: "
+            f"model_name={model_name!r}")
     _check_options(dict(
         poll_seconds=poll_seconds, max_instances=max_instances,
         max_body_bytes=max_body_bytes,

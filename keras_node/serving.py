@@ -63,6 +63,12 @@ def export_saved_model(model, base_path, version=None, *, classifier=False,
         raise TypeError(
             "Received an invalid value for argument `model`, expected a "
             f"Keras model or the path of a .keras file. Received: {model!r}")
+    base_path = pathlib.Path(base_path)
+    if base_path.exists() and not base_path.is_dir():
+        raise ValueError(
+            "Received an invalid value for argument `base_path`, expected a "
+            "folder (or where to make one), not a file. Received: "
+            f"base_path={str(base_path)!r}")
     existing = version_folders(base_path)
     if version is None:
         version = max(existing, default=0) + 1

@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BACKEND, SOLVE_ERROR, graph, tensorflow_only, xla
+from conftest import (BACKEND, SOLVE_ERROR, graph, jax_only, tensorflow_only,
+                      xla)
 
 from helpers import Linear, Square, mlp_dynamics
 from helpers import gradients as tape_gradients
@@ -437,3 +438,17 @@ def test_missing_keras_internals_are_named():
                        rf"3\.15\.1; Keras {keras.__version__} does not have "
                        r"it \(AttributeError: "):
         _keras_compat.flatten_layers(Bare())
+
+
+@jax_only("on TensorFlow the export runs (tests/test_serving.py)")
+def test_cli_export_needs_the_tensorflow_backend(tmp_path, capsys):
+    from keras_node import cli
+
+    inputs = keras.Input((2,))
+    keras.Model(inputs, NeuralODE(mlp_dynamics(4, 2))(inputs)).save(
+        tmp_path / "model.keras")
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(tmp_path / "model.keras"), str(tmp_path)])
+    assert "keras-node export: error: export writes a TensorFlow SavedModel " \
+        "and needs Keras' TensorFlow backend, not jax: run it with " \
+        "KERAS_BACKEND=tensorflow" in capsys.readouterr().err

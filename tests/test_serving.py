@@ -668,23 +668,40 @@ def test_impossible_server_options_are_refused(exported, option, value):
         create_app(exported[0], NAME, **{option: value})
 
 
-def test_cli_refuses_impossible_options(exported, capsys):
-    from keras_node import cli
+def test_impossible_model_names_are_refused(exported):
+    from keras_node.server import create_app
 
-    with pytest.raises(SystemExit):
-        cli.main(["serve", "--model-base-path", str(exported[0]),
-                  "--model-name", NAME, "--max-instances", "0"])
-    assert "argument `max_instances`, expected a positive integer. " \
-        "Received: max_instances=0" in capsys.readouterr().err
+    for name in ("", "a/b", "a:b"):
+        with pytest.raises(ValueError, match=r"argument `model_name`, "
+                           r"expected a name without '/' or ':' \(it is "
+                           rf"part of the URLs\). Received: "
+                           rf"model_name='{name}'"):
+            create_app(exported[0], name)
+
+
+def _serve(*options):
+    return ["serve", "--model-base-path", ".", "--model-name", NAME,
+            *options]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["export", "missing.keras", "out"],
      "argument model: expected a .keras file, received 'missing.keras'"),
-    (["serve", "--model-base-path", ".", "--model-name", NAME, "--port",
-      "70000"],
-     "argument --port: expected a port number from 0 to 65535, received "
-     "70000"),
+    (_serve("--port", "70000"), "argument --port: expected a port number "
+     "from 0 to 65535, received '70000'"),
+    (_serve("--port", "abc"), "argument --port: expected a port number "
+     "from 0 to 65535, received 'abc'"),
+    (["serve", "--model-base-path", ".", "--model-name", "a/b"],
+     "argument --model-name: expected a name without '/' or ':' (it is "
+     "part of the URLs), received 'a/b'"),
+    (_serve("--max-instances", "0"),
+     "argument --max-instances: expected a positive integer, received '0'"),
+    (_serve("--max-body-bytes", "1.5"), "argument --max-body-bytes: "
+     "expected a positive integer, received '1.5'"),
+    (_serve("--queue-timeout", "nan"), "argument --queue-timeout: expected "
+     "a positive number of seconds, received 'nan'"),
+    (_serve("--poll-seconds", "-1"), "argument --poll-seconds: expected a "
+     "positive number of seconds, received '-1'"),
 ])
 def test_cli_argument_errors(argv, message, capsys):
     from keras_node import cli
@@ -694,6 +711,42 @@ def test_cli_argument_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_cli_export_loads_custom_layers_from_import(
+        tmp_path, monkeypatch, capsys):
+    # A model with a custom layer loads once its module is imported, found
+    # from the working folder; without it, the error says what to do.
+    from keras_node import cli
+
+    (tmp_path / "cli_dynamics.py").write_text(
+        "import keras\n\n"
+        "@keras.saving.register_keras_serializable(package='cli_test')\n"
+        "class Halve(keras.layers.Layer):\n"
+        "    def call(self, h):\n"
+        "        return -0.5 * h\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(tmp_path)
+    import cli_dynamics
+
+    inputs = keras.Input((3,))
+    keras.Model(inputs, NeuralODE(cli_dynamics.Halve())(inputs)).save(
+        tmp_path / "model.keras")
+    monkeypatch.delitem(sys.modules, "cli_dynamics")
+    keras.saving.get_custom_objects().pop("cli_test>Halve")
+    with pytest.raises(SystemExit):
+        cli.main(["export", "model.keras", "base"])
+    assert "If it holds custom layers, name the module that defines and " \
+        "registers them with --import MODULE." in capsys.readouterr().err
+    cli.main(["export", "model.keras", "base", "--import", "cli_dynamics"])
+    served = tf.saved_model.load(str(tmp_path / "base" / "1"))
+    out = served.signatures["serving_default"](tf.ones((2, 3)))["outputs"]
+    np.testing.assert_allclose(out, np.full((2, 3), np.exp(-0.5)),
+                               rtol=1e-3)
+    with pytest.raises(SystemExit):
+        cli.main(["export", "model.keras", "base", "--import", "missing_x"])
+    assert "argument --import: cannot import 'missing_x' " \
+        "(ModuleNotFoundError" in capsys.readouterr().err
+
+
 def test_cli_export_errors_name_the_argument(exported, tmp_path, capsys):
     from keras_node import cli
 
@@ -701,7 +754,19 @@ def test_cli_export_errors_name_the_argument(exported, tmp_path, capsys):
     small_classifier(0).save(model)
     with pytest.raises(SystemExit):
         cli.main(["export", str(model), str(exported[0]), "--version", "1"])
-    assert f"Version 1 already exists in {exported[0]}" in \
+    error = capsys.readouterr().err
+    assert error.startswith("usage: keras-node export ")  # the command's
+    assert f"Version 1 already exists in {exported[0]}" in error
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(model), str(model)])
+    assert "argument `base_path`, expected a folder (or where to make one), " \
+        f"not a file. Received: base_path='{model}'" in \
+        capsys.readouterr().err
+    damaged = tmp_path / "damaged.keras"
+    damaged.write_bytes(model.read_bytes()[:200])
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(damaged), str(tmp_path / "base")])
+    assert f"argument model: '{damaged}' does not load (" in \
         capsys.readouterr().err
 
 
