@@ -19,16 +19,37 @@ class LogEvaluationCounts(keras.callbacks.Callback):
     there; and the backward count is known only once the backward solve
     has run, after the step's logs are computed. This callback reads the
     counters after the step, once `jax.effects_barrier()` has waited for the
-    backward pass's report, so the logs hold the current step's counts.
+    backward pass's report, so the logs hold the current step's counts. It
+    adds those of `evaluate`'s solves too, and `fit`'s epoch logs get the
+    validation's as `val_nfe_forward`, ..., as on TensorFlow. Only the
+    dict that `evaluate` returns lacks them (Keras hands callbacks a copy
+    of its logs): read the layer's counters (`num_forward_evals`, ...).
     """
 
     def __init__(self):
         super().__init__()
         self._counts = {}  # the last train step's, on JAX
+        self._test_counts = {}  # the last test step's of this epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if logs is None or keras.backend.backend() == "tensorflow":
-            return
+        if logs is not None and keras.backend.backend() == "jax":
+            self._counts = self._read()
+            logs.update(self._counts)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._test_counts = {}
+
+    def on_test_batch_end(self, batch, logs=None):
+        # `evaluate`'s, also validation's inside `fit`.
+        if logs is not None and keras.backend.backend() == "jax":
+            self._test_counts = self._read()
+            logs.update(self._test_counts)
+
+    def on_test_end(self, logs=None):
+        self.on_test_batch_end(None, logs)
+
+    def _read(self):
+        """Every `NeuralODE` layer's counts, once the step's are in."""
         import jax
 
         from keras_node import NeuralODE
@@ -36,16 +57,18 @@ class LogEvaluationCounts(keras.callbacks.Callback):
         from keras_node._nfe_metric import named_counts
 
         jax.effects_barrier()  # the backward count of this step is in
-        self._counts = {}
+        counts = {}
         for layer in flatten_layers(self.model):
             if isinstance(layer, NeuralODE):
                 layer.note_model(self.model)
-                self._counts.update({name: float(value) for name, value
-                                     in named_counts(layer).items()})
-        logs.update(self._counts)
+                counts.update({name: float(value) for name, value
+                               in named_counts(layer).items()})
+        return counts
 
     def on_epoch_end(self, epoch, logs=None):
         # The epoch's last train step, for `History` (validation has since
-        # solved again).
+        # solved again), and the validation's last solve.
         if logs is not None:
             logs.update(self._counts)
+            logs.update({f"val_{name}": value
+                         for name, value in self._test_counts.items()})

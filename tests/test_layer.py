@@ -145,6 +145,15 @@ def test_epoch_logs_keep_the_train_counts_past_validation():
                         callbacks=[LogEvaluationCounts(), record])
     assert history.history["nfe_forward"] == [batches[-1]["nfe_forward"]]
     assert float(ode.num_forward_evals) < batches[-1]["nfe_forward"] / 2
+    # The validation solve's own counts, as `evaluate`'s.
+    assert history.history["val_nfe_forward"] == [
+        float(ode.num_forward_evals)]
+    tested = []
+    model.evaluate(hard, hard, verbose=0, callbacks=[
+        LogEvaluationCounts(), keras.callbacks.LambdaCallback(
+            on_test_end=lambda logs: tested.append(dict(logs)))])
+    assert tested[0]["nfe_forward"] == batches[-1]["nfe_forward"]
+    assert tested[0]["steps_accepted"] == float(ode.steps_accepted)
 
 
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
