@@ -142,6 +142,15 @@ def main(argv=None):
                       shuffle=False,  # the stream is shuffled, reproducibly
                       verbose=args.verbose)
     train_time = time.time() - started
+    if model.optimizer.use_ema:
+        # The averages into the weights, as `fit` does at its end, also for
+        # a run restored at its last step (which does not call `fit`). As
+        # copies: Keras 3.15's JAX trainer donates the weights' arrays to
+        # the next compiled step, which deletes the averages with them when
+        # they are the same arrays ("Array has been deleted" when saving).
+        model.optimizer.finalize_variable_values(model.trainable_variables)
+        for variable in model.trainable_variables:
+            variable.assign(keras.ops.copy(variable))
     save_history()
 
     test = model.evaluate(data["test"], verbose=0, return_dict=True)

@@ -361,6 +361,25 @@ def test_crash_after_training_resumes_at_the_end(data_args, tmp_path,
         assert (out / name).exists(), name
 
 
+def test_averaged_weights_survive_a_crash_after_training(
+        data_args, tmp_path, monkeypatch):
+    # With --ema, a run killed before model.keras was written resumes to
+    # the averaged weights, as the uninterrupted run ends with (its last
+    # checkpoint, at the end of `fit`, holds the raw weights).
+    argv = data_args + HARNESS + ["--max-steps", "4", "--checkpoint-every",
+                                  "2", "--ema", "0.9", "--out"]
+    whole = mnist.main(argv + [str(tmp_path / "whole")])
+    killed_before_saving_the_model(argv + [str(tmp_path / "cut")],
+                                   monkeypatch)
+    resumed = mnist.main(argv + [str(tmp_path / "cut")])
+    assert resumed["test_loss"] == pytest.approx(whole["test_loss"],
+                                                 rel=1e-6)
+    models = [keras.models.load_model(tmp_path / run / "model.keras")
+              for run in ("whole", "cut")]
+    for a, b in zip(*(m.get_weights() for m in models)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_resuming_with_other_options_is_refused(data_args, tmp_path,
                                                 monkeypatch):
     # A run killed after its first checkpoint, resumed with another solver
