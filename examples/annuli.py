@@ -24,9 +24,10 @@ import pathlib
 import keras
 import numpy as np
 
-from examples.options import check_out_folder, check_ranges
+from examples.options import check_out_folder, check_ranges, seed_option
 from keras_node import NeuralODE
 from keras_node.callbacks import LogEvaluationCounts
+from keras_node.training import StopAtIteration
 
 RADII = (0.5, 1.0, 1.5)  # r1, r2, r3: the paper's
 
@@ -70,11 +71,22 @@ def train(augment_dim, x, y, iterations, batch_size, seed, verbose=True):
     model.compile(keras.optimizers.Adam(1e-3),
                   keras.losses.BinaryCrossentropy(from_logits=True),
                   metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)])
-    points = []
+    points, running = [], {}
 
     def record(batch, logs):
-        points.append({"iteration": len(points) + 1,
-                       **{k: float(v) for k, v in logs.items()}})
+        # Keras logs the loss and the accuracy as running means over the
+        # epoch's examples; this batch's own are the difference of two.
+        before = batch * batch_size
+        seen = min(before + batch_size, len(x))
+        point = {"iteration": len(points) + 1}
+        for key, value in logs.items():
+            if key in ("loss", "binary_accuracy"):
+                mean = running.get(key, 0.0) if batch else 0.0
+                point[key] = (seen * value - before * mean) / (seen - before)
+                running[key] = value
+            else:
+                point[key] = float(value)
+        points.append(point)
         if verbose and len(points) % 50 == 0:
             p = points[-1]
             print(f"augment_dim={augment_dim} iteration {len(points)}: loss "
@@ -83,11 +95,12 @@ def train(augment_dim, x, y, iterations, batch_size, seed, verbose=True):
 
     steps = -(-len(x) // batch_size)
     model.fit(x, y, batch_size=batch_size, verbose=0,
-              epochs=-(-iterations // steps), steps_per_epoch=None,
+              epochs=-(-iterations // steps),
               callbacks=[LogEvaluationCounts(),
                          keras.callbacks.LambdaCallback(
-                             on_train_batch_end=record)])
-    return model, points[:iterations]
+                             on_train_batch_end=record),
+                         StopAtIteration(iterations)])
+    return model, points
 
 
 def plot(results, path):
@@ -120,7 +133,7 @@ def main(argv=None):
     parser.add_argument("--points", type=int, default=1024)
     parser.add_argument("--augment-dims", type=int, nargs="+", default=[0, 1],
                         help="the models to train (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_option, default=0)
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("runs/annuli"))
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ import time
 import keras
 import numpy as np
 
-from examples.options import check_out_folder, check_ranges
+from examples.options import check_out_folder, check_ranges, seed_option
 from keras_node import ContinuousNormalizingFlow
 from keras_node.callbacks import LogEvaluationCounts
 
@@ -188,7 +188,7 @@ def parse_args(argv=None):
     parser.add_argument("--jacobian-norm", type=float, default=0.0)
     parser.add_argument("--test-points", type=int, default=20000)
     parser.add_argument("--print-every", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_option, default=0)
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("runs/cnf"))
     args = parser.parse_args(argv)
@@ -197,6 +197,9 @@ def parse_args(argv=None):
                            "test_points", "print_every", "learning_rate",
                            "tol", "t1"),
                  non_negative=("kinetic_energy", "jacobian_norm"))
+    if len(set(args.datasets)) < len(args.datasets):
+        parser.error(f"--datasets names a dataset twice: "
+                     f"{' '.join(args.datasets)}")
     check_out_folder(parser, args.out)
     return args
 

@@ -52,11 +52,8 @@ def main(argv=None):
     # First: a multi-worker strategy must exist before TensorFlow runs ops.
     strategy = distribution_strategy(args.strategy)
     out = worker_folder(strategy, args.out)
-    try:
-        arrays = load_mnist(args.manual_dir, args.data_dir, args.limit,
-                            args.seed, hold_out=not args.train_on_held_out)
-    except FileNotFoundError as error:  # a file missing from --manual-dir
-        raise SystemExit(str(error))
+    arrays = load_mnist(args.manual_dir, args.data_dir, args.limit,
+                        args.seed, hold_out=not args.train_on_held_out)
     # After the data: tfds draws random numbers when it first prepares them.
     keras.utils.set_random_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)

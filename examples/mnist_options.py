@@ -7,7 +7,7 @@ import pathlib
 
 import keras
 
-from examples.options import check_out_folder, check_ranges
+from examples.options import check_out_folder, check_ranges, seed_option
 from keras_node.training import STRATEGIES, write_atomic
 
 MANUAL_DIR_ENV = "KERAS_NODE_MNIST_DIR"
@@ -78,7 +78,7 @@ def parse_args(argv=None, description=None):
     add("--out", type=pathlib.Path, default=pathlib.Path("runs/mnist"),
         help="output folder; a run with the folder of an interrupted run "
         "resumes it (default: %(default)s)")
-    add("--seed", type=int, default=0,
+    add("--seed", type=seed_option, default=0,
         help="seed of the split, the shuffling and the initial weights "
         "(default: %(default)s)")
     add("--manual-dir", type=pathlib.Path,
@@ -141,10 +141,20 @@ def parse_args(argv=None, description=None):
     check_ranges(parser, args, positive=("learning_rate",),
                  non_negative=("augment_dim", "weight_decay",
                                "kinetic_energy"))
-    check_out_folder(parser, args.out)
-    if args.manual_dir is not None and not args.manual_dir.is_dir():
-        parser.error(f"--manual-dir must be a folder holding the MNIST files; "
-                     f"{args.manual_dir} is not a folder")
+    for option in ("out", "tensorboard", "data_dir"):
+        if getattr(args, option) is not None:
+            check_out_folder(parser, getattr(args, option),
+                             "--" + option.replace("_", "-"))
+    if args.manual_dir is not None:
+        if not args.manual_dir.is_dir():
+            parser.error(f"--manual-dir must be a folder holding the MNIST "
+                         f"files; {args.manual_dir} is not a folder")
+        from examples.mnist_data import check_manual_dir
+
+        try:
+            check_manual_dir(args.manual_dir)
+        except (FileNotFoundError, ValueError) as error:  # missing, corrupt
+            parser.error(str(error))
     return args
 
 

@@ -21,7 +21,7 @@ import time
 import keras
 import numpy as np
 
-from examples.options import check_out_folder, check_ranges
+from examples.options import check_out_folder, check_ranges, seed_option
 from keras_node import NeuralODE, gradients
 
 TRUE_A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
@@ -65,11 +65,13 @@ class Cube(keras.layers.Layer):
 def make_dynamics():
     """The demo's `ODEFunc`: y^3, then 50 tanh units, then 2 outputs, with
     weights from N(0, 0.1) and zero biases."""
-    init = keras.initializers.RandomNormal(stddev=0.1)
+    # One initializer each: an unseeded one called twice draws the same
+    # numbers, so the two kernels would hold the same values.
+    init = lambda: keras.initializers.RandomNormal(stddev=0.1)
     return keras.Sequential([
         Cube(),
-        keras.layers.Dense(50, activation="tanh", kernel_initializer=init),
-        keras.layers.Dense(2, kernel_initializer=init),
+        keras.layers.Dense(50, activation="tanh", kernel_initializer=init()),
+        keras.layers.Dense(2, kernel_initializer=init()),
     ], name="dynamics")
 
 
@@ -136,7 +138,7 @@ def main(argv=None):
                         choices=["seminorm", "full"],
                         help="the adjoint's error norm; full is "
                         "torchdiffeq's default (default: seminorm)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_option, default=0)
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("runs/spiral"))
     parser.add_argument("--no-plot", action="store_true")

@@ -23,6 +23,20 @@ def test_annuli_data_are_the_papers():
     assert np.sum(y == 0) == np.sum(y == 1) == 1000
 
 
+def test_annuli_training_logs_each_iterations_own_figures():
+    # 40 points in batches of 16, 16 and 8: five iterations, no more, each
+    # with its own batch's accuracy (a whole number of its points), not
+    # Keras' running mean over the epoch.
+    x, y = annuli.annuli(40, seed=0)
+    model, points = annuli.train(0, x, y, iterations=5, batch_size=16,
+                                 seed=0, verbose=False)
+    assert int(model.optimizer.iterations.numpy()) == len(points) == 5
+    for point, size in zip(points, [16, 16, 8, 16, 16]):
+        correct = point["binary_accuracy"] * size
+        assert correct == pytest.approx(round(correct), abs=1e-4)
+        assert point["loss"] > 0
+
+
 @pytest.mark.slow
 def test_annuli_example_runs_and_writes_its_figures(tmp_path):
     summary = annuli.main(["--iterations", "20", "--points", "256",
@@ -35,6 +49,16 @@ def test_annuli_example_runs_and_writes_its_figures(tmp_path):
         assert all((p["nfe_forward"] - 2) % 6 == 0 for p in points)
         assert 0 <= summary[name]["test_accuracy"] <= 100
     assert (tmp_path / "annuli.png").stat().st_size > 0
+
+
+def test_spiral_dynamics_draw_each_kernel_anew():
+    dynamics = spiral.make_dynamics()
+    dynamics.build((None, 2))
+    first, second = (np.asarray(layer.kernel) for layer in dynamics.layers[1:])
+    assert not np.allclose(first.ravel(), second.T.ravel())
+    assert not np.allclose(first.ravel(), second.ravel())
+    assert 0.05 < np.std(np.concatenate([first.ravel(), second.ravel()])) \
+        < 0.15  # N(0, 0.1)
 
 
 def test_spiral_batches_are_windows_of_the_true_trajectory():
@@ -112,11 +136,17 @@ def test_cnf_example_runs_and_writes_its_figures(tmp_path, capsys):
     ("--tol", "-1e-3", "--tol must be positive"),
     ("--jacobian-norm", "-1", "--jacobian-norm must be at least 0"),
     ("--learning-rate", "inf", "--learning-rate must be positive, got inf"),
+    ("--seed", "-1", "argument --seed: expected an integer from 0 to "
+     "4294967295, received '-1'"),
 ])
 def test_cnf_example_rejects_bad_options(option, value, message, capsys):
     with pytest.raises(SystemExit):
         cnf.parse_args([f"{option}={value}"])
     assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cnf.parse_args(["--datasets", "two_moons", "two_moons"])
+    assert "--datasets names a dataset twice: two_moons two_moons" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("example, argv, message", [
@@ -132,6 +162,10 @@ def test_cnf_example_rejects_bad_options(option, value, message, capsys):
      f"--out must be a folder, but {__file__} is a file"),
     (annuli, ["--out", f"{__file__}/run"],
      f"--out must be a folder, but {__file__} is a file"),
+    (annuli, ["--seed", "-1"], "argument --seed: expected an integer from 0 "
+     "to 4294967295, received '-1'"),
+    (spiral, ["--seed", "4294967296"], "argument --seed: expected an "
+     "integer from 0 to 4294967295, received '4294967296'"),
 ])
 def test_examples_reject_bad_options(example, argv, message, capsys):
     with pytest.raises(SystemExit):

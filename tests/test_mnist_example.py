@@ -107,13 +107,16 @@ def test_missing_file_is_named(manual_dir, tmp_path):
         mnist_data.check_manual_dir(tmp_path)
 
 
-def test_corrupt_file_is_named(manual_dir, tmp_path):
+def test_corrupt_file_is_named(manual_dir, tmp_path, capsys):
     for name in os.listdir(manual_dir):
         shutil.copy(manual_dir / name, tmp_path / name)
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not mnist")
     with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz is "
                        r"corrupt: its SHA-256 is [0-9a-f]{64}, expected"):
         mnist_data.check_manual_dir(tmp_path)
+    with pytest.raises(SystemExit):  # a usage error, before any training
+        mnist_options.parse_args(["--manual-dir", str(tmp_path)])
+    assert "train-labels-idx1-ubyte.gz is corrupt" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -260,10 +263,16 @@ def test_benchmark_recipes_are_valid_options():
 
 @pytest.mark.parametrize("argv, message", [
     (["--limit", "0"], "--limit must be a positive integer, got 0"),
+    (["--seed", "-1"], "argument --seed: expected an integer from 0 to "
+     "4294967295, received '-1'"),
     (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
     (["--learning-rate", "nan"], "--learning-rate must be positive, got nan"),
     (["--out", __file__], f"--out must be a folder, but {__file__} is a "
      "file"),
+    (["--tensorboard", __file__], f"--tensorboard must be a folder, but "
+     f"{__file__} is a file"),
+    (["--data-dir", __file__], f"--data-dir must be a folder, but "
+     f"{__file__} is a file"),
     (["--manual-dir", "/nonexistent"], "--manual-dir must be a folder "
      "holding the MNIST files; /nonexistent is not a folder"),
     (["--strategy", "tpu"], "invalid choice: 'tpu'"),
