@@ -22,10 +22,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import keras
 
 from keras_node import _jax_compat, _solver
-from keras_node._keras_compat import stored_dtypes
+from keras_node._keras_compat import DrawCounter, stored_dtypes
 from keras_node._tfp_compat import substrate
 
 _TFP = substrate("jax")
@@ -33,7 +32,8 @@ _TFP = substrate("jax")
 
 def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
           gradient, seminorm, on_backward_evals, kinetic=False,
-          jacobian=False, trace=None, noise=None, random_state=()):
+          jacobian=False, trace=None, noise=None, training=None,
+          random_state=(), draws=None):
     """As the TensorFlow backend's `solve`; `on_backward_evals` runs on the
     host. Here every non-trainable variable, `random_state`'s among them,
     is read once, at the start."""
@@ -44,14 +44,14 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     def dynamics_fn(t, h, params, frozen):
         kwargs = {"t": t} if time_dependent else {}
         with stored_dtypes():
-            scope = keras.StatelessScope(state_mapping=[
+            scope = DrawCounter([
                 *zip(dynamics.trainable_variables, params),
-                *zip(dynamics.non_trainable_variables, frozen)])
+                *zip(dynamics.non_trainable_variables, frozen)], draws)
         # The layer's `__call__` (`stateless_call` runs its bare `call`):
         # it casts `h` and its weights to its own dtype policy, as on
         # TensorFlow.
         with scope:
-            out = dynamics(h, **kwargs)
+            out = dynamics(h, training=training, **kwargs)
         _solver.check_derivative(dynamics.name, out, h.shape)
         return out.astype(h.dtype)
 

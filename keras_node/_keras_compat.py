@@ -20,6 +20,10 @@ found (`_private`); the patch reads the source of what it patches.
   in `layer` (`_flatten_layers`), the `keras.random.SeedGenerator`s that its
   random layers (`Dropout`, `GaussianNoise`, ...) draw from, so that a
   `NeuralODE` can hold their draws fixed through a solve.
+- `DrawCounter`: a `keras.StatelessScope` that counts the updates of each
+  variable (`StatelessScope.add_update`, which `Variable.assign` calls
+  inside one): a seed generator's state is updated once per draw, so that a
+  `NeuralODE` learns how many draws one evaluation of its dynamics makes.
 - `has_functional_sibling(layer)`: walks the functional graph through
   `_inbound_nodes`, `_outbound_nodes` and their nodes' `operation` and
   `parent_nodes`, to find whether a layer's model holds another of its
@@ -114,6 +118,29 @@ def seed_generators(layer):
         return [generator
                 for sub in layer._flatten_layers(include_self=True)
                 for generator in sub._seed_generators]
+
+
+class DrawCounter(keras.StatelessScope):
+    """A `StatelessScope` that also records, in `counts` (keyed by the
+    variable's `id`), the most updates of each variable that one scope
+    saw."""
+
+    def __init__(self, state_mapping, counts):
+        super().__init__(state_mapping=state_mapping,
+                         initialize_variables=False)
+        self._counts = counts
+        self._updates = {}
+
+    def add_update(self, update):
+        with _private("StatelessScope.add_update"):
+            super().add_update(update)
+        key = id(update[0])
+        self._updates[key] = self._updates.get(key, 0) + 1
+
+    def __exit__(self, *args):
+        super().__exit__(*args)
+        for key, updates in self._updates.items():
+            self._counts[key] = max(self._counts.get(key, 0), updates)
 
 
 def has_functional_sibling(layer):

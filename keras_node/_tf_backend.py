@@ -1,9 +1,9 @@
 """The TensorFlow backend of `NeuralODE`: the adjoint as a custom gradient."""
 
-import keras
 import tensorflow as tf
 
 from keras_node import _solver
+from keras_node._keras_compat import DrawCounter
 from keras_node._tfp_compat import substrate
 
 _TFP = substrate("tensorflow")
@@ -11,7 +11,8 @@ _TFP = substrate("tensorflow")
 
 def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
           gradient, seminorm, on_backward_evals, kinetic=False,
-          jacobian=False, trace=None, noise=None, random_state=()):
+          jacobian=False, trace=None, noise=None, training=None,
+          random_state=(), draws=None):
     """The states at `times` (stacked first) from `h0`, and the counts.
 
     Args:
@@ -28,10 +29,14 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             evaluations it made.
         kinetic, jacobian, trace, noise: the integrals to solve beside the
             state, as `_solver.augment`'s arguments.
+        training: the `training` argument of every call of `dynamics`,
+            also in the backward pass (after the layer's call has ended).
         random_state: variables of the dynamics (their random layers'
             seeds) that every evaluation, forward and backward, reads as
             they are at the start, its updates of them dropped: random
             layers draw the same at each evaluation of the solve.
+        draws: a dict that gets, for each `random_state` variable that an
+            evaluation updates (by `id`), how many times it does.
 
     Returns:
         `(hs, integrals, counts)`: `hs` with a leading axis of the output
@@ -46,11 +51,10 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     def fn(t, h):
         kwargs = {"t": t} if time_dependent else {}
         if start:
-            with keras.StatelessScope(state_mapping=start,
-                                      initialize_variables=False):
-                f = dynamics(h, **kwargs)
+            with DrawCounter(start, draws):
+                f = dynamics(h, training=training, **kwargs)
         else:
-            f = dynamics(h, **kwargs)
+            f = dynamics(h, training=training, **kwargs)
         _solver.check_derivative(dynamics.name, f, h.shape)
         if h.shape.is_fully_defined():
             return tf.cast(f, h.dtype)

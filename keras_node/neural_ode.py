@@ -164,6 +164,10 @@ class NeuralODE(keras.layers.Layer):
 
     Call arguments:
         inputs: the initial state `h(t0)`, a floating tensor.
+        training: passed to every call of the dynamics, also by the
+            adjoint's backward solve (after this call has returned, where
+            Keras no longer knows it). Defaults to Keras' own (True in
+            `fit`).
 
     Input shape:
         `(batch, *state_shape)`, any number of state dimensions.
@@ -411,7 +415,7 @@ class NeuralODE(keras.layers.Layer):
         return keras.KerasTensor(self.compute_output_shape(inputs.shape),
                                  dtype=self._output_dtype(inputs.dtype))
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         check_floating(inputs)
         model = calling_model(self)
         if model is not None:
@@ -425,7 +429,7 @@ class NeuralODE(keras.layers.Layer):
             noise = draw_noise("gaussian", h0, self.seed_generator)
         hs, _, penalty = self._solve(
             h0, kinetic_energy=self.kinetic_energy,
-            jacobian_norm=self.jacobian_norm, noise=noise)
+            jacobian_norm=self.jacobian_norm, noise=noise, training=training)
         if penalty is not None:
             self.add_loss(penalty)
         if self.augment_dim:
@@ -434,7 +438,7 @@ class NeuralODE(keras.layers.Layer):
         return keras.ops.cast(hs, self._output_dtype(inputs.dtype))
 
     def _solve(self, h0, *, reverse=False, kinetic_energy=0.0,
-                jacobian_norm=0.0, trace=None, noise=None):
+               jacobian_norm=0.0, trace=None, noise=None, training=None):
         """Solves from `h0` and records the counts; the solve of `call` and
         of `ContinuousNormalizingFlow`.
 
@@ -444,11 +448,13 @@ class NeuralODE(keras.layers.Layer):
         regularisers' loss for these weights (their integrals up to the last
         output time, averaged over the batch), None with both off.
         `reverse`: from `t1` back to `t0` instead (one output time, `t0`).
+        `training`: the dynamics' `training` argument, in the forward and
+        in the backward solve.
         """
         t0, times = ((self.t1, (self.t0,)) if reverse
                      else (self.t0, self.output_times))
         forward, adjoint = self._solve_options(reverse)
-        generators = seed_generators(self.dynamics)
+        generators, draws = seed_generators(self.dynamics), {}
         hs, integrals, counts = _backend().solve(
             self.dynamics, h0, time_dependent=self._time_dependent,
             t0=t0, times=times, forward=forward, adjoint=adjoint,
@@ -456,10 +462,12 @@ class NeuralODE(keras.layers.Layer):
             seminorm=getattr(self.gradient, "norm", None) == "seminorm",
             on_backward_evals=self._record_backward_evals,
             kinetic=bool(kinetic_energy), jacobian=bool(jacobian_norm),
-            trace=trace, noise=noise,
-            random_state=[generator.state for generator in generators])
-        for generator in generators:  # the next solve draws anew
-            generator.next()
+            trace=trace, noise=noise, training=training,
+            random_state=[generator.state for generator in generators],
+            draws=draws)
+        for generator in generators:  # past one evaluation's draws
+            for _ in range(draws.get(id(generator.state), 0)):
+                generator.next()
         counts = keras.ops.cast(counts, "float32")
         for i, counter in enumerate((self._forward_evals, self._steps_accepted,
                                      self._steps_rejected)):

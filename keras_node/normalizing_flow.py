@@ -71,6 +71,7 @@ class ContinuousNormalizingFlow(keras.Model):
 
     Call arguments:
         inputs: data points, a floating tensor `(batch, *event_shape)`.
+        training: passed to every call of the dynamics, as `NeuralODE`'s.
 
     Returns:
         `log p(x)` per example, `(batch,)`, in the inputs' dtype, as
@@ -144,7 +145,7 @@ class ContinuousNormalizingFlow(keras.Model):
         return keras.KerasTensor(inputs.shape[:1],
                                  dtype=self.ode._output_dtype(inputs.dtype))
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         check_floating(inputs)
         z0 = keras.ops.cast(inputs, self.ode._state_dtype(inputs.dtype))
         noise = None
@@ -153,7 +154,7 @@ class ContinuousNormalizingFlow(keras.Model):
                                self.seed_generator)
         zs, divergence, penalty = self.ode._solve(
             z0, trace=self.trace, kinetic_energy=self.kinetic_energy,
-            jacobian_norm=self.jacobian_norm, noise=noise)
+            jacobian_norm=self.jacobian_norm, noise=noise, training=training)
         if penalty is not None:
             self.add_loss(penalty)
         log_prob = _standard_normal_log_prob(zs[0]) + divergence[-1]

@@ -120,46 +120,47 @@ def linear_gradients(a, h0, w, t1):
     return w @ scipy.linalg.expm(a * t1), da.T
 
 
-def _loss(ode, loss_fn, with_losses):
+def _loss(ode, loss_fn, with_losses, training=None):
     """`(h0, trainable, others) -> (loss, others after)` of `ode`, the
     layer's own losses added `with_losses`: on JAX by `stateless_call`, on
     TensorFlow (which ignores `trainable` and `others`) by a call."""
     def loss(h0, trainable=None, others=None):
         if keras.backend.backend() == "jax":
             out, others, losses = ode.stateless_call(
-                trainable, others, h0, return_losses=True)
+                trainable, others, h0, return_losses=True, training=training)
         else:
-            out, losses = ode(h0), ode.losses
+            out, losses = ode(h0, training=training), ode.losses
         return loss_fn(out) + with_losses * sum(losses), others
 
     return loss
 
 
-def _jax_gradient(ode, h0, loss_fn, with_losses):
+def _jax_gradient(ode, h0, loss_fn, with_losses, training=None):
     """JAX's `(grad, args)`: `grad(*args)` gives `((dL/dh0, dL/d(weights)),
     non-trainable values after the call)`."""
     import jax
 
     if not ode.built:
         ode(h0)  # creates the variables
-    grad = jax.grad(_loss(ode, loss_fn, with_losses), argnums=(0, 1),
-                    has_aux=True)
+    grad = jax.grad(_loss(ode, loss_fn, with_losses, training),
+                    argnums=(0, 1), has_aux=True)
     return grad, (keras.ops.convert_to_tensor(h0),
                   [v.value for v in ode.trainable_variables],
                   [v.value for v in ode.non_trainable_variables])
 
 
-def gradients(ode, h0, loss_fn, with_losses=False):
+def gradients(ode, h0, loss_fn, with_losses=False, training=None):
     """`[dL/dh0] + dL/d(weights)` by the backend's own autodiff.
 
     `loss_fn` maps the layer's output to a scalar with `keras.ops`; with
-    `with_losses`, the layer's own losses (the regulariser) are added. On
-    JAX the gradient is compiled (`jax.jit`), as Keras' JAX trainer does.
+    `with_losses`, the layer's own losses (the regulariser) are added;
+    `training` is the layer's call argument. On JAX the gradient is
+    compiled (`jax.jit`), as Keras' JAX trainer does.
     """
     if keras.backend.backend() == "jax":
         import jax
 
-        grad, args = _jax_gradient(ode, h0, loss_fn, with_losses)
+        grad, args = _jax_gradient(ode, h0, loss_fn, with_losses, training)
         (dh0, dweights), others_after = jax.jit(grad)(*args)
         # The forward counts, as a stateful call would leave them.
         for variable, value in zip(ode.non_trainable_variables,
@@ -172,7 +173,7 @@ def gradients(ode, h0, loss_fn, with_losses=False):
     h0 = tf.convert_to_tensor(h0)
     with tf.GradientTape() as tape:
         tape.watch(h0)
-        value, _ = _loss(ode, loss_fn, with_losses)(h0)
+        value, _ = _loss(ode, loss_fn, with_losses, training)(h0)
     return tape.gradient(value, [h0] + ode.trainable_variables)
 
 

@@ -10,6 +10,7 @@ from keras import ops
 
 from conftest import tensorflow_only
 from helpers import Linear, finite_difference_check, mlp_dynamics
+from helpers import gradients as tape_gradients
 from keras_node import ContinuousNormalizingFlow, NeuralODE, solvers
 from keras_node.callbacks import LogEvaluationCounts
 
@@ -85,6 +86,26 @@ def test_log_prob_gradients_match_finite_differences(solver, gradient, trace):
     flow.seed_generator = 6
     finite_difference_check(flow, X, lambda log_p: ops.sum(log_p),
                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_dropout_masks_the_density_and_its_gradient(gradient):
+    # With Dropout(0.5) as the dynamics, dz/dt = 2 m z for its mask m:
+    # z(1) = x e^(2m), log p(x) = log N(z(1)) + sum(2m), and the gradient
+    # of the next call, with the next mask, -z(1) e^(2m).
+    flow = ContinuousNormalizingFlow(keras.layers.Dropout(0.5, seed=2),
+                                     solver="rk4", gradient=gradient)
+    x = X.astype("float32")
+    draws = keras.random.SeedGenerator(2)
+    masks = [np.asarray(keras.random.dropout(np.ones_like(x), 0.5,
+                                             seed=draws)) > 0
+             for _ in range(2)]
+    z1 = x * np.exp(2.0 * masks[0])
+    np.testing.assert_allclose(flow(x, training=True), normal_log_prob(z1)
+                               + 2.0 * masks[0].sum(axis=1), rtol=1e-4)
+    dx = tape_gradients(flow, x, ops.sum, training=True)[0]
+    z1 = x * np.exp(2.0 * masks[1])
+    np.testing.assert_allclose(dx, -z1 * np.exp(2.0 * masks[1]), rtol=1e-4)
 
 
 def test_jacobian_norm_estimates_the_frobenius_norm():

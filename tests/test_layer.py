@@ -378,32 +378,53 @@ def test_dynamics_get_the_training_flag():
 
 
 class RandomRate(keras.layers.Layer):
-    """`dh/dt = u h`, `u` uniform on [0, 1) and drawn per element."""
+    """`dh/dt = u h`, `u` the mean of two uniform draws on [0, 1) per
+    element (two draws an evaluation, from one generator)."""
 
     def __init__(self, seed):
         super().__init__()
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, h):
-        return h * keras.random.uniform(keras.ops.shape(h),
-                                        seed=self.seed_generator)
+        return h * sum(keras.random.uniform(keras.ops.shape(h),
+                                            seed=self.seed_generator)
+                       for _ in range(2)) / 2
 
 
 @pytest.mark.parametrize("solver", ["dopri5", "rk4"])
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_random_layers_draw_once_per_solve(solver, gradient):
-    # One draw per solve: h(1) = h0 e^u with the generator's first u, then
-    # the next solve draws the next u, which its gradient (e^u) sees too.
+    # One draw per solve: h(1) = h0 e^u with the generator's first two
+    # draws, then the next solve draws the next two, which its gradient
+    # (e^u) sees too.
     tolerances = dict(rtol=1e-6, atol=1e-6) if solver == "dopri5" else {}
     ode = NeuralODE(RandomRate(seed=3), solver=solver, gradient=gradient,
                     **tolerances)
     h0 = np.random.default_rng(0).uniform(0.5, 1.5, (3, 4)).astype("float32")
     draws = keras.random.SeedGenerator(3)
-    first, second = (np.asarray(keras.random.uniform(h0.shape, seed=draws))
-                     for _ in range(2))
-    np.testing.assert_allclose(ode(h0), h0 * np.exp(first), rtol=1e-4)
+    d = [np.asarray(keras.random.uniform(h0.shape, seed=draws))
+         for _ in range(4)]
+    np.testing.assert_allclose(ode(h0), h0 * np.exp((d[0] + d[1]) / 2),
+                               rtol=1e-4)
     dh0 = tape_gradients(ode, h0, keras.ops.sum)[0]
-    np.testing.assert_allclose(dh0, np.exp(second), rtol=1e-4)
+    np.testing.assert_allclose(dh0, np.exp((d[2] + d[3]) / 2), rtol=1e-4)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_dropout_masks_the_gradient_as_the_solve(gradient):
+    # dh/dt = m h / (1 - p): h(1) = h0 e^(2m) at p = 0.5 and the gradient
+    # e^(2m) with the same mask m, also in the adjoint's backward solve,
+    # which runs after the call (Dropout draws only when training).
+    ode = NeuralODE(keras.layers.Dropout(0.5, seed=2), solver="rk4",
+                    gradient=gradient)
+    h0 = np.ones((4, 6), "float32")
+    draws = keras.random.SeedGenerator(2)
+    masks = [np.asarray(keras.random.dropout(h0, 0.5, seed=draws)) > 0
+             for _ in range(2)]
+    np.testing.assert_allclose(ode(h0, training=True),
+                               np.exp(2.0 * masks[0]), rtol=1e-4)
+    dh0 = tape_gradients(ode, h0, keras.ops.sum, training=True)[0]
+    np.testing.assert_allclose(dh0, np.exp(2.0 * masks[1]), rtol=1e-4)
 
 
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
@@ -426,6 +447,9 @@ def test_dropout_in_the_dynamics_trains(gradient):
                                   start + [0, 8])
     np.testing.assert_array_equal(model.predict(x, verbose=0),
                                   model.predict(x, verbose=0))
+    # Inference draws nothing, and leaves the seed as it was.
+    np.testing.assert_array_equal(dropout.seed_generator.state.numpy(),
+                                  start + [0, 8])
 
 
 @pytest.mark.parametrize("solver", ["dopri5", "rk4"])
