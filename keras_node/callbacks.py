@@ -4,14 +4,16 @@ import keras
 
 
 class LogEvaluationCounts(keras.callbacks.Callback):
-    """Puts every `NeuralODE` layer's evaluation counts in `fit`'s logs.
+    """Puts every `NeuralODE` layer's evaluation counts in the logs of
+    `fit` and `evaluate`.
 
     On the TensorFlow backend the layers' own metric already does (this
     callback then does nothing). Keras' JAX trainer builds its logs from
-    metric variables alone, so on JAX this callback adds `nfe_forward` and
-    `nfe_backward` (prefixed with the layer's name when a model holds
-    several) to each batch's logs, for the progress bar and for the callbacks
-    after it in the list: put it first.
+    metric variables alone, so on JAX this callback adds `nfe_forward`,
+    `nfe_backward`, `steps_accepted` and `steps_rejected` (prefixed with
+    the layer's name when a model holds several) to each batch's logs, for
+    the progress bar and for the callbacks after it in the list: put it
+    first.
 
     Why a callback on JAX: Keras' JAX trainer computes the logs inside its
     compiled step, from the metrics' own variables only (a stateless scope

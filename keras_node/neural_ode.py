@@ -67,7 +67,7 @@ class NeuralODE(keras.layers.Layer):
     solve in float64, with the solver's coefficients in float64), and the
     output has the input's dtype (a float64 layer's is float64).
     Random layers in the dynamics (`Dropout`, `GaussianNoise`, or any layer
-    drawing from a `keras.random.SeedGenerator`) draw once per solve, as
+    holding a `keras.random.SeedGenerator`) draw once per solve, as
     Keras' `recurrent_dropout` draws one mask for every time step: each
     evaluation of a solve, and of its adjoint's backward solve, sees the
     same draw, so that the dynamics stay one smooth function of `t` and `h`,

@@ -401,7 +401,8 @@ def create_app(base_path, model_name, poll_seconds=2.0, max_instances=256,
 
     Args:
         base_path: the folder of version folders `<N>/`.
-        model_name: the name in the URLs.
+        model_name: the name in the URLs, a non-empty str without `/` or
+            `:`.
         poll_seconds: how often to look for new versions.
         max_instances: the most instances in one request.
         max_body_bytes: the largest request body; larger ones get 413 before
