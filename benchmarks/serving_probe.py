@@ -72,6 +72,8 @@ def mixed_load(port, requests, clients):
     good = json.dumps({"instances": np.random.default_rng(0).random(
         (1, 28, 28, 1)).round(3).tolist()}).encode()
     bad = bad_requests()
+    plans = [client_requests(index, requests, clients, good, bad)
+             for index in range(clients)]
     statuses = collections.Counter()
     connection_errors = 0
     latencies = []
@@ -80,8 +82,7 @@ def mixed_load(port, requests, clients):
     def client(index):
         nonlocal connection_errors
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for path, body in client_requests(index, requests, clients, good,
-                                          bad):
+        for path, body in plans[index]:
             start = time.perf_counter()
             try:
                 connection.request("POST", path, body)
@@ -110,9 +111,7 @@ def mixed_load(port, requests, clients):
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     latencies = np.array(latencies) * 1000
-    sent_bad = sum(body is not good for index in range(clients)
-                   for _, body in client_requests(index, requests, clients,
-                                                  good, bad))
+    sent_bad = sum(body is not good for plan in plans for _, body in plan)
     return {
         "requests": requests, "clients": clients,
         "bad_fraction": sent_bad / requests if requests else None,
