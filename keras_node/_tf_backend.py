@@ -1,5 +1,7 @@
 """The TensorFlow backend of `NeuralODE`: the adjoint as a custom gradient."""
 
+import contextlib
+
 import tensorflow as tf
 
 from keras_node import _solver
@@ -50,10 +52,10 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
 
     def fn(t, h):
         kwargs = {"t": t} if time_dependent else {}
-        if start:
-            with DrawCounter(start, draws):
-                f = dynamics(h, training=training, **kwargs)
-        else:
+        # Without random layers, no scope: other state updates stay as they
+        # are.
+        with (DrawCounter(start, draws) if start
+              else contextlib.nullcontext()):
             f = dynamics(h, training=training, **kwargs)
         _solver.check_derivative(dynamics.name, f, h.shape)
         if h.shape.is_fully_defined():
