@@ -40,10 +40,11 @@ _SECONDS = _positive(float, "a positive number of seconds")
 
 
 def _model_name(text):
-    if not text or "/" in text or ":" in text:
+    from keras_node.server import MODEL_NAME, is_model_name
+
+    if not is_model_name(text):
         raise argparse.ArgumentTypeError(
-            "expected a name without '/' or ':' (it is part of the URLs), "
-            f"received {text!r}")
+            f"expected {MODEL_NAME}, received {text!r}")
     return text
 
 

@@ -378,6 +378,15 @@ def _run_signature(signature, arrays):
     return {k: v.tolist() for k, v in outputs.items()}
 
 
+MODEL_NAME = "a name without '/' or ':' (it is part of the URLs)"
+
+
+def is_model_name(name):
+    """Whether `name` is `MODEL_NAME`: one that URLs can reach."""
+    return isinstance(name, str) and bool(name) and "/" not in name \
+        and ":" not in name
+
+
 def _check_options(options):
     """Raises ValueError in the house format for impossible server options."""
     for name, value in options.items():
@@ -412,12 +421,10 @@ def create_app(base_path, model_name, poll_seconds=2.0, max_instances=256,
             gets 503 with `Retry-After`.
         request_timeout: seconds a client may take to send its body (408).
     """
-    if not isinstance(model_name, str) or not model_name \
-            or "/" in model_name or ":" in model_name:
+    if not is_model_name(model_name):
         raise ValueError(
-            "Received an invalid value for argument `model_name`, expected a "
-            "name without '/' or ':' (it is part of the URLs). Received: "
-            f"model_name={model_name!r}")
+            "Received an invalid value for argument `model_name`, expected "
+            f"{MODEL_NAME}. Received: model_name={model_name!r}")
     _check_options(dict(
         poll_seconds=poll_seconds, max_instances=max_instances,
         max_body_bytes=max_body_bytes,
