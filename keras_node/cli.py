@@ -20,23 +20,22 @@ def _port(text):
     return port
 
 
-def _positive(kind, expected):
-    """An argparse type: a finite, positive `kind`."""
+def _serve_option(name):
+    """An argparse type: `create_app`'s option `name`, by its rule."""
     def parse(text):
+        from keras_node.server import COUNTS, option_problem
+
         try:
-            value = kind(text)
+            value = (int if name in COUNTS else float)(text)
         except ValueError:
             value = None
-        if value is None or not (math.isfinite(value) and value > 0):
+        expected = option_problem(name, value)
+        if expected:
             raise argparse.ArgumentTypeError(
                 f"expected {expected}, received {text!r}")
         return value
 
     return parse
-
-
-_COUNT = _positive(int, "a positive integer")
-_SECONDS = _positive(float, "a positive number of seconds")
 
 
 def _model_name(text):
@@ -109,22 +108,29 @@ def main(argv=None):
     serve.add_argument("--model-name", type=_model_name, required=True)
     serve.add_argument("--port", type=_port, default=8501)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--max-instances", type=_COUNT, default=256,
+    # Checked by `create_app`'s own rules, named by the flag.
+    serve.add_argument("--max-instances", default=256,
+                       type=_serve_option("max_instances"),
                        help="most instances in one request (default: "
                        "%(default)s)")
-    serve.add_argument("--poll-seconds", type=_SECONDS, default=2.0,
+    serve.add_argument("--poll-seconds", default=2.0,
+                       type=_serve_option("poll_seconds"),
                        help="how often to look for new versions (default: "
                        "%(default)s)")
-    serve.add_argument("--max-body-bytes", type=_COUNT, default=16 * 2**20,
+    serve.add_argument("--max-body-bytes", default=16 * 2**20,
+                       type=_serve_option("max_body_bytes"),
                        help="largest request body; larger ones get 413 "
                        "before they are read (default: %(default)s)")
-    serve.add_argument("--max-concurrent-runs", type=_COUNT, default=2,
+    serve.add_argument("--max-concurrent-runs", default=2,
+                       type=_serve_option("max_concurrent_runs"),
                        help="most model runs at once (default: %(default)s)")
-    serve.add_argument("--queue-timeout", type=_SECONDS, default=10.0,
+    serve.add_argument("--queue-timeout", default=10.0,
+                       type=_serve_option("queue_timeout"),
                        help="seconds a request may wait for a model run "
                        "before it gets 503 with Retry-After (default: "
                        "%(default)s)")
-    serve.add_argument("--request-timeout", type=_SECONDS, default=30.0,
+    serve.add_argument("--request-timeout", default=30.0,
+                       type=_serve_option("request_timeout"),
                        help="seconds a client may take to send a request; "
                        "slower ones get 408, idle connections are closed "
                        "(default: %(default)s)")

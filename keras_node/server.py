@@ -387,17 +387,26 @@ def is_model_name(name):
         and ":" not in name
 
 
+# The options of `create_app` that count things; the others are seconds.
+COUNTS = ("max_instances", "max_body_bytes", "max_concurrent_runs")
+
+
+def option_problem(name, value):
+    """What `create_app`'s option `name` expects if `value` is not that,
+    else None."""
+    integral = name in COUNTS
+    if (not isinstance(value, bool)
+            and isinstance(value, int if integral else (int, float))
+            and value > 0 and math.isfinite(value)):
+        return None
+    return "a positive integer" if integral else "a positive number of seconds"
+
+
 def _check_options(options):
     """Raises ValueError in the house format for impossible server options."""
     for name, value in options.items():
-        integral = name in ("max_instances", "max_body_bytes",
-                            "max_concurrent_runs")
-        valid = (not isinstance(value, bool)
-                 and isinstance(value, int if integral else (int, float))
-                 and value > 0 and math.isfinite(value))
-        if not valid:
-            expected = "a positive integer" if integral else \
-                "a positive number of seconds"
+        expected = option_problem(name, value)
+        if expected:
             raise ValueError(
                 f"Received an invalid value for argument `{name}`, expected "
                 f"{expected}. Received: {name}={value!r}")
