@@ -52,6 +52,7 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         # TensorFlow.
         with scope:
             out = dynamics(h, training=training, **kwargs)
+        _solver.check_stateless(dynamics.name, scope, random_state)
         _solver.check_derivative(dynamics.name, out, h.shape)
         return out.astype(h.dtype)
 

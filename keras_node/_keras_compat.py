@@ -23,7 +23,8 @@ found (`_private`); the patch reads the source of what it patches.
 - `DrawCounter`: a `keras.StatelessScope` that counts the updates of each
   variable (`StatelessScope.add_update`, which `Variable.assign` calls
   inside one): a seed generator's state is updated once per draw, so that a
-  `NeuralODE` learns how many draws one evaluation of its dynamics makes.
+  `NeuralODE` learns how many draws one evaluation of its dynamics makes,
+  and which other state (moving statistics, losses) the dynamics change.
 - `has_functional_sibling(layer)`: walks the functional graph through
   `_inbound_nodes`, `_outbound_nodes` and their nodes' `operation` and
   `parent_nodes`, to find whether a layer's model holds another of its
@@ -123,18 +124,22 @@ def seed_generators(layer):
 class DrawCounter(keras.StatelessScope):
     """A `StatelessScope` that also records, in `counts` (keyed by the
     variable's `id`), the most updates of each variable that one scope
-    saw."""
+    saw, and in `updated` the variables it updated. It collects losses
+    (`losses`); neither they nor the updates reach the layers."""
 
     def __init__(self, state_mapping, counts):
-        super().__init__(state_mapping=state_mapping,
+        super().__init__(state_mapping=state_mapping, collect_losses=True,
                          initialize_variables=False)
         self._counts = counts
         self._updates = {}
+        self.updated = []
 
     def add_update(self, update):
         with _private("StatelessScope.add_update"):
             super().add_update(update)
         key = id(update[0])
+        if key not in self._updates:
+            self.updated.append(update[0])
         self._updates[key] = self._updates.get(key, 0) + 1
 
     def __exit__(self, *args):

@@ -130,6 +130,29 @@ def check_derivative(name, f, state_shape, state=None):
             f"output shape {shape}"))
 
 
+def check_stateless(name, scope, random_state):
+    """Raises if the dynamics `name` changed state in `scope` (a
+    `DrawCounter` around one evaluation): updated a variable other than
+    their random layers' seeds (`random_state`), or added a loss."""
+    seeds = {id(v) for v in random_state}
+    changed = [v.path for v in scope.updated if id(v) not in seeds]
+    if not changed and not scope.losses:
+        return
+    what, advice = (
+        (f"updates {', '.join(changed)}", "Use a normalization without "
+         "moving statistics (GroupNormalization, LayerNormalization), or "
+         "keep BatchNormalization out of the dynamics or frozen "
+         "(trainable=False)") if changed else
+        ("adds a loss (an activity_regularizer or add_loss)", "Regularise "
+         "the solve with kinetic_energy or jacobian_norm, or the weights "
+         "with a kernel_regularizer"))
+    raise ValueError(
+        "Received an invalid value for argument `dynamics`, expected a "
+        "layer that changes no state when called: a solve calls it many "
+        "times, also backward in time. Received: dynamics="
+        f"{name}, which {what}. {advice}.")
+
+
 def derivative_message(name, expected, received=None):
     """The error of dynamics whose output does not fit the state."""
     return ("Received an invalid value for argument `dynamics`, expected a "

@@ -1,7 +1,5 @@
 """The TensorFlow backend of `NeuralODE`: the adjoint as a custom gradient."""
 
-import contextlib
-
 import tensorflow as tf
 
 from keras_node import _solver
@@ -36,7 +34,8 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         random_state: variables of the dynamics (their random layers'
             seeds) that every evaluation, forward and backward, reads as
             they are at the start, its updates of them dropped: random
-            layers draw the same at each evaluation of the solve.
+            layers draw the same at each evaluation of the solve. Any
+            other update, and any loss the dynamics add, is an error.
         draws: a dict that gets, for each `random_state` variable that an
             evaluation updates (by `id`), how many times it does.
 
@@ -52,11 +51,9 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
 
     def fn(t, h):
         kwargs = {"t": t} if time_dependent else {}
-        # Without random layers, no scope: other state updates stay as they
-        # are.
-        with (DrawCounter(start, draws) if start
-              else contextlib.nullcontext()):
+        with DrawCounter(start, draws) as scope:
             f = dynamics(h, training=training, **kwargs)
+        _solver.check_stateless(dynamics.name, scope, random_state)
         _solver.check_derivative(dynamics.name, f, h.shape)
         if h.shape.is_fully_defined():
             return tf.cast(f, h.dtype)

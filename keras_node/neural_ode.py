@@ -71,10 +71,10 @@ class NeuralODE(keras.layers.Layer):
     Keras' `recurrent_dropout` draws one mask for every time step: each
     evaluation of a solve, and of its adjoint's backward solve, sees the
     same draw, so that the dynamics stay one smooth function of `t` and `h`,
-    and the next solve draws anew. Not supported: dynamics that update
-    state during the solve (`BatchNormalization`'s moving statistics, for
-    example), dynamics with several inputs or outputs, gradients with
-    respect to `t0` or `t1`.
+    and the next solve draws anew. Dynamics that change other state are an
+    error: a `BatchNormalization` in training (frozen, it is fine) and a
+    loss (`activity_regularizer`, `add_loss`). Not supported: dynamics
+    with several inputs or outputs, gradients with respect to `t0` or `t1`.
     XLA on TensorFlow: XLA drops an adaptive solver's `max_num_steps` error
     (an exhausted budget returns NaN instead), so on TensorFlow a layer with
     an adaptive solver sets `supports_jit = False`, and Keras trains its

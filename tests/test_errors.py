@@ -452,3 +452,49 @@ def test_cli_export_needs_the_tensorflow_backend(tmp_path, capsys):
     assert "keras-node export: error: export writes a TensorFlow SavedModel " \
         "and needs Keras' TensorFlow backend, not jax: run it with " \
         "KERAS_BACKEND=tensorflow" in capsys.readouterr().err
+
+
+def _fit_with(layer, gradient="adjoint"):
+    dynamics = keras.Sequential([keras.layers.Dense(4, activation="tanh"),
+                                 layer, keras.layers.Dense(2)])
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, NeuralODE(dynamics, gradient=gradient)(
+        inputs))
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
+    return model.fit(x, x, batch_size=4, verbose=0)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_dynamics_updating_moving_statistics_are_refused(gradient):
+    # TensorFlow updated them at every evaluation; JAX dropped the updates.
+    with pytest.raises(ValueError, match=r"argument `dynamics`, expected a "
+                       r"layer that changes no state when called: a solve "
+                       r"calls it many times, also backward in time. "
+                       r"Received: dynamics=sequential.*, which updates "
+                       r"\S*batch_normalization\S*/moving_mean, "
+                       r"\S*/moving_variance. Use a normalization without "
+                       r"moving statistics \(GroupNormalization"):
+        _fit_with(keras.layers.BatchNormalization(), gradient)
+
+
+def test_dynamics_adding_losses_are_refused():
+    # TensorFlow failed with a tensor out of its loop's scope; JAX dropped
+    # the loss.
+    with pytest.raises(ValueError, match=r"argument `dynamics`, expected a "
+                       r"layer that changes no state when called.*"
+                       r"Received: dynamics=sequential.*, which adds a loss "
+                       r"\(an activity_regularizer or add_loss\). Regularise "
+                       r"the solve with kinetic_energy or jacobian_norm"):
+        _fit_with(keras.layers.ActivityRegularization(l2=0.1))
+
+
+def test_frozen_moving_statistics_and_weight_penalties_are_allowed():
+    frozen = keras.layers.BatchNormalization(trainable=False)
+    history = _fit_with(frozen)
+    assert np.isfinite(history.history["loss"][0])
+    np.testing.assert_array_equal(frozen.moving_mean.numpy(), 0.0)
+    penalised = keras.layers.Dense(4, kernel_regularizer="l2")
+    history = _fit_with(penalised)
+    assert np.isfinite(history.history["loss"][0])
+    assert len(history.model.losses) == 1
