@@ -39,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import numbers
 import os
 import pathlib
 import re
@@ -48,6 +47,7 @@ import shutil
 import keras
 
 from keras_node._keras_compat import patch_keras_multi_worker_fit
+from keras_node._options import positive_int
 
 __all__ = ["CheckpointError", "ResumableCheckpoint", "StopAtIteration",
            "agree_on_checkpoint", "distribution_strategy",
@@ -55,15 +55,6 @@ __all__ = ["CheckpointError", "ResumableCheckpoint", "StopAtIteration",
            "save_model_atomic", "worker_folder", "write_atomic"]
 
 logger = logging.getLogger("keras_node.training")
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or value < 1:
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected a "
-            f"positive integer. Received: {name}={value!r}")
-    return int(value)
 
 
 class CheckpointError(RuntimeError):
@@ -145,8 +136,8 @@ class ResumableCheckpoint(keras.callbacks.Callback):
 
     def __init__(self, directory, save_every=100, keep=2):
         super().__init__()
-        self.save_every = _positive_int("save_every", save_every)
-        self.keep = _positive_int("keep", keep)
+        self.save_every = positive_int("save_every", save_every)
+        self.keep = positive_int("keep", keep)
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(
                 "Received an invalid value for argument `directory`, "
@@ -285,7 +276,7 @@ class StopAtIteration(keras.callbacks.Callback):
 
     def __init__(self, total):
         super().__init__()
-        self.total = _positive_int("total", total)
+        self.total = positive_int("total", total)
 
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) >= self.total:

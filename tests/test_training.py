@@ -168,10 +168,11 @@ def test_no_sound_checkpoint_names_the_files(tmp_path):
         checkpoint.restore()
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(save_every=0), "save_every"),
-                                          (dict(keep=1.5), "keep")])
-def test_checkpoint_arguments(tmp_path, kwargs, name):
-    with pytest.raises(ValueError, match=rf"argument `{name}`, expected a "
+@pytest.mark.parametrize("kwargs, name, error", [
+    (dict(save_every=0), "save_every", ValueError),
+    (dict(keep=1.5), "keep", TypeError)])
+def test_checkpoint_arguments(tmp_path, kwargs, name, error):
+    with pytest.raises(error, match=rf"argument `{name}`, expected a "
                        rf"positive integer. Received: {name}="):
         ResumableCheckpoint(tmp_path, **kwargs)
     with pytest.raises(TypeError, match=r"argument `directory`, expected a "
@@ -215,9 +216,10 @@ def test_numpy_integers_are_integers(tmp_path):
         == 3
 
 
-@pytest.mark.parametrize("total", [0, 2.5, True])
-def test_stop_at_iteration_argument(total):
-    with pytest.raises(ValueError, match=r"argument `total`, expected a "
+@pytest.mark.parametrize("total, error", [
+    (0, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_stop_at_iteration_argument(total, error):
+    with pytest.raises(error, match=r"argument `total`, expected a "
                        rf"positive integer. Received: total={total!r}"):
         StopAtIteration(total)
 
