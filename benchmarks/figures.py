@@ -20,14 +20,11 @@ from those files alone:
 """
 
 import argparse
-import datetime
 import json
-import os
 import pathlib
 import shlex
-import subprocess
 
-from benchmarks.machine import cpu_model, versions
+from benchmarks import machine
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "data"
@@ -36,14 +33,16 @@ MNIST = "mnist_one_epoch.json"
 PEERS = "peers_cpu.json"
 
 
-def provenance():
-    """The date, commit and versions of now, for a collected result."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                            cwd=ROOT, capture_output=True, text=True
-                            ).stdout.strip() or None
-    return {"date": datetime.date.today().isoformat(), "commit": commit,
-            "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
-            "versions": versions()}
+def provenance(record=None):
+    """The date, short commit, machine and versions of a benchmark's
+    `record` (`machine.provenance()` with `"machine": machine.describe()`),
+    by default of now."""
+    if record is None:
+        record = {**machine.provenance(), "machine": machine.describe()}
+    commit, described = record["git_commit"], record["machine"]
+    return {"date": record["date"][:10], "commit": commit and commit[:7],
+            "machine": f"{described['cpu']}, {described['cpu_count']} CPUs",
+            "versions": record["versions"]}
 
 
 def mnist_command(options):
@@ -79,16 +78,9 @@ def collect_peers(path, data=DATA):
     """With the run's own command, date, commit, machine and versions where
     its JSON records them, else (an older JSON) those of now."""
     result = json.loads(pathlib.Path(path).read_text())
-    record = {**provenance(), "command": result.get("command"),
-              "result": result}
-    if "versions" in result:
-        machine = result["machine"]
-        record.update(
-            date=result["date"][:10],
-            commit=result["git_commit"] and result["git_commit"][:7],
-            machine=f"{machine['cpu']}, {machine['cpu_count']} CPUs",
-            versions=result["versions"])
-    _write(data / PEERS, record)
+    record = provenance(result if "versions" in result else None)
+    _write(data / PEERS, {**record, "command": result.get("command"),
+                          "result": result})
 
 
 def _write(path, record):
