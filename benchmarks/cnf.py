@@ -389,27 +389,12 @@ def part_regularisers(args, train_x, test):
 
 
 def metadata(argv):
-    import keras
-    import tensorflow as tf
-    import tensorflow_probability as tfp
-
-    import keras_node
     from benchmarks.machine import provenance
     from benchmarks.train_step import machine
 
-    record = provenance()
-    return {
-        **record,
-        "machine": machine(),
-        # The installed distributions' and the imported modules' versions.
-        "versions": {**record["versions"],
-                     "tensorflow": tf.__version__,
-                     "tensorflow_probability": tfp.__version__,
-                     "keras": keras.__version__,
-                     "keras_node": keras_node.__version__},
-        "command": " ".join([sys.executable, "-m", "benchmarks.cnf",
-                             *argv]),
-    }
+    return {**provenance(), "machine": machine(),
+            "command": " ".join([sys.executable, "-m", "benchmarks.cnf",
+                                 *argv])}
 
 
 def print_table(result):

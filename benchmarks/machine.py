@@ -21,9 +21,9 @@ COMMIT_FILE = pathlib.Path(".whl") / "commit.json"
 # recorded). tensorflow-probability and tfp-nightly provide the same module;
 # where both are installed (.venv-jax sees the system's packages) both are
 # listed, and the one imported is the first on sys.path.
-PACKAGES = ("numpy", "keras", "tensorflow", "tensorflow-probability",
-            "tfp-nightly", "jax", "jaxlib", "torch", "torchdiffeq",
-            "diffrax")
+PACKAGES = ("numpy", "keras", "keras-node", "tensorflow",
+            "tensorflow-probability", "tfp-nightly", "jax", "jaxlib",
+            "torch", "torchdiffeq", "diffrax")
 
 
 # The vector instructions that decide which kernels oneDNN and PyTorch use:
