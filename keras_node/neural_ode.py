@@ -55,9 +55,9 @@ class NeuralODE(keras.layers.Layer):
     and progress bar as `nfe_forward`, `nfe_backward`, `steps_accepted` and
     `steps_rejected`. A layer whose model holds other `NeuralODE` layers
     logs them under its name instead (`ode1_nfe_forward`, ...), in
-    functional and subclassed models alike, and warns once when it finds
-    out (so adding a second layer renames the first one's keys, with a
-    warning); name the layers to choose the keys. On JAX the counts reach
+    functional and subclassed models alike; a layer without a `name` warns
+    once when it finds out (adding a second layer renames the first one's
+    keys). Name the layers to choose the keys. On JAX the counts reach
     the logs through `keras_node.callbacks.LogEvaluationCounts` (its
     docstring says why).
 
@@ -216,6 +216,7 @@ class NeuralODE(keras.layers.Layer):
                 f"{_MOVED[moved[0]]} (keras-node 0.2). "
                 f"Received: {moved[0]}={kwargs[moved[0]]!r}")
         super().__init__(**kwargs)
+        self._named = kwargs.get("name") is not None
         if not isinstance(dynamics, keras.layers.Layer):
             raise TypeError(
                 "Received an invalid value for argument `dynamics`, expected "
@@ -485,11 +486,13 @@ class NeuralODE(keras.layers.Layer):
     def note_model(self, model):
         """Marks this layer as sharing `model` if that holds other
         `NeuralODE` layers: its counts are then logged under its name
-        (warns once)."""
+        (warns once, unless the layer was given its name)."""
         if not self.shares_model and any(
                 isinstance(layer, NeuralODE) and layer is not self
                 for layer in flatten_layers(model)):
             self.shares_model = True
+            if self._named:
+                return
             warnings.warn(
                 f"NeuralODE '{self.name}' shares its model with other "
                 f"NeuralODE layers: its counts are logged as "
