@@ -549,18 +549,21 @@ def fixed_grid(t_start, times, num_steps=None, step_size=None):
 def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
               atol=None, first_step_size=None, max_num_steps=None,
               num_steps=None, step_size=None, unroll=False, error_mask=None,
-              save_at=None, direction=None, bounded_loop=None):
+              save_at=None, direction=None, span=None, bounded_loop=None):
     """Solves `dy/dt = fn(t, y)` from `t_start` to `t_end` (either order).
 
     Args:
         sub: the backend's `_tfp_compat.Substrate`.
         fn: `fn(t, y) -> dy/dt`, `y` any nest of floating tensors.
-        t_start, t_end: Python floats, `t_start != t_end`; or scalar tensors
-            of the state's dtype (a solve inside a loop), with `direction`
-            the sign of `t_end - t_start` (1.0 or -1.0), no `save_at`, and
-            for a fixed-step method `num_steps` (an int32 tensor allowed):
-            its loop then runs a number of times known only when it runs,
-            which reverse mode cannot differentiate on JAX.
+        t_start, t_end: Python floats, `t_start != t_end`; or (a solve
+            inside a loop) `t_start` a scalar tensor of the state's dtype,
+            `t_end` None, `direction` the sign of `t_end - t_start` (1.0 or
+            -1.0), `span` the tensor `|t_end - t_start|` (computed from the
+            Python times: the difference of two rounded times can be far
+            off, or 0), no `save_at`, and for a fixed-step method
+            `num_steps` (an int32 tensor allowed): its loop then runs a
+            number of times known only when it runs, which reverse mode
+            cannot differentiate on JAX.
         y0: the state at `t_start`.
         method: one of `ADAPTIVE` or `FIXED`.
         what: how error messages name this solve.
@@ -601,8 +604,9 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
         f = fn(t_start + sign * s, y)
         return f if sign > 0 else tf.nest.map_structure(tf.negative, f)
 
-    times = [sign * (t - t_start) for t in
-             ([t_end] if save_at is None else save_at)]
+    times = ([span] if span is not None else
+             [sign * (t - t_start) for t in
+              ([t_end] if save_at is None else save_at)])
     ok = _check_finite(sub, y0, what, "the initial state")
     if method in _FIXED:
         ys, counts = _integrate_fixed(tf, fn_s, 0.0, times, y0,
@@ -876,16 +880,24 @@ def integrate_adjoint(sub, adjoint_fn, t0, times, ys, dys, g0, *,
     if last:
         # Otherwise the segments between output times run in one loop: a
         # graph (and a compile time) that does not grow with their number.
-        t = times if unrolled else _vector(tf, times,
-                                           tf.nest.flatten(ys)[0].dtype)
+        # Each segment's length from the Python times: in the state's
+        # dtype, two output times far from 0 and close together round to
+        # a length far off, or to 0.
+        dtype = tf.nest.flatten(ys)[0].dtype
+        t, spans = ((times, None) if unrolled else (
+            _vector(tf, times, dtype),
+            _vector(tf, [0.0] + [abs(b - a) for a, b in zip(times,
+                                                            times[1:])],
+                    dtype)))
         if fixed:
             between = (steps[first:] if unrolled
                        else _vector(tf, steps[first:], tf.int32))
 
         def segment(i, state, num_evals):
             state, counts = integrate(
-                sub, adjoint_fn, t[i], t[i - 1], state,
+                sub, adjoint_fn, t[i], t[i - 1] if unrolled else None, state,
                 direction=1.0 if t0 > times[-1] else -1.0,
+                span=None if unrolled else spans[i],
                 **({"num_steps": between[i - 1]} if fixed else {}),
                 **options)
             _, a, g = state

@@ -246,6 +246,24 @@ def test_save_at_gradients_match_finite_differences():
                             with_losses=True)
 
 
+@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
+def test_save_at_gradients_far_from_time_zero(solver):
+    # In float32, 1e6 + 0.37 rounds to 1e6 + 0.375, and 1e6 + 0.99999 to
+    # 1e6 + 1: the adjoint's intervals between output times must not be
+    # taken from the rounded times (they were, and were 0.0625 off, or 0).
+    offsets = np.array([0.1, 0.37, 0.99999, 1.0])
+    results = []
+    for t0 in (0.0, 1e6):
+        ode = NeuralODE(Linear([[-0.7]]), t0=t0, t1=t0 + 1.0,
+                        save_at=list(t0 + offsets), solver=solver)
+        results.append(gradients(ode, np.ones((1, 1), "float32"), ops.sum))
+    exact = [np.exp(-0.7 * offsets).sum(),
+             (offsets * np.exp(-0.7 * offsets)).sum()]
+    for at_zero, far in zip(*results):
+        np.testing.assert_allclose(far, at_zero, rtol=1e-6)
+    np.testing.assert_allclose(np.ravel(results[1]), exact, rtol=1e-3)
+
+
 @pytest.mark.parametrize("solver, gradient", [
     ("dopri5", "adjoint"), ("rk4", "adjoint"), ("rk4", "backprop")])
 def test_program_does_not_grow_with_the_output_times(solver, gradient):
