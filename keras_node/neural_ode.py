@@ -6,6 +6,7 @@ import numbers
 import warnings
 
 import keras
+import numpy as np
 
 from keras_node import _nfe_metric, _solver, gradients, solvers
 from keras_node._keras_compat import (calling_model, flatten_layers,
@@ -132,7 +133,8 @@ class NeuralODE(keras.layers.Layer):
             README. Defaults to `0.0`, off.
         save_at: `None`, or the times at which to return the state: a
             sequence of floats from `t0` towards `t1`, strictly monotone,
-            each within `[t0, t1]`, the last not `t0`. The solve ends at
+            each within `[t0, t1]`, the last not `t0` (a float32 time
+            that is `t0` or `t1` in float32 counts as it). The solve ends at
             the last of them, and the output gains a time axis: `(batch,
             len(save_at), *state_shape)`, as torchdiffeq's
             `odeint(f, h0, t)` or diffrax's `SaveAt(ts=...)`. Fixed-step
@@ -606,6 +608,11 @@ def _save_times(save_at, t0, t1):
     for time in save_at:
         if isinstance(time, bool) or not isinstance(time, numbers.Real):
             raise invalid(TypeError, "save_at", expected, save_at)
+        # A float32 (or float16) time that is t0 or t1 in its precision is
+        # that time: np.linspace(t0, t1, n, dtype="float32") ends at t1,
+        # whichever way float32 rounds t1.
+        if isinstance(time, np.floating) and np.finfo(time).bits < 64:
+            time = next((t for t in (t0, t1) if type(time)(t) == time), time)
         times.append(float(time))
     sign = 1.0 if t1 > t0 else -1.0
     steps = [sign * (b - a) for a, b in zip([t0] + times, times)]

@@ -129,6 +129,17 @@ def test_save_at_returns_the_state_at_each_time(t0, t1, save_at):
     assert float(ode.num_forward_evals) == float(alone.num_forward_evals)
 
 
+def test_float32_save_at_may_round_past_t0_and_t1():
+    # float32(0.7) < 0.7 and float32(0.8) > 0.8: the times are t0 and t1.
+    times = np.linspace(0.7, 0.8, 3, dtype="float32")
+    assert float(times[0]) < 0.7 and float(times[-1]) > 0.8
+    ode = NeuralODE(Linear(A, dtype="float64"), t0=0.7, t1=0.8,
+                    save_at=times, rtol=1e-9, atol=1e-9, dtype="float64")
+    assert ode.save_at == (0.7, float(times[1]), 0.8)
+    np.testing.assert_allclose(ode(H0)[:, -1], linear_solution(0.7, 0.8),
+                               rtol=SOLUTION_TOL, atol=SOLUTION_TOL)
+
+
 @pytest.mark.parametrize("solver", ["dopri5", "rk4"])
 def test_float32_state_is_accurate_at_large_times(solver):
     # dh/dt = -h over [t0, t0 + 1]: in float32 time, t0 = 1e8 gave 0.00029.
