@@ -1,10 +1,10 @@
 """The JAX backend of `NeuralODE`: the adjoint as a `jax.custom_vjp`.
 
 On JAX there are no variables to close over: the dynamics run in a
-`keras.StatelessScope` that maps their weights to values passed in
-explicitly, so that the adjoint can return their gradients. Steps are taken
-by the same `_solver` code as on TensorFlow, on TFP's JAX substrate
-(`tfp-nightly`).
+`keras.StatelessScope` that maps their weights (and those of other layers
+that they read) to values passed in explicitly, so that the adjoint can
+return their gradients. Steps are taken by the same `_solver` code as on
+TensorFlow, on TFP's JAX substrate (`tfp-nightly`).
 
 What differs from TensorFlow: assertions cannot run inside JAX's loops, so
 an exhausted `max_num_steps` makes the solve return NaN; an eager call (not
@@ -37,21 +37,40 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     """As the TensorFlow backend's `solve`; `on_backward_evals` runs on the
     host. Here every non-trainable variable, `random_state`'s among them,
     is read once, at the start."""
-    with stored_dtypes():
-        params = [v.value for v in dynamics.trainable_variables]
-        frozen = [v.value for v in dynamics.non_trainable_variables]
-
-    def dynamics_fn(t, h, params, frozen):
+    def call(t, h, mapping, draws):
+        """The dynamics at `(t, h)`, their variables read from `mapping`;
+        returns the output and the `DrawCounter`."""
         kwargs = {"t": t} if time_dependent else {}
         with stored_dtypes():
-            scope = DrawCounter([
-                *zip(dynamics.trainable_variables, params),
-                *zip(dynamics.non_trainable_variables, frozen)], draws)
+            scope = DrawCounter(mapping, draws)
         # The layer's `__call__` (`stateless_call` runs its bare `call`):
         # it casts `h` and its weights to its own dtype policy, as on
         # TensorFlow.
         with scope:
-            out = dynamics(h, training=training, **kwargs)
+            return dynamics(h, training=training, **kwargs), scope
+
+    # Weights of other layers that the dynamics read (a layer's kernel in a
+    # `Lambda`), as a traced step maps them: arguments too, as the dynamics'
+    # own, or their values would be the stored ones and get no gradient.
+    own, foreign = {id(v) for v in dynamics.variables}, {}
+
+    def probe(h):
+        out, scope = call(jnp.zeros((), h.dtype), h, [], {})
+        foreign.update((id(v), v) for v in scope.foreign if id(v) not in own)
+        return out
+
+    jax.eval_shape(probe, h0)
+    trainable = [*dynamics.trainable_variables,
+                 *(v for v in foreign.values() if v.trainable)]
+    others = [*dynamics.non_trainable_variables,
+              *(v for v in foreign.values() if not v.trainable)]
+    with stored_dtypes():
+        params = [v.value for v in trainable]
+        frozen = [v.value for v in others]
+
+    def dynamics_fn(t, h, params, frozen):
+        out, scope = call(t, h, [*zip(trainable, params),
+                                 *zip(others, frozen)], draws)
         _solver.check_stateless(dynamics.name, scope, random_state)
         _solver.check_derivative(dynamics.name, out, h.shape)
         return out.astype(h.dtype)

@@ -25,6 +25,9 @@ found (`_private`); the patch reads the source of what it patches.
   inside one): a seed generator's state is updated once per draw, so that a
   `NeuralODE` learns how many draws one evaluation of its dynamics makes,
   and which other state (moving statistics, losses) the dynamics change.
+  A variable it does not map it reads from the scope around it (Keras'
+  own scopes do not), and records it: on JAX, the weights of other layers
+  that the dynamics read, as a traced train step maps them.
 - `has_functional_sibling(layer)`: walks the functional graph through
   `_inbound_nodes`, `_outbound_nodes` and their nodes' `operation` and
   `parent_nodes`, to find whether a layer's model holds another of its
@@ -125,7 +128,9 @@ class DrawCounter(keras.StatelessScope):
     """A `StatelessScope` that also records, in `counts` (keyed by the
     variable's `id`), the most updates of each variable that one scope
     saw, and in `updated` the variables it updated. It collects losses
-    (`losses`); neither they nor the updates reach the layers."""
+    (`losses`); neither they nor the updates reach the layers. Variables
+    it does not map read as the scope around it maps them, listed in
+    `foreign`."""
 
     def __init__(self, state_mapping, counts):
         super().__init__(state_mapping=state_mapping, collect_losses=True,
@@ -133,6 +138,17 @@ class DrawCounter(keras.StatelessScope):
         self._counts = counts
         self._updates = {}
         self.updated = []
+        self.foreign = []
+
+    def get_current_value(self, variable):
+        value = super().get_current_value(variable)
+        with _private("StatelessScope.original_scope"):
+            outer = self.original_scope
+        if value is None and outer is not None:
+            value = outer.get_current_value(variable)
+            if value is not None:
+                self.foreign.append(variable)
+        return value
 
     def add_update(self, update):
         with _private("StatelessScope.add_update"):

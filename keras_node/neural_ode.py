@@ -38,8 +38,8 @@ class NeuralODE(keras.layers.Layer):
     `keras_node.gradients`).
 
     What gets gradients: the initial state `h0` and every floating weight
-    that the dynamics read (the dynamics' own weights and any weight of this
-    layer). The times `t0` and `t1` are constants. The adjoint gradient is
+    that the dynamics read (their own, and another layer's that they read,
+    as a `Lambda` may), on both backends. The times `t0` and `t1` are constants. The adjoint gradient is
     approximate: it is exact for the ODE, up to the error of the backward
     solve (`gradients.Adjoint(rtol, atol)`); it is not the exact derivative
     of the forward solver's arithmetic. Backprop's is, for the steps taken
@@ -92,8 +92,7 @@ class NeuralODE(keras.layers.Layer):
     TensorFlow is still the faster backend).
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
-    `tfp-nightly`). On JAX the gradients reach the initial state and the
-    dynamics' trainable weights, an exhausted `max_num_steps` returns NaN
+    `tfp-nightly`). On JAX an exhausted `max_num_steps` returns NaN
     (an eager call raises a `RuntimeError`), `gradient="backprop"` with an
     adaptive solver steps in a bounded, checkpointed loop (see
     `gradients.Backprop`), and the counts reach `fit`'s logs only through

@@ -246,6 +246,32 @@ def test_save_at_gradients_match_finite_differences():
                             with_losses=True)
 
 
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_dynamics_reading_another_layers_weight_differentiate_it(gradient):
+    # dh/dt = h K, K the kernel of the head, read by a `Lambda` that does
+    # not own it: y = h0 expm(K) K. On JAX the dynamics read K as stored
+    # (its value when the step was traced), and it got no gradient there.
+    k = np.array([[0.5, -1.0], [0.8, 0.3]])
+    head = keras.layers.Dense(2, use_bias=False)
+    head.build((None, 2))
+    head.kernel.assign(k)
+    dynamics = keras.layers.Lambda(lambda h: ops.matmul(h, head.kernel),
+                                   output_shape=(2,))
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, head(NeuralODE(
+        dynamics, gradient=gradient, rtol=1e-8, atol=1e-8)(inputs)))
+    h0 = np.array([[1.0, -0.5], [0.3, 2.0], [-1.2, 0.4]], "float32")
+    weights = np.array([[0.3, -1.0], [2.0, 0.5], [1.0, 1.5]], "float32")
+    loss = lambda k: np.sum(weights * (h0 @ scipy.linalg.expm(k) @ k))
+    expected = np.zeros_like(k)
+    for i in np.ndindex(k.shape):
+        step = np.zeros_like(k)
+        step[i] = 1e-6
+        expected[i] = (loss(k + step) - loss(k - step)) / 2e-6
+    dk = gradients(model, h0, lambda y: ops.sum(weights * y))[1]
+    np.testing.assert_allclose(dk, expected, rtol=1e-4)
+
+
 @pytest.mark.parametrize("solver", ["dopri5", "rk4"])
 def test_save_at_gradients_far_from_time_zero(solver):
     # In float32, 1e6 + 0.37 rounds to 1e6 + 0.375, and 1e6 + 0.99999 to
