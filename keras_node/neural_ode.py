@@ -39,12 +39,12 @@ class NeuralODE(keras.layers.Layer):
 
     What gets gradients: the initial state `h0` and every floating weight
     that the dynamics read (their own, and another layer's that they read,
-    as a `Lambda` may), on both backends. The times `t0` and `t1` are constants. The adjoint gradient is
-    approximate: it is exact for the ODE, up to the error of the backward
-    solve (`gradients.Adjoint(rtol, atol)`); it is not the exact derivative
-    of the forward solver's arithmetic. Backprop's is, for the steps taken
-    (step sizes are not differentiated), at a memory cost that grows with
-    the number of steps.
+    as a `Lambda` may). The times `t0` and `t1` are constants. The adjoint
+    gradient is approximate: it is exact for the ODE, up to the error of the
+    backward solve (`gradients.Adjoint(rtol, atol)`); it is not the exact
+    derivative of the forward solver's arithmetic. Backprop's is, for the
+    steps taken (step sizes are not differentiated), at a memory cost that
+    grows with the number of steps.
 
     Function evaluations are counted inside the graph, forward and backward
     separately (the backward count is of the adjoint system, one dynamics
