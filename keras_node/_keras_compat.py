@@ -28,6 +28,9 @@ found (`_private`); the patch reads the source of what it patches.
   A variable it does not map it reads from the scope around it (Keras'
   own scopes do not), and records it: on JAX, the weights of other layers
   that the dynamics read, as a traced train step maps them.
+- `in_dynamics()`: whether the current `keras.StatelessScope` (Keras' global
+  state) is a `DrawCounter`: a `NeuralODE` inside another's dynamics does
+  not count its solves.
 - `has_functional_sibling(layer)`: walks the functional graph through
   `_inbound_nodes`, `_outbound_nodes` and their nodes' `operation` and
   `parent_nodes`, to find whether a layer's model holds another of its
@@ -162,6 +165,16 @@ class DrawCounter(keras.StatelessScope):
         super().__exit__(*args)
         for key, updates in self._updates.items():
             self._counts[key] = max(self._counts.get(key, 0), updates)
+
+
+def in_dynamics():
+    """Whether the call in progress is of a `NeuralODE`'s dynamics (in a
+    `DrawCounter`, Keras' global state `stateless_scope`)."""
+    with _private("stateless scope (keras.src.backend.common.global_state)"):
+        from keras.src.backend.common import global_state
+
+        scope = global_state.get_global_attribute("stateless_scope")
+    return isinstance(scope, DrawCounter)
 
 
 def has_functional_sibling(layer):

@@ -10,7 +10,7 @@ import numpy as np
 
 from keras_node import _nfe_metric, _solver, gradients, solvers
 from keras_node._keras_compat import (calling_model, flatten_layers,
-                                      seed_generators)
+                                      in_dynamics, seed_generators)
 from keras_node._options import (finite_float, invalid, non_negative_float,
                                  positive_float)
 
@@ -471,8 +471,11 @@ class NeuralODE(keras.layers.Layer):
             for _ in range(draws.get(id(generator.state), 0)):
                 generator.next()
         counts = keras.ops.cast(counts, "float32")
-        for i, counter in enumerate((self._forward_evals, self._steps_accepted,
-                                     self._steps_rejected)):
+        # Inside another NeuralODE's dynamics, a solve per evaluation: not
+        # counted (the dynamics must change no state).
+        counters = () if in_dynamics() else (
+            self._forward_evals, self._steps_accepted, self._steps_rejected)
+        for i, counter in enumerate(counters):
             counter.assign(counts[i])
         # The integrals run from the solve's start: negative backward in time.
         sign = 1.0 if times[-1] > t0 else -1.0

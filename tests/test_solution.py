@@ -129,6 +129,23 @@ def test_save_at_returns_the_state_at_each_time(t0, t1, save_at):
     assert float(ode.num_forward_evals) == float(alone.num_forward_evals)
 
 
+def test_a_neural_ode_in_the_dynamics_of_another():
+    # dh/dt = g(h) B^T, g the inner solve of dk/ds = k A^T over [0, 0.5]:
+    # linear, dh/dt = h C with C = expm(0.5 A)^T B^T. The inner layer's
+    # solve per evaluation is not counted (the dynamics change no state).
+    b = np.array([[0.3, -1.0], [0.7, 0.2]])
+    inner = NeuralODE(Linear(A, dtype="float64"), t1=0.5, rtol=1e-9,
+                      atol=1e-9, dtype="float64")
+    outer = NeuralODE(
+        keras.Sequential([inner, Linear(b, dtype="float64")]), rtol=1e-9,
+        atol=1e-9, dtype="float64")
+    c = scipy.linalg.expm(0.5 * A).T @ b.T
+    np.testing.assert_allclose(outer(H0), H0 @ scipy.linalg.expm(c),
+                               rtol=SOLUTION_TOL, atol=SOLUTION_TOL)
+    assert float(outer.num_forward_evals) > 0
+    assert float(inner.num_forward_evals) == 0
+
+
 def test_float32_save_at_may_round_past_t0_and_t1():
     # float32(0.7) < 0.7 and float32(0.8) > 0.8: the times are t0 and t1.
     times = np.linspace(0.7, 0.8, 3, dtype="float32")
