@@ -55,8 +55,8 @@ def test_benchmark_writes_both_libraries_and_all_variants(tmp_path):
     result = json.loads(out.read_text())
     for key in ("date", "machine", "versions", "command", "git_commit"):
         assert key in result
-    assert set(result["versions"]) >= {"tensorflow", "tensorflow_probability",
-                                       "keras", "keras_node"}
+    assert set(result["versions"]) >= {"tensorflow", "tensorflow-probability",
+                                       "keras", "keras-node"}
     part = result["tfp"]
     assert set(part["libraries"]) == {"keras-node", "tfp"}
     assert part["initial_log_prob_max_abs_diff"] < 1e-2
