@@ -139,10 +139,10 @@ def check_stateless(name, scope, random_state):
     if not changed and not scope.losses:
         return
     what, advice = (
-        (f"updates {', '.join(changed)}", "Use a normalization without "
-         "moving statistics (GroupNormalization, LayerNormalization), or "
-         "keep BatchNormalization out of the dynamics or frozen "
-         "(trainable=False)") if changed else
+        (f"updates {', '.join(changed)}", "Keep such layers out of the "
+         "dynamics: to normalize inside them, use GroupNormalization or "
+         "LayerNormalization (a BatchNormalization frozen with "
+         "trainable=False is fine)") if changed else
         ("adds a loss (an activity_regularizer or add_loss)", "Regularise "
          "the solve with kinetic_energy or jacobian_norm, or the weights "
          "with a kernel_regularizer"))

@@ -473,8 +473,9 @@ def test_dynamics_updating_moving_statistics_are_refused(gradient):
                        r"calls it many times, also backward in time. "
                        r"Received: dynamics=sequential.*, which updates "
                        r"\S*batch_normalization\S*/moving_mean, "
-                       r"\S*/moving_variance. Use a normalization without "
-                       r"moving statistics \(GroupNormalization"):
+                       r"\S*/moving_variance. Keep such layers out of the "
+                       r"dynamics: to normalize inside them, use "
+                       r"GroupNormalization or LayerNormalization"):
         _fit_with(keras.layers.BatchNormalization(), gradient)
 
 
