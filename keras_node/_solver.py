@@ -138,14 +138,21 @@ def check_stateless(name, scope, random_state):
     changed = [v.path for v in scope.updated if id(v) not in seeds]
     if not changed and not scope.losses:
         return
-    what, advice = (
-        (f"updates {', '.join(changed)}", "Keep such layers out of the "
-         "dynamics: to normalize inside them, use GroupNormalization or "
-         "LayerNormalization (a BatchNormalization frozen with "
-         "trainable=False is fine)") if changed else
-        ("adds a loss (an activity_regularizer or add_loss)", "Regularise "
-         "the solve with kinetic_energy or jacobian_norm, or the weights "
-         "with a kernel_regularizer"))
+    if any(path.endswith("seed_generator_state") for path in changed):
+        advice = ("Draw random numbers with a keras.random.SeedGenerator "
+                  "that a layer of the dynamics holds as an attribute (one "
+                  "draw per solve), or with a fixed seed")
+    elif changed:
+        advice = ("Keep such layers out of the dynamics: to normalize "
+                  "inside them, use GroupNormalization or "
+                  "LayerNormalization (a BatchNormalization frozen with "
+                  "trainable=False is fine)")
+    else:
+        advice = ("Regularise the outermost solve (kinetic_energy, "
+                  "jacobian_norm) or the weights (kernel_regularizer)")
+    what = (f"updates {', '.join(changed)}" if changed else
+            "adds a loss (an activity_regularizer, add_loss, or a nested "
+            "NeuralODE's regulariser)")
     raise ValueError(
         "Received an invalid value for argument `dynamics`, expected a "
         "layer that changes no state when called: a solve calls it many "

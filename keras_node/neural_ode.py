@@ -457,12 +457,16 @@ class NeuralODE(keras.layers.Layer):
                      else (self.t0, self.output_times))
         forward, adjoint = self._solve_options(reverse)
         generators, draws = seed_generators(self.dynamics), {}
+        # Inside another NeuralODE's dynamics, a solve per evaluation: not
+        # counted (the dynamics must change no state).
+        nested = in_dynamics()
         hs, integrals, counts = _backend().solve(
             self.dynamics, h0, time_dependent=self._time_dependent,
             t0=t0, times=times, forward=forward, adjoint=adjoint,
             gradient=self.gradient.name,
             seminorm=getattr(self.gradient, "norm", None) == "seminorm",
-            on_backward_evals=self._record_backward_evals,
+            on_backward_evals=(lambda evals: None) if nested
+            else self._record_backward_evals,
             kinetic=bool(kinetic_energy), jacobian=bool(jacobian_norm),
             trace=trace, noise=noise, training=training,
             random_state=[generator.state for generator in generators],
@@ -471,9 +475,7 @@ class NeuralODE(keras.layers.Layer):
             for _ in range(draws.get(id(generator.state), 0)):
                 generator.next()
         counts = keras.ops.cast(counts, "float32")
-        # Inside another NeuralODE's dynamics, a solve per evaluation: not
-        # counted (the dynamics must change no state).
-        counters = () if in_dynamics() else (
+        counters = () if nested else (
             self._forward_evals, self._steps_accepted, self._steps_rejected)
         for i, counter in enumerate(counters):
             counter.assign(counts[i])

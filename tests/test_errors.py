@@ -485,8 +485,9 @@ def test_dynamics_adding_losses_are_refused():
     with pytest.raises(ValueError, match=r"argument `dynamics`, expected a "
                        r"layer that changes no state when called.*"
                        r"Received: dynamics=sequential.*, which adds a loss "
-                       r"\(an activity_regularizer or add_loss\). Regularise "
-                       r"the solve with kinetic_energy or jacobian_norm"):
+                       r"\(an activity_regularizer, add_loss, or a nested "
+                       r"NeuralODE's regulariser\). Regularise the outermost "
+                       r"solve \(kinetic_energy, jacobian_norm\)"):
         _fit_with(keras.layers.ActivityRegularization(l2=0.1))
 
 
@@ -499,3 +500,25 @@ def test_frozen_moving_statistics_and_weight_penalties_are_allowed():
     history = _fit_with(penalised)
     assert np.isfinite(history.history["loss"][0])
     assert len(history.model.losses) == 1
+
+
+class _UntrackedDraw(keras.layers.Layer):
+    """Draws from a seed generator that a plain object holds: Keras does
+    not track it, so each evaluation draws anew."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.holder = type("Holder", (), {})()
+        self.holder.seed = keras.random.SeedGenerator(5)
+
+    def call(self, h):
+        return h + keras.random.normal(keras.ops.shape(h),
+                                       seed=self.holder.seed)
+
+
+def test_draws_from_an_untracked_seed_generator_are_named():
+    with pytest.raises(ValueError, match=r"changes no state when called.* "
+                       r"which updates \S*seed_generator_state. Draw random "
+                       r"numbers with a keras.random.SeedGenerator that a "
+                       r"layer of the dynamics holds as an attribute"):
+        NeuralODE(_UntrackedDraw(), solver="rk4")(np.ones((2, 3), "float32"))

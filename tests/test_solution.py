@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 
 from conftest import tensorflow_only
-from helpers import CosineRate, Linear
+from helpers import CosineRate, Linear, gradients
 from keras_node import NeuralODE, solvers
 
 A = np.array([[-0.5, 2.0], [-2.0, -0.5]])
@@ -142,8 +142,13 @@ def test_a_neural_ode_in_the_dynamics_of_another():
     c = scipy.linalg.expm(0.5 * A).T @ b.T
     np.testing.assert_allclose(outer(H0), H0 @ scipy.linalg.expm(c),
                                rtol=SOLUTION_TOL, atol=SOLUTION_TOL)
+    dh0 = gradients(outer, H0, keras.ops.sum)[0]
+    np.testing.assert_allclose(dh0, np.ones_like(H0) @ scipy.linalg.expm(c).T,
+                               rtol=SOLUTION_TOL, atol=SOLUTION_TOL)
     assert float(outer.num_forward_evals) > 0
+    assert float(outer.num_backward_evals) > 0
     assert float(inner.num_forward_evals) == 0
+    assert float(inner.num_backward_evals) == 0
 
 
 def test_float32_save_at_may_round_past_t0_and_t1():
