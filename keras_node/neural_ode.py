@@ -640,9 +640,10 @@ def draw_noise(kind, like, seed):
 
 def batch_mean(values):
     """The mean over the batch, as a sum: Keras 3.15's `ops.mean` computes
-    float64 in float32 on JAX."""
+    float64 in float32 on JAX. Zero for an empty batch (a replica's share of
+    a last, short batch), as Keras' own losses."""
     batch = keras.ops.cast(keras.ops.shape(values)[0], values.dtype)
-    return keras.ops.sum(values) / batch
+    return keras.ops.divide_no_nan(keras.ops.sum(values), batch)
 
 
 def check_seed(seed, unused=None):

@@ -133,6 +133,9 @@ def export_saved_model(model, base_path, version=None, *, classifier=False,
 
     module = tf.Module()
     module.model = model  # tracks the variables
+    # ... but not the states of the seed generators (plain Python objects)
+    # that a NeuralODE reads even when it draws nothing.
+    module.variables_of_model = list(model.variables)
     functions = {"serving_default": tf.function(
         lambda *xs: outputs(unpack(xs)), input_signature=input_specs)}
     for name, (specs, to_inputs) in extra.items():

@@ -218,6 +218,15 @@ def test_kinetic_energy_gradients_match_finite_differences():
         ode, h0, lambda h: ops.sum(sin(h)), with_losses=True)
 
 
+def test_regularisers_of_an_empty_batch_are_zero():
+    # A replica's share of a short last batch may be empty: 0, as Keras'
+    # own losses, not 0/0 (a NaN epoch loss).
+    ode = NeuralODE(Linear(A), kinetic_energy=0.3, jacobian_norm=0.1)
+    assert ode(np.zeros((0, 2), "float32")).shape == (0, 2)
+    [loss] = ode.losses
+    assert float(loss) == 0.0
+
+
 def test_kinetic_energy_adds_no_steps():
     keras.utils.set_random_seed(7)
     dynamics = mlp_dynamics(16, 3)

@@ -431,6 +431,23 @@ def test_export_takes_dict_inputs_and_inputs_of_any_rank(tmp_path):
     assert metadata["inputs"]["v"]["tensor_shape"] == {"unknown_rank": True}
 
 
+def test_export_serves_dynamics_with_random_layers(tmp_path):
+    # The seed generators' states, read by every solve, are not tracked by
+    # the model: export saves them too.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    dynamics = keras.Sequential([keras.layers.GaussianNoise(0.1),
+                                 keras.layers.Dense(3, activation="tanh")])
+    h = NeuralODE(dynamics, jacobian_norm=0.1)(inputs)
+    model = keras.Model(inputs, h)
+    path = export_saved_model(model, tmp_path)
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    out = tf.saved_model.load(str(path)).signatures["serving_default"](
+        tf.constant(x))["outputs"]
+    np.testing.assert_allclose(out, model.predict(x, verbose=0), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_integers_reach_the_model_exactly():
     from keras_node.server import _RequestError, _to_array
 
