@@ -240,9 +240,10 @@ class _AdaptiveStep:
       adjoint system) the norm is the largest of the components' norms where
       `error_mask` is True: torchdiffeq's mixed norm, and with the mask its
       seminorm.
-    - The next step is `dt * clip(0.9 * norm^(-1/order), 0.1, 10)`, the
-      controller of those codes, where TFP raises its squared ratio to the
-      power -1/6. The step sizes are not differentiated (as in diffrax):
+    - The next step is `dt * clip(0.9 * norm^(-1/order), 0.1, 10)`, scipy's
+      controller with a least factor of 0.1 (torchdiffeq's and diffrax's is
+      0.2, and they never shrink a step after an accepted one), where TFP
+      raises its squared ratio to the power -1/6. The step sizes are not differentiated (as in diffrax):
       backpropagation through the solve differentiates its arithmetic for
       the steps it took.
     - The dense output is computed only by the steps that TFP interpolates

@@ -48,8 +48,9 @@ class Adjoint(Gradient):
             root-mean-square errors of the state, of the adjoint and of each
             parameter gradient. `"seminorm"` leaves out the parameter
             gradients (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE"),
-            which feed back into nothing: never more backward steps, often
-            fewer. Defaults to `"seminorm"`.
+            which feed back into nothing: often fewer backward steps, rarely
+            a few more (another sequence of steps; torchdiffeq's seminorm
+            does the same). Defaults to `"seminorm"`.
     """
 
     name = "adjoint"
@@ -69,8 +70,10 @@ class Adjoint(Gradient):
 class Backprop(Gradient):
     """Backpropagation through the solver: the discrete solve's gradient.
 
-    Exact for the arithmetic of the steps taken (step sizes are held fixed),
-    so it matches finite differences of the forward solve; memory grows with
+    Exact for the arithmetic of the steps taken (step sizes are held fixed,
+    as in torchdiffeq and diffrax): a fixed-step solver's gradient matches
+    finite differences of its solve, an adaptive solver's differs from them
+    by how the step sizes would move (about `rtol`); memory grows with
     the number of steps, as every stage is kept for the backward pass.
 
     On JAX, which cannot reverse-differentiate an unbounded loop, an
