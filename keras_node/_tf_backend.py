@@ -1,9 +1,19 @@
-"""The TensorFlow backend of `NeuralODE`: the adjoint as a custom gradient."""
+"""The TensorFlow backend of `NeuralODE`: the adjoint as a custom gradient.
+
+As on JAX, the dynamics' trainable weights are read once, before the
+solve, and passed to it as inputs; the dynamics read them through a
+`keras.StatelessScope`. The adjoint returns their gradients as those of
+inputs; other variables that the dynamics read (another layer's, in a
+`Lambda`) reach it as `tf.custom_gradient`'s `variables`. A custom gradient
+that read the weights themselves could not run inside the gradient of a
+loop (a `NeuralODE` with the adjoint inside the dynamics of one with
+backprop): TensorFlow cannot carry the variable it captures there.
+"""
 
 import tensorflow as tf
 
 from keras_node import _solver
-from keras_node._keras_compat import DrawCounter
+from keras_node._keras_compat import DrawCounter, stored_dtypes
 from keras_node._tfp_compat import substrate
 
 _TFP = substrate("tensorflow")
@@ -47,11 +57,16 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         evaluations, accepted and rejected steps and status.
     """
 
-    start = [(v, tf.convert_to_tensor(v)) for v in random_state]
+    trainable = dynamics.trainable_variables
+    with stored_dtypes():
+        start = [(v, tf.convert_to_tensor(v)) for v in random_state]
+        params = [tf.convert_to_tensor(v) for v in trainable]
 
-    def fn(t, h):
+    def fn(t, h, params):
         kwargs = {"t": t} if time_dependent else {}
-        with DrawCounter(start, draws) as scope:
+        with stored_dtypes():  # the values as stored, not autocast
+            scope = DrawCounter([*start, *zip(trainable, params)], draws)
+        with scope:
             f = dynamics(h, training=training, **kwargs)
         _solver.check_stateless(dynamics.name, scope, random_state)
         _solver.check_derivative(dynamics.name, f, h.shape)
@@ -69,13 +84,13 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
                                    noise=noise)
     if gradient == "backprop":
         ys, counts = _solver.integrate(
-            _TFP, fn, t0, times[-1], y0, error_mask=mask,
-            save_at=times, **forward)
+            _TFP, lambda t, y: fn(t, y, params), t0, times[-1], y0,
+            error_mask=mask, save_at=times, **forward)
         ys = _on_backward(ys, lambda: on_backward_evals(
             _solver.differentiated_evals(counts[0], forward)))
     else:
         ys, counts = odeint_adjoint(
-            fn, y0, t0, times, forward_options=forward,
+            fn, y0, params, t0, times, forward_options=forward,
             adjoint_options=adjoint, state_mask=mask, seminorm=seminorm,
             on_backward_evals=on_backward_evals)
     return (*_solver.integrals_of(ys, mask), counts)
@@ -108,19 +123,20 @@ def _on_backward(nest, callback):
     return tf.nest.pack_sequence_as(nest, identity(*flat))
 
 
-def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
-                   state_mask, seminorm, on_backward_evals):
+def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
+                   adjoint_options, state_mask, seminorm, on_backward_evals):
     """`y` at `times` and the forward counts; adjoint gradients.
 
-    Gradients flow to `y0` and to every floating variable that `fn` reads.
-    As torchdiffeq's `odeint_adjoint`, the backward pass solves the adjoint
+    Gradients flow to `y0`, to `params` and to every floating variable that
+    `fn` reads. As torchdiffeq's `odeint_adjoint`, the backward pass solves the adjoint
     system from each output time back to the one before, adding that time's
     cotangent to the adjoint and restarting the state from the forward
     solution there.
 
     Args:
-        fn: `fn(t, y) -> dy/dt` for a nest of tensors `y`.
+        fn: `fn(t, y, params) -> dy/dt` for a nest of tensors `y`.
         y0: the initial state, a nest of floating tensors.
+        params: a list of floating tensors.
         t0: the initial time, a Python float.
         times: the output times, Python floats, strictly monotone away from
             `t0` (the first may be `t0`); the solve ends at the last.
@@ -138,32 +154,37 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
         `(ys, counts)`, `ys` like `y0` with a new leading axis, one entry
         per output time, `counts` as `integrate`'s.
     """
+    flat_y0 = tf.nest.flatten(y0)
+
     @tf.custom_gradient
-    def solve(*flat_y0):
-        y0_ = tf.nest.pack_sequence_as(y0, flat_y0)
+    def solve(*inputs):
+        y0_ = tf.nest.pack_sequence_as(y0, inputs[:len(flat_y0)])
+        values = list(inputs[len(flat_y0):])
         ys, counts = _solver.integrate(
-            _TFP, fn, t0, times[-1], y0_, error_mask=state_mask,
-            save_at=times, **forward_options)
+            _TFP, lambda t, y: fn(t, y, values), t0, times[-1], y0_,
+            error_mask=state_mask, save_at=times, **forward_options)
         flat_ys = tf.nest.flatten(ys)
 
         def grad(*cotangents, variables=None):
             variables = list(variables or [])
-            params = [v for v in variables if v.dtype.is_floating]
+            read = [v for v in variables if v.dtype.is_floating]
             dys = tf.nest.pack_sequence_as(ys, [
                 tf.zeros_like(y) if dy is None else tf.cast(dy, y.dtype)
                 for y, dy in zip(flat_ys, cotangents)])
 
             def adjoint_fn(t, state):
                 y, a, _ = state
+                # Copies in this graph: the forward's tensors may already be
+                # captured here, their uses unseen by the tape.
+                local = [tf.identity(v) for v in values]
                 with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(y)
-                    tape.watch(params)
+                    tape.watch([y, local, read])
                     # A graph's gradient starts at the root name scope, where
                     # a layer's own (its name) may not start with "_".
                     with tf.name_scope("adjoint"):
-                        f = fn(t, y)
+                        f = fn(t, y, local)
                 vjp = tape.gradient(
-                    f, [y] + params, output_gradients=a,
+                    f, [y, *local, *read], output_gradients=a,
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
                 )
                 vjp = tf.nest.map_structure(tf.convert_to_tensor, vjp)
@@ -171,23 +192,25 @@ def odeint_adjoint(fn, y0, t0, times, *, forward_options, adjoint_options,
                 # without one, which TFP's loop would refuse.
                 return (f, tf.nest.map_structure(tf.negative, vjp[0]),
                         [-tf.ensure_shape(tf.cast(g, dtype), p.shape)
-                         for g, p in zip(vjp[1:], params)])
+                         for g, p in zip(vjp[1:], values + read)])
 
             # The parameter gradients integrate in the state's dtype: a
             # float64 state with float32 weights keeps them in float64.
             dtype = flat_ys[0].dtype
             state, num_backward = _solver.integrate_adjoint(
                 _TFP, adjoint_fn, t0, times, ys, dys,
-                [tf.zeros(p.shape, dtype) for p in params],
+                [tf.zeros(p.shape, dtype) for p in values + read],
                 state_mask=state_mask, seminorm=seminorm, **adjoint_options)
             on_backward_evals(num_backward)
             _, dy0, dparams = state
-            by_ref = {p.ref(): tf.cast(g, p.dtype)
-                      for p, g in zip(params, dparams)}
-            return tf.nest.flatten(dy0), [by_ref.get(v.ref())
-                                          for v in variables]
+            dparams = [tf.cast(g, p.dtype)
+                       for p, g in zip(values + read, dparams)]
+            by_ref = {v.ref(): g
+                      for v, g in zip(read, dparams[len(values):])}
+            return ([*tf.nest.flatten(dy0), *dparams[:len(values)]],
+                    [by_ref.get(v.ref()) for v in variables])
 
         return (*flat_ys, counts), grad
 
-    *flat_ys, counts = solve(*tf.nest.flatten(y0))
+    *flat_ys, counts = solve(*flat_y0, *params)
     return tf.nest.pack_sequence_as(y0, flat_ys), counts

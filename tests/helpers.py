@@ -149,13 +149,15 @@ def _jax_gradient(ode, h0, loss_fn, with_losses, training=None):
                   [v.value for v in ode.non_trainable_variables])
 
 
-def gradients(ode, h0, loss_fn, with_losses=False, training=None):
+def gradients(ode, h0, loss_fn, with_losses=False, training=None,
+              graph=False):
     """`[dL/dh0] + dL/d(weights)` by the backend's own autodiff.
 
     `loss_fn` maps the layer's output to a scalar with `keras.ops`; with
     `with_losses`, the layer's own losses (the regulariser) are added;
     `training` is the layer's call argument. On JAX the gradient is
-    compiled (`jax.jit`), as Keras' JAX trainer does.
+    compiled (`jax.jit`), as Keras' JAX trainer does; on TensorFlow with
+    `graph`, in a `tf.function`, as its trainer does.
     """
     if keras.backend.backend() == "jax":
         import jax
@@ -170,11 +172,13 @@ def gradients(ode, h0, loss_fn, with_losses=False, training=None):
         return [dh0, *dweights]
     import tensorflow as tf
 
-    h0 = tf.convert_to_tensor(h0)
-    with tf.GradientTape() as tape:
-        tape.watch(h0)
-        value, _ = _loss(ode, loss_fn, with_losses, training)(h0)
-    return tape.gradient(value, [h0] + ode.trainable_variables)
+    def grad(h0):
+        with tf.GradientTape() as tape:
+            tape.watch(h0)
+            value, _ = _loss(ode, loss_fn, with_losses, training)(h0)
+        return tape.gradient(value, [h0] + ode.trainable_variables)
+
+    return (tf.function(grad) if graph else grad)(tf.convert_to_tensor(h0))
 
 
 def _gradient_program(ode, h0, loss_fn):

@@ -129,22 +129,42 @@ def test_save_at_returns_the_state_at_each_time(t0, t1, save_at):
     assert float(ode.num_forward_evals) == float(alone.num_forward_evals)
 
 
-def test_a_neural_ode_in_the_dynamics_of_another():
+@pytest.mark.parametrize("inner_gradient, outer_gradient", [
+    ("adjoint", "adjoint"), ("adjoint", "backprop"), ("backprop", "adjoint"),
+    ("backprop", "backprop")])
+def test_a_neural_ode_in_the_dynamics_of_another(inner_gradient,
+                                                  outer_gradient):
     # dh/dt = g(h) B^T, g the inner solve of dk/ds = k A^T over [0, 0.5]:
     # linear, dh/dt = h C with C = expm(0.5 A)^T B^T. The inner layer's
     # solve per evaluation is not counted (the dynamics change no state).
     b = np.array([[0.3, -1.0], [0.7, 0.2]])
     inner = NeuralODE(Linear(A, dtype="float64"), t1=0.5, rtol=1e-9,
-                      atol=1e-9, dtype="float64")
+                      atol=1e-9, gradient=inner_gradient, dtype="float64")
     outer = NeuralODE(
         keras.Sequential([inner, Linear(b, dtype="float64")]), rtol=1e-9,
-        atol=1e-9, dtype="float64")
-    c = scipy.linalg.expm(0.5 * A).T @ b.T
-    np.testing.assert_allclose(outer(H0), H0 @ scipy.linalg.expm(c),
+        atol=1e-9, gradient=outer_gradient, dtype="float64")
+
+    def closed_form(a, b):
+        c = scipy.linalg.expm(0.5 * a).T @ b.T
+        return H0 @ scipy.linalg.expm(c)
+
+    np.testing.assert_allclose(outer(H0), closed_form(A, b),
                                rtol=SOLUTION_TOL, atol=SOLUTION_TOL)
-    dh0 = gradients(outer, H0, keras.ops.sum)[0]
+    # Compiled, as `fit` runs it: TensorFlow once failed there when the
+    # inner layer had the adjoint and the outer backprop.
+    dh0, *dweights = gradients(outer, H0, keras.ops.sum, graph=True)
+    c = scipy.linalg.expm(0.5 * A).T @ b.T
     np.testing.assert_allclose(dh0, np.ones_like(H0) @ scipy.linalg.expm(c).T,
                                rtol=SOLUTION_TOL, atol=SOLUTION_TOL)
+    for k, dweight in enumerate(dweights):  # of A^T, then of B^T
+        expected = np.zeros((2, 2))
+        for i, j in np.ndindex(2, 2):
+            plus, minus, step = [A, b], [A, b], np.zeros((2, 2))
+            step[i, j] = 1e-6
+            plus[k], minus[k] = plus[k] + step, minus[k] - step
+            expected[j, i] = (closed_form(*plus).sum()
+                              - closed_form(*minus).sum()) / 2e-6
+        np.testing.assert_allclose(dweight, expected, rtol=1e-5, atol=1e-5)
     assert float(outer.num_forward_evals) > 0
     assert float(outer.num_backward_evals) > 0
     assert float(inner.num_forward_evals) == 0
