@@ -92,7 +92,12 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         ys, counts = odeint_adjoint(
             fn, y0, params, t0, times, forward_options=forward,
             adjoint_options=adjoint, state_mask=mask, seminorm=seminorm,
-            on_backward_evals=on_backward_evals)
+            on_backward_evals=on_backward_evals,
+            # Under mixed_float16, Keras' LossScaleOptimizer raises its
+            # scale until the gradients overflow, and then skips the step:
+            # an overflowing backward solve must give inf or NaN, as
+            # backprop does, not fail.
+            backward_raises=dynamics.compute_dtype != "float16")
     return (*_solver.integrals_of(ys, mask), counts)
 
 
@@ -124,7 +129,8 @@ def _on_backward(nest, callback):
 
 
 def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
-                   adjoint_options, state_mask, seminorm, on_backward_evals):
+                   adjoint_options, state_mask, seminorm, on_backward_evals,
+                   backward_raises=True):
     """`y` at `times` and the forward counts; adjoint gradients.
 
     Gradients flow to `y0`, to `params` and to every floating variable that
@@ -149,6 +155,8 @@ def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
             parameter-gradient components (see `integrate_adjoint`).
         on_backward_evals: called in the backward pass with the int32 count
             of evaluations of the adjoint system.
+        backward_raises: whether a failed backward solve raises; if not,
+            its gradients are NaN.
 
     Returns:
         `(ys, counts)`, `ys` like `y0` with a new leading axis, one entry
@@ -198,7 +206,8 @@ def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
             # float64 state with float32 weights keeps them in float64.
             dtype = flat_ys[0].dtype
             state, num_backward = _solver.integrate_adjoint(
-                _TFP, adjoint_fn, t0, times, ys, dys,
+                _TFP if backward_raises else _TFP._replace(asserts=False),
+                adjoint_fn, t0, times, ys, dys,
                 [tf.zeros(p.shape, dtype) for p in values + read],
                 state_mask=state_mask, seminorm=seminorm, **adjoint_options)
             on_backward_evals(num_backward)

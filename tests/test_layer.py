@@ -474,6 +474,30 @@ def test_dynamics_with_a_frozen_layer_train_the_rest(solver, gradient):
 
 
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_loss_scale_overflow_skips_the_step(gradient):
+    # Keras' LossScaleOptimizer raises its scale until the float16
+    # gradients overflow, then skips that step and halves the scale: the
+    # adjoint's backward solve must let the overflow through, not fail.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        h = NeuralODE(mlp_dynamics(16, 4), gradient=gradient)(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(3)(h))
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=2.0**40)
+        model.compile(optimizer, "mse")
+        before = [np.copy(w.numpy()) for w in model.trainable_weights]
+        x = np.random.default_rng(0).normal(size=(8, 4))
+        model.fit(x, np.zeros((8, 3)), batch_size=8, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert float(np.asarray(optimizer.dynamic_scale)) == 2.0**39
+    for w0, w1 in zip(before, model.trainable_weights):
+        np.testing.assert_array_equal(w0, w1.numpy())
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_dynamics_keep_their_own_precision_under_mixed_precision(gradient):
     # A float64 layer in a mixed_float16 NeuralODE reads its weights in
     # float64, not rounded to float16 (0.2 and 0.3 are not float16 numbers).
