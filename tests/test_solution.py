@@ -171,6 +171,49 @@ def test_a_neural_ode_in_the_dynamics_of_another(inner_gradient,
     assert float(inner.num_backward_evals) == 0
 
 
+class _OdeRnnCell(keras.layers.Layer):
+    """An ODE-RNN's cell: the state flows by the ODE, then takes the input."""
+
+    def __init__(self, ode, **kwargs):
+        super().__init__(**kwargs)
+        self.ode, self.state_size = ode, 2
+
+    def build(self, input_shape):
+        self.ode.build(input_shape)
+
+    def call(self, x, states):
+        h = self.ode(states[0]) + x
+        return h, [h]
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_an_unrolled_recurrent_cell_solves_between_inputs(gradient):
+    # h_k = h_{k-1} E + x_k, E = expm(0.5 A)^T, from h_0 = 0. Unrolled: in a
+    # `while_loop` or `scan` the layer could not update its counters.
+    ode = NeuralODE(Linear(A, dtype="float64"), t1=0.5, rtol=1e-9,
+                    atol=1e-9, gradient=gradient, dtype="float64")
+    rnn = keras.layers.RNN(_OdeRnnCell(ode, dtype="float64"), unroll=True,
+                           dtype="float64")
+    xs = np.random.default_rng(0).normal(size=(3, 4, 2))
+
+    def closed_form(a):
+        h = np.zeros((3, 2))
+        for x in np.moveaxis(xs, 1, 0):
+            h = h @ scipy.linalg.expm(0.5 * a).T + x
+        return h
+
+    np.testing.assert_allclose(rnn(xs), closed_form(A), rtol=SOLUTION_TOL,
+                               atol=SOLUTION_TOL)
+    _, da_transposed = gradients(rnn, xs, keras.ops.sum, graph=True)
+    expected = np.zeros((2, 2))
+    for i, j in np.ndindex(2, 2):
+        step = np.zeros((2, 2))
+        step[i, j] = 1e-6
+        expected[j, i] = (closed_form(A + step).sum()
+                          - closed_form(A - step).sum()) / 2e-6
+    np.testing.assert_allclose(da_transposed, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_float32_save_at_may_round_past_t0_and_t1():
     # float32(0.7) < 0.7 and float32(0.8) > 0.8: the times are t0 and t1.
     times = np.linspace(0.7, 0.8, 3, dtype="float32")
