@@ -57,6 +57,13 @@ def export_saved_model(model, base_path, version=None, *, classifier=False,
     Returns:
         The `pathlib.Path` of the written version folder.
     """
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "export_saved_model needs Keras' TensorFlow backend (a "
+            "SavedModel holds TensorFlow functions); this is the "
+            f"{keras.backend.backend()!r} backend. Save the model as .keras "
+            "and export it with KERAS_BACKEND=tensorflow (`keras-node "
+            "export model.keras BASE_PATH`).")
     if isinstance(model, (str, pathlib.Path)):
         model = keras.models.load_model(model)
     if not isinstance(model, keras.Model):

@@ -522,3 +522,15 @@ def test_draws_from_an_untracked_seed_generator_are_named():
                        r"numbers with a keras.random.SeedGenerator that a "
                        r"layer of the dynamics holds as an attribute"):
         NeuralODE(_UntrackedDraw(), solver="rk4")(np.ones((2, 3), "float32"))
+
+
+@jax_only("the export's own backend check")
+def test_export_on_jax_says_to_use_tensorflow(tmp_path):
+    from keras_node.serving import export_saved_model
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    with pytest.raises(RuntimeError, match=r"export_saved_model needs Keras' "
+                       r"TensorFlow backend .* this is the 'jax' backend. "
+                       r"Save the model as .keras and export it with "
+                       r"KERAS_BACKEND=tensorflow"):
+        export_saved_model(model, tmp_path)
