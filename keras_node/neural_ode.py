@@ -160,7 +160,9 @@ class NeuralODE(keras.layers.Layer):
             vector-Jacobian product per evaluation (and second derivatives
             in the backward pass). Defaults to `0.0`, off.
         seed: an integer seeding the probes of `jacobian_norm`, or `None`
-            (only with `jacobian_norm` on). Defaults to `None`.
+            (only with `jacobian_norm` on). Defaults to `None`. As for
+            Keras' `Dropout`, the seed generator's state is not saved: a
+            loaded layer draws from the start of its seed's sequence.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
