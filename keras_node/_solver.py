@@ -243,9 +243,9 @@ class _AdaptiveStep:
     - The next step is `dt * clip(0.9 * norm^(-1/order), 0.1, 10)`, scipy's
       controller with a least factor of 0.1 (torchdiffeq's and diffrax's is
       0.2, and they never shrink a step after an accepted one), where TFP
-      raises its squared ratio to the power -1/6. The step sizes are not differentiated (as in diffrax):
-      backpropagation through the solve differentiates its arithmetic for
-      the steps it took.
+      raises its squared ratio to the power -1/6. The step sizes are not
+      differentiated (as in diffrax): backpropagation through the solve
+      differentiates its arithmetic for the steps it took.
     - The dense output is computed only by the steps that TFP interpolates
       in (an accepted step that passes an output time); TFP's step computes
       it every time, and backpropagation then differentiates every one.

@@ -134,10 +134,10 @@ def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
     """`y` at `times` and the forward counts; adjoint gradients.
 
     Gradients flow to `y0`, to `params` and to every floating variable that
-    `fn` reads. As torchdiffeq's `odeint_adjoint`, the backward pass solves the adjoint
-    system from each output time back to the one before, adding that time's
-    cotangent to the adjoint and restarting the state from the forward
-    solution there.
+    `fn` reads. As torchdiffeq's `odeint_adjoint`, the backward pass solves
+    the adjoint system from each output time back to the one before, adding
+    that time's cotangent to the adjoint and restarting the state from the
+    forward solution there.
 
     Args:
         fn: `fn(t, y, params) -> dy/dt` for a nest of tensors `y`.
