@@ -10,6 +10,8 @@ loop (a `NeuralODE` with the adjoint inside the dynamics of one with
 backprop): TensorFlow cannot carry the variable it captures there.
 """
 
+import sys
+
 import tensorflow as tf
 
 from keras_node import _solver
@@ -57,10 +59,13 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         evaluations, accepted and rejected steps and status.
     """
 
-    trainable = dynamics.trainable_variables
+    trainable = [v for v in dynamics.trainable_variables
+                 if tf.as_dtype(v.dtype).is_floating]
     with stored_dtypes():
         start = [(v, tf.convert_to_tensor(v)) for v in random_state]
         params = [tf.convert_to_tensor(v) for v in trainable]
+
+    half = []  # whether the dynamics returned float16 (when traced)
 
     def fn(t, h, params):
         kwargs = {"t": t} if time_dependent else {}
@@ -68,6 +73,7 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             scope = DrawCounter([*start, *zip(trainable, params)], draws)
         with scope:
             f = dynamics(h, training=training, **kwargs)
+        half[:] = [f.dtype == tf.float16]
         _solver.check_stateless(dynamics.name, scope, random_state)
         _solver.check_derivative(dynamics.name, f, h.shape)
         if h.shape.is_fully_defined():
@@ -97,7 +103,7 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             # scale until the gradients overflow, and then skips the step:
             # an overflowing backward solve must give inf or NaN, as
             # backprop does, not fail.
-            backward_raises=dynamics.compute_dtype != "float16")
+            backward_raises=lambda: not any(half))
     return (*_solver.integrals_of(ys, mask), counts)
 
 
@@ -111,6 +117,34 @@ def _vjp(g, x):
     return y, lambda v: tape.gradient(
         y, x, output_gradients=v,
         unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def _warn_unless_finite(dy0, options):
+    """Prints a warning when the gradient `dy0` of a backward solve that
+    may not raise (`options` its `integrate` options) is not finite."""
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                            for g in tf.nest.flatten(dy0)])
+
+    def warn():
+        tf.print(
+            f"WARNING: {options['what']} did not finish (it met inf or NaN, "
+            "or took max_num_steps steps), so this step's gradients are "
+            "NaN. Under mixed_float16 a loss-scale overflow does this, and "
+            "LossScaleOptimizer skips the step; if it repeats at every "
+            "step, raise max_num_steps or loosen the adjoint's tolerances.",
+            output_stream=sys.stderr)
+        return tf.constant(True)
+
+    tf.cond(finite, lambda: tf.constant(False), warn)
+
+
+def _zeros_if_none(gradient, like):
+    """`gradient` (a nest like `like`) with zeros for its None parts."""
+    if gradient is None:
+        return tf.nest.map_structure(tf.zeros_like, like)
+    return tf.nest.map_structure(
+        lambda g, x: tf.zeros_like(x) if g is None
+        else tf.convert_to_tensor(g), gradient, like)
 
 
 def _on_backward(nest, callback):
@@ -130,7 +164,7 @@ def _on_backward(nest, callback):
 
 def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
                    adjoint_options, state_mask, seminorm, on_backward_evals,
-                   backward_raises=True):
+                   backward_raises=lambda: True):
     """`y` at `times` and the forward counts; adjoint gradients.
 
     Gradients flow to `y0`, to `params` and to every floating variable that
@@ -155,8 +189,9 @@ def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
             parameter-gradient components (see `integrate_adjoint`).
         on_backward_evals: called in the backward pass with the int32 count
             of evaluations of the adjoint system.
-        backward_raises: whether a failed backward solve raises; if not,
-            its gradients are NaN.
+        backward_raises: called when the backward pass is built: whether a
+            failed backward solve raises; if not, its gradients are NaN and
+            it prints a warning.
 
     Returns:
         `(ys, counts)`, `ys` like `y0` with a new leading axis, one entry
@@ -180,6 +215,8 @@ def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
                 tf.zeros_like(y) if dy is None else tf.cast(dy, y.dtype)
                 for y, dy in zip(flat_ys, cotangents)])
 
+            used = []  # whether the dynamics read each of `values`
+
             def adjoint_fn(t, state):
                 y, a, _ = state
                 # Copies in this graph: the forward's tensors may already be
@@ -191,11 +228,11 @@ def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
                     # a layer's own (its name) may not start with "_".
                     with tf.name_scope("adjoint"):
                         f = fn(t, y, local)
-                vjp = tape.gradient(
-                    f, [y, *local, *read], output_gradients=a,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-                vjp = tf.nest.map_structure(tf.convert_to_tensor, vjp)
+                vjp = tape.gradient(f, [y, *local, *read],
+                                    output_gradients=a)
+                used[:] = [g is not None for g in vjp[1:len(local) + 1]]
+                vjp = [_zeros_if_none(g, x)
+                       for g, x in zip(vjp, [y, *local, *read])]
                 # A state of unknown shape leaves the weights' gradients
                 # without one, which TFP's loop would refuse.
                 return (f, tf.nest.map_structure(tf.negative, vjp[0]),
@@ -205,18 +242,25 @@ def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
             # The parameter gradients integrate in the state's dtype: a
             # float64 state with float32 weights keeps them in float64.
             dtype = flat_ys[0].dtype
+            raises = backward_raises()
             state, num_backward = _solver.integrate_adjoint(
-                _TFP if backward_raises else _TFP._replace(asserts=False),
+                _TFP if raises else _TFP._replace(asserts=False),
                 adjoint_fn, t0, times, ys, dys,
                 [tf.zeros(p.shape, dtype) for p in values + read],
                 state_mask=state_mask, seminorm=seminorm, **adjoint_options)
             on_backward_evals(num_backward)
             _, dy0, dparams = state
+            if not raises:
+                _warn_unless_finite(dy0, adjoint_options)
             dparams = [tf.cast(g, p.dtype)
                        for p, g in zip(values + read, dparams)]
             by_ref = {v.ref(): g
                       for v, g in zip(read, dparams[len(values):])}
-            return ([*tf.nest.flatten(dy0), *dparams[:len(values)]],
+            # A weight that the dynamics do not read gets None, not 0 (which
+            # an optimizer would apply, with weight decay or momentum).
+            return ([*tf.nest.flatten(dy0), *(
+                        g if u else None
+                        for g, u in zip(dparams[:len(values)], used))],
                     [by_ref.get(v.ref()) for v in variables])
 
         return (*flat_ys, counts), grad

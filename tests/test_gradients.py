@@ -313,3 +313,33 @@ def test_program_does_not_grow_with_the_output_times(solver, gradient):
         sizes.append(gradient_program_size(ode, np.ones((3, 2), "float32"),
                                            ops.sum))
     assert sizes[1] < 1.1 * sizes[0], sizes
+
+
+class _WithSpareWeights(keras.layers.Layer):
+    """`dh/dt = h A^T`, holding a float kernel and an int counter that its
+    call never reads."""
+
+    def build(self, input_shape):
+        self.a_transposed = self.add_weight(
+            shape=(2, 2), initializer=keras.initializers.Constant(A.T))
+        self.spare = self.add_weight(shape=(2,), initializer="ones")
+        self.steps = self.add_weight(shape=(), dtype="int32",
+                                     initializer="zeros")
+
+    def call(self, h):
+        return ops.matmul(h, self.a_transposed)
+
+
+@tensorflow_only("JAX has no None gradient: Keras on JAX gives every "
+                 "unread weight a zero")
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_weights_the_dynamics_do_not_read_get_no_gradient(gradient):
+    # As for any Keras layer: None, which optimizers skip (a zero would get
+    # weight decay and momentum), and none for an integer weight.
+    ode = NeuralODE(_WithSpareWeights(), gradient=gradient)
+    ode(np.ones((3, 2), "float32"))
+    dh0, *dweights = gradients(ode, np.ones((3, 2), "float32"), ops.sum)
+    assert [w.dtype for w in ode.trainable_variables] == [
+        "float32", "float32", "int32"]
+    assert dweights[0] is not None
+    assert dweights[1:] == [None, None]

@@ -497,6 +497,46 @@ def test_loss_scale_overflow_skips_the_step(gradient):
         np.testing.assert_array_equal(w0, w1.numpy())
 
 
+@tensorflow_only("SavedModels are TensorFlow's")
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_gradients_through_a_reloaded_savedmodel(gradient, tmp_path):
+    # Fine-tuning an exported model differentiates its loaded function: as
+    # the live model (backprop's gradients were 60 times too small).
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, NeuralODE(mlp_dynamics(4, 2),
+                                          gradient=gradient)(inputs))
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 2)), "float32")
+    model.export(str(tmp_path), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path))
+    results = []
+    for call, variables in ((model, model.trainable_variables),
+                            (loaded.serve, loaded.trainable_variables)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(call(x) ** 2)
+        results.append(tape.gradient(loss, variables))
+    for live, reloaded in zip(*results):
+        np.testing.assert_allclose(reloaded, live, rtol=1e-5, atol=1e-6)
+
+
+@tensorflow_only("a JAX backward pass cannot print from inside its loop")
+def test_a_failed_float16_backward_solve_warns(capfd):
+    # With float16 dynamics the backward solve does not raise (a loss-scale
+    # overflow must reach the optimizer), but a failure it cannot tell from
+    # an overflow, here too few steps, is printed at each step.
+    keras.utils.set_random_seed(1)
+    ode = NeuralODE(mlp_dynamics(8, 2, dtype="mixed_float16"),
+                    dtype="mixed_float16",
+                    solver=solvers.DormandPrince(max_num_steps=20),
+                    gradient=gradients.Adjoint(rtol=1e-9, atol=1e-9))
+    x = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
+    grads = tape_gradients(ode, x, lambda h: keras.ops.sum(h ** 2))
+    assert not np.isfinite(grads[0]).any()
+    assert "WARNING: NeuralODE 'neural_ode" in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_dynamics_keep_their_own_precision_under_mixed_precision(gradient):
     # A float64 layer in a mixed_float16 NeuralODE reads its weights in
