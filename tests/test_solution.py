@@ -137,25 +137,28 @@ def test_a_neural_ode_in_the_dynamics_of_another(inner_gradient,
     # dh/dt = g(h) B^T, g the inner solve of dk/ds = k A^T over [0, 0.5]:
     # linear, dh/dt = h C with C = expm(0.5 A)^T B^T. The inner layer's
     # solve per evaluation is not counted (the dynamics change no state).
+    # At 1e-7 (not 1e-9: a solve per evaluation), results within 1e-5.
     b = np.array([[0.3, -1.0], [0.7, 0.2]])
-    inner = NeuralODE(Linear(A, dtype="float64"), t1=0.5, rtol=1e-9,
-                      atol=1e-9, gradient=inner_gradient, dtype="float64")
+    inner = NeuralODE(Linear(A, dtype="float64"), t1=0.5, rtol=1e-7,
+                      atol=1e-7, gradient=inner_gradient, dtype="float64")
     outer = NeuralODE(
-        keras.Sequential([inner, Linear(b, dtype="float64")]), rtol=1e-9,
-        atol=1e-9, gradient=outer_gradient, dtype="float64")
+        keras.Sequential([inner, Linear(b, dtype="float64")]), rtol=1e-7,
+        atol=1e-7, gradient=outer_gradient, dtype="float64")
 
     def closed_form(a, b):
         c = scipy.linalg.expm(0.5 * a).T @ b.T
         return H0 @ scipy.linalg.expm(c)
 
     np.testing.assert_allclose(outer(H0), closed_form(A, b),
-                               rtol=SOLUTION_TOL, atol=SOLUTION_TOL)
-    # Compiled, as `fit` runs it: TensorFlow once failed there when the
-    # inner layer had the adjoint and the outer backprop.
-    dh0, *dweights = gradients(outer, H0, keras.ops.sum, graph=True)
+                               rtol=1e-5, atol=1e-5)
+    # With the inner adjoint compiled, as `fit` runs it: TensorFlow failed
+    # there, or was off by 0.25%, with the outer backprop. (Tracing nested
+    # backprop would take 25 s.)
+    dh0, *dweights = gradients(outer, H0, keras.ops.sum,
+                               graph=inner_gradient == "adjoint")
     c = scipy.linalg.expm(0.5 * A).T @ b.T
     np.testing.assert_allclose(dh0, np.ones_like(H0) @ scipy.linalg.expm(c).T,
-                               rtol=SOLUTION_TOL, atol=SOLUTION_TOL)
+                               rtol=1e-5, atol=1e-5)
     for k, dweight in enumerate(dweights):  # of A^T, then of B^T
         expected = np.zeros((2, 2))
         for i, j in np.ndindex(2, 2):
