@@ -143,7 +143,7 @@ def main(argv=None):
         try:
             path = export_saved_model(model, args.base_path, args.version,
                                       classifier=args.classifier)
-        except (ValueError, FileExistsError, RuntimeError) as error:
+        except (ValueError, FileExistsError) as error:
             export.error(str(error))
         print(f"Wrote {path}")
         return
