@@ -530,11 +530,12 @@ def test_a_failed_float16_backward_solve_warns(capfd):
     ode = NeuralODE(mlp_dynamics(8, 2, dtype="mixed_float16"),
                     dtype="mixed_float16",
                     solver=solvers.DormandPrince(max_num_steps=20),
-                    gradient=gradients.Adjoint(rtol=1e-9, atol=1e-9))
+                    gradient=gradients.Adjoint(rtol=1e-9, atol=1e-9),
+                    name="half")
     x = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
     grads = tape_gradients(ode, x, lambda h: keras.ops.sum(h ** 2))
     assert not np.isfinite(grads[0]).any()
-    assert ("WARNING: NeuralODE 'neural_ode' (adjoint solve from t1=1.0 "
+    assert ("WARNING: NeuralODE 'half' (adjoint solve from t1=1.0 "
             "back to t0=0.0) did not finish (it met inf or NaN, or took "
             "max_num_steps steps), so this step's gradients are NaN. Under "
             "mixed_float16 a loss-scale overflow does this, and "
