@@ -9,9 +9,10 @@ if keras.backend.backend() not in ("tensorflow", "jax"):
         "variable KERAS_BACKEND=tensorflow (or jax) before importing keras."
     )
 
-from keras_node import gradients, solvers  # noqa: E402
+from keras_node import callbacks, gradients, solvers  # noqa: E402
 from keras_node.neural_ode import NeuralODE  # noqa: E402
 from keras_node.normalizing_flow import ContinuousNormalizingFlow  # noqa: E402
 
-__all__ = ["ContinuousNormalizingFlow", "NeuralODE", "gradients", "solvers"]
+__all__ = ["ContinuousNormalizingFlow", "NeuralODE", "callbacks",
+           "gradients", "solvers"]
 __version__ = "0.2.0.dev0"

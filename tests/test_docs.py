@@ -70,6 +70,16 @@ def test_relative_links_resolve():
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
+def test_import_keras_node_binds_what_the_docs_name():
+    # As `import keras` binds `keras.callbacks`: the README's
+    # `keras_node.callbacks.LogEvaluationCounts` needs no other import.
+    code = ("import keras_node; keras_node.callbacks.LogEvaluationCounts; "
+            "keras_node.solvers.DormandPrince; keras_node.gradients.Adjoint")
+    result = subprocess.run([sys.executable, "-c", code],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_readme_is_short():
     assert len((ROOT / "README.md").read_text().splitlines()) < 200
 
