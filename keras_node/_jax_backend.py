@@ -102,6 +102,18 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     return (*_solver.integrals_of(ys, mask), counts)
 
 
+def in_loop(value, stored):
+    """Whether the call in progress runs in a loop's body (an RNN cell's in
+    `lax.scan`): `value`, which it computed, was traced inside the
+    transformation that traced `stored`, a variable's value from outside
+    (storing `value` in the variable would leak its tracer)."""
+    return _jax_compat.traced_inside(value, stored)
+
+
+# A loop's body (`scan`) can update no variable, nor a seed generator's.
+LOOPS_UPDATE_STATE = False
+
+
 def _bounded_while(cond, body, state, max_iterations):
     """`body` while `cond`, at most `max_iterations` times, differentiable.
 
@@ -151,19 +163,21 @@ def _raise_if_failed(counts, forward):
 def _on_backward(nest, num_evals, callback):
     """`nest` unchanged; the host gets `num_evals` when it is differentiated."""
 
+    # `num_evals` is an argument, not a closure: a `custom_vjp` in a
+    # loop's body (an RNN cell's in `scan`) cannot close over its tracers.
     @jax.custom_vjp
-    def identity(x):
+    def identity(x, num_evals):
         return x
 
-    def fwd(x):
-        return x, None
+    def fwd(x, num_evals):
+        return x, num_evals
 
-    def bwd(_, cotangent):
+    def bwd(num_evals, cotangent):
         jax.debug.callback(callback, num_evals)
-        return (cotangent,)
+        return cotangent, jnp.zeros_like(num_evals)
 
     identity.defvjp(fwd, bwd)
-    return identity(nest)
+    return identity(nest, jnp.asarray(num_evals, jnp.float32))
 
 
 def _make_solve(fn, t0, times, forward, adjoint, state_mask, seminorm,

@@ -1,4 +1,5 @@
-"""Every use of JAX's internals, in one place: convolutions fast on a CPU.
+"""Every use of JAX's internals, in one place: convolutions fast on a CPU,
+and telling a loop's body from the compiled step around it.
 
 XLA's CPU compiler hands a convolution to its fast library kernel only in
 the canonical layout (input batch, spatial..., feature; kernel spatial...,
@@ -18,6 +19,12 @@ API (`jax.extend.core`, without stability promises) and
 Checked against JAX 0.10.2, 0.11.2 and 0.12.0.1. On another minor version
 `enabled()` is False and warns once: solves then run at XLA's own speed,
 with the same results.
+
+`traced_inside(value, outer)` compares two tracers' traces
+(`Tracer._trace`), so that a `NeuralODE` in a loop's body (an RNN cell's,
+in `lax.scan`) does not store its counts, which would leak their tracers.
+Checked against the same versions; on another it says False, and such a
+loop fails as it did before (`UnexpectedTracerError`).
 """
 
 import functools
@@ -137,3 +144,13 @@ def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
     # The canonical output's axes, as axes of the requested output.
     axes = (out_spec[0], *out_spec[2:], out_spec[1])
     return jnp.transpose(out, [axes.index(i) for i in range(n + 2)])
+
+
+def traced_inside(value, outer):
+    """Whether `value` was traced by a JAX transformation inside the one
+    that traced `outer` (or `outer` is concrete): a `lax.scan`'s body in a
+    compiled train step, for one. False on an unchecked JAX version."""
+    if not (isinstance(value, jax.core.Tracer)
+            and _supported(jax.__version__)):
+        return False
+    return getattr(value, "_trace", None) is not getattr(outer, "_trace", None)

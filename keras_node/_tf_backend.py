@@ -138,6 +138,19 @@ def _warn_unless_finite(dy0, options):
     tf.cond(finite, lambda: tf.constant(False), warn)
 
 
+def in_loop(value, stored):
+    """Whether the call in progress runs in a loop's or a branch's body (an
+    RNN cell's in `tf.while_loop`), where the gradient could not update a
+    variable: the innermost graph is TensorFlow's control-flow graph."""
+    del value, stored
+    graph = tf.compat.v1.get_default_graph()
+    return getattr(graph, "is_control_flow_graph", False)
+
+
+# A loop's body may update variables and draw from seed generators.
+LOOPS_UPDATE_STATE = True
+
+
 def _zeros_if_none(gradient, like):
     """`gradient` (a nest like `like`) with zeros for its None parts."""
     if gradient is None:

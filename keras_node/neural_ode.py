@@ -76,6 +76,9 @@ class NeuralODE(keras.layers.Layer):
     error: a `BatchNormalization` in training (frozen, it is fine) and a
     loss (`activity_regularizer`, `add_loss`). Not supported: dynamics
     with several inputs or outputs, gradients with respect to `t0` or `t1`.
+    In a loop's body (a `keras.layers.RNN` cell, without `unroll`) the
+    layer updates no counter, and refuses the regularisers and, on JAX,
+    random layers in the dynamics.
     XLA on TensorFlow: XLA drops an adaptive solver's `max_num_steps` error
     (an exhausted budget returns NaN instead), so on TensorFlow a layer with
     an adaptive solver sets `supports_jit = False`, and Keras trains its
@@ -461,23 +464,29 @@ class NeuralODE(keras.layers.Layer):
         generators, draws = seed_generators(self.dynamics), {}
         # Inside another NeuralODE's dynamics, a solve per evaluation: not
         # counted (the dynamics must change no state).
-        nested = in_dynamics()
+        nested, looped = in_dynamics(), []
         hs, integrals, counts = _backend().solve(
             self.dynamics, h0, time_dependent=self._time_dependent,
             t0=t0, times=times, forward=forward, adjoint=adjoint,
             gradient=self.gradient.name,
             seminorm=getattr(self.gradient, "norm", None) == "seminorm",
-            on_backward_evals=(lambda evals: None) if nested
-            else self._record_backward_evals,
+            # (`looped` is known by the time the backward pass runs.)
+            on_backward_evals=lambda evals: None if nested or looped
+            else self._record_backward_evals(evals),
             kinetic=bool(kinetic_energy), jacobian=bool(jacobian_norm),
             trace=trace, noise=noise, training=training,
             random_state=[generator.state for generator in generators],
             draws=draws)
+        counts = keras.ops.cast(counts, "float32")
+        # In a loop's body (an RNN cell's in `while_loop` or `scan`) the
+        # backward pass cannot update the counters, nor JAX's forward one.
+        if _backend().in_loop(counts, self._forward_evals.value):
+            looped.append(True)
+            self._check_loop_body(draws, kinetic_energy or jacobian_norm)
         for generator in generators:  # past one evaluation's draws
             for _ in range(draws.get(id(generator.state), 0)):
                 generator.next()
-        counts = keras.ops.cast(counts, "float32")
-        counters = () if nested else (
+        counters = () if nested or looped else (
             self._forward_evals, self._steps_accepted, self._steps_rejected)
         for i, counter in enumerate(counters):
             counter.assign(counts[i])
@@ -490,6 +499,24 @@ class NeuralODE(keras.layers.Layer):
                 term = sign * weight * batch_mean(integrals[name][-1])
                 penalty = term if penalty is None else penalty + term
         return hs, integrals.get("divergence"), penalty
+
+    def _check_loop_body(self, draws, regularised):
+        """Raises for what cannot run in a loop's body: a regulariser (its
+        loss cannot leave the loop) and, on JAX, random layers (their seed
+        generators cannot advance)."""
+        problem = (
+            "the loss of kinetic_energy or jacobian_norm cannot leave the "
+            "loop" if regularised else
+            "random layers in the dynamics cannot draw on JAX (their seed "
+            "generators cannot advance)"
+            if any(draws.values()) and not _backend().LOOPS_UPDATE_STATE
+            else None)
+        if problem:
+            raise ValueError(
+                f"NeuralODE '{self.name}' is called in a loop's body (a "
+                f"`keras.layers.RNN` cell's, in a `while_loop` or `scan`), "
+                f"where {problem}. Unroll the loop: "
+                "`keras.layers.RNN(cell, unroll=True)`.")
 
     def note_model(self, model):
         """Marks this layer as sharing `model` if that holds other

@@ -79,6 +79,21 @@ def mlp_dynamics(width, dim, dtype=None):
     )
 
 
+class OdeRnnCell(keras.layers.Layer):
+    """An ODE-RNN's cell: the state flows by the ODE, then takes the input."""
+
+    def __init__(self, ode, **kwargs):
+        super().__init__(**kwargs)
+        self.ode, self.state_size = ode, 2  # for 2 channels
+
+    def build(self, input_shape):
+        self.ode.build(input_shape)
+
+    def call(self, x, states):
+        h = self.ode(states[0]) + x
+        return h, [h]
+
+
 def kinetic_energy_after_fit(weight, seed=8):
     """The dynamics' kinetic energy after fitting `h(1) = 2 h(0)`.
 

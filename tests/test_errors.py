@@ -7,7 +7,7 @@ import pytest
 from conftest import (BACKEND, SOLVE_ERROR, graph, jax_only, tensorflow_only,
                       xla)
 
-from helpers import Linear, Square, mlp_dynamics
+from helpers import Linear, OdeRnnCell, Square, mlp_dynamics
 from helpers import gradients as tape_gradients
 from keras_node import NeuralODE, gradients, solvers
 
@@ -522,6 +522,44 @@ def test_draws_from_an_untracked_seed_generator_are_named():
                        r"numbers with a keras.random.SeedGenerator that a "
                        r"layer of the dynamics holds as an attribute"):
         NeuralODE(_UntrackedDraw(), solver="rk4")(np.ones((2, 3), "float32"))
+
+
+def _fit_recurrent(**kwargs):
+    """One epoch of an ODE-RNN whose cell runs in Keras' loop."""
+    dynamics = keras.Sequential([keras.layers.Dense(8, activation="tanh"),
+                                 keras.layers.Dropout(0.3),
+                                 keras.layers.Dense(2)])
+    inputs = keras.Input((3, 2))
+    cell = OdeRnnCell(NeuralODE(dynamics, name="ode", **kwargs))
+    model = keras.Model(inputs, keras.layers.RNN(cell)(inputs))
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(0).normal(size=(8, 3, 2)).astype("float32")
+    return model.fit(x, x[:, -1], batch_size=4, verbose=0)
+
+
+@pytest.mark.parametrize("regulariser", ["kinetic_energy", "jacobian_norm"])
+def test_regularisers_in_a_loop_body_are_refused(regulariser):
+    # TensorFlow failed with a tensor out of its loop's scope, JAX with a
+    # leaked tracer.
+    with pytest.raises(ValueError, match=r"NeuralODE 'ode' is called in a "
+                       r"loop's body \(a `keras.layers.RNN` cell's, in a "
+                       r"`while_loop` or `scan`\), where the loss of "
+                       r"kinetic_energy or jacobian_norm cannot leave the "
+                       r"loop. Unroll the loop: "
+                       r"`keras.layers.RNN\(cell, unroll=True\)`."):
+        _fit_recurrent(**{regulariser: 0.1})
+
+
+def test_random_layers_in_a_loop_body_draw_on_tensorflow_only():
+    # JAX failed with a leaked tracer; TensorFlow draws at each step.
+    if BACKEND == "tensorflow":
+        assert np.isfinite(_fit_recurrent().history["loss"][0])
+        return
+    with pytest.raises(ValueError, match=r"NeuralODE 'ode' is called in a "
+                       r"loop's body .*, where random layers in the "
+                       r"dynamics cannot draw on JAX \(their seed "
+                       r"generators cannot advance\). Unroll the loop"):
+        _fit_recurrent()
 
 
 @jax_only("the export's own backend check")

@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 
 from conftest import tensorflow_only
-from helpers import CosineRate, Linear, gradients
+from helpers import CosineRate, Linear, OdeRnnCell, gradients
 from keras_node import NeuralODE, solvers
 
 A = np.array([[-0.5, 2.0], [-2.0, -0.5]])
@@ -174,28 +174,15 @@ def test_a_neural_ode_in_the_dynamics_of_another(inner_gradient,
     assert float(inner.num_backward_evals) == 0
 
 
-class _OdeRnnCell(keras.layers.Layer):
-    """An ODE-RNN's cell: the state flows by the ODE, then takes the input."""
-
-    def __init__(self, ode, **kwargs):
-        super().__init__(**kwargs)
-        self.ode, self.state_size = ode, 2
-
-    def build(self, input_shape):
-        self.ode.build(input_shape)
-
-    def call(self, x, states):
-        h = self.ode(states[0]) + x
-        return h, [h]
-
-
+@pytest.mark.parametrize("unroll", [False, True])
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
-def test_an_unrolled_recurrent_cell_solves_between_inputs(gradient):
-    # h_k = h_{k-1} E + x_k, E = expm(0.5 A)^T, from h_0 = 0. Unrolled: in a
-    # `while_loop` or `scan` the layer could not update its counters.
+def test_a_recurrent_cell_solves_between_inputs(gradient, unroll):
+    # h_k = h_{k-1} E + x_k, E = expm(0.5 A)^T, from h_0 = 0. Not unrolled,
+    # the cell runs in a `while_loop` or `scan` (compiled: a `tf.function`
+    # or `jax.jit`), where the layer updates no counter.
     ode = NeuralODE(Linear(A, dtype="float64"), t1=0.5, rtol=1e-9,
                     atol=1e-9, gradient=gradient, dtype="float64")
-    rnn = keras.layers.RNN(_OdeRnnCell(ode, dtype="float64"), unroll=True,
+    rnn = keras.layers.RNN(OdeRnnCell(ode, dtype="float64"), unroll=unroll,
                            dtype="float64")
     xs = np.random.default_rng(0).normal(size=(3, 4, 2))
 
