@@ -1,4 +1,4 @@
-"""Test set-up: the backend, quiet logs, two logical CPU devices on TF.
+"""Test set-up: the backend, quiet logs, two CPU devices.
 
 The suite runs on Keras' TensorFlow backend by default and unchanged on JAX
 (`KERAS_BACKEND=jax .venv-jax/bin/python -m pytest`, see tools/jax-venv.sh).
@@ -11,6 +11,12 @@ import pathlib
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ["KERAS_BACKEND"] == "jax":
+    # Data-parallel tests need two devices: XLA splits the CPU in two (JAX
+    # still places arrays and runs programs on the first one by default).
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS"),
+        "--xla_force_host_platform_device_count=2"]))
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

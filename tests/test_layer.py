@@ -103,8 +103,13 @@ def test_adjoint_tolerances_default_to_forward():
     assert (adjoint["rtol"], adjoint["atol"]) == (1e-2, 1e-6)
 
 
-def test_fit_logs_evaluation_counts():
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_fit_logs_evaluation_counts(steps_per_execution):
+    # With steps_per_execution, the steps run in a loop of the trainer's:
+    # the layer counts there (it is no loop of the layer's call).
     model = conv_model()
+    model.compile(model.optimizer, model.loss,
+                  steps_per_execution=steps_per_execution)
     x, y = data()
     batches = []
     record = keras.callbacks.LambdaCallback(
@@ -112,7 +117,7 @@ def test_fit_logs_evaluation_counts():
     # LogEvaluationCounts: needed on JAX, without effect on TensorFlow.
     model.fit(x, y, batch_size=8, epochs=1, verbose=0,
               callbacks=[LogEvaluationCounts(), record])
-    assert len(batches) == 2
+    assert len(batches) == 2 // steps_per_execution
     for logs in batches:
         # Dormand-Prince: the first derivative and Hairer's first-step
         # heuristic, then six evaluations a step, accepted or rejected.
@@ -573,29 +578,37 @@ def test_jit_compile_auto_trains_without_xla_on_tensorflow():
         BACKEND == "tensorflow")
 
 
+def data_parallel():
+    """Replicas on the two CPU devices (conftest): a `MirroredStrategy` on
+    TensorFlow, Keras' `DataParallel` distribution on JAX."""
+    if BACKEND == "jax":
+        return keras.distribution.DataParallel(
+            devices=keras.distribution.list_devices("cpu")[:2])
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(
+        [d.name for d in tf.config.list_logical_devices("CPU")][:2])
+
+
 @pytest.mark.slow
-@tensorflow_only("tf.distribute")
 @pytest.mark.parametrize("kinetic_energy", [0.0, 0.1])
-def test_mirrored_training_matches_single_device(kinetic_energy):
+def test_data_parallel_training_matches_single_device(kinetic_energy):
     """Two replicas on half-batches vs one device on the whole batch.
 
-    Each replica's adaptive solver chooses its own steps for its sub-batch
-    (the error norm is over the solver's own state), so the solutions, and
-    the gradients, differ from the single-device ones by up to the solver
-    tolerance. At rtol = atol = 1e-7 that is far below what three Adam
+    On TensorFlow each replica's adaptive solver chooses its own steps for
+    its sub-batch (the error norm is over the solver's own state), so the
+    solutions, and the gradients, differ from the single-device ones by up
+    to the solver tolerance; JAX's sharded program takes one norm over the
+    whole batch. At rtol = atol = 1e-7 that is far below what three Adam
     steps of 1e-2 move the weights (about 3e-2), hence the 1e-4 bound. The
     kinetic-energy loss, added by each replica, must count once.
     """
-    import tensorflow as tf
-
     x, y = data(32, seed=3)
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     weights = {}
-    for name, strategy in (("single", tf.distribute.get_strategy()),
-                           ("mirrored",
-                            tf.distribute.MirroredStrategy(devices))):
+    for name, scope in (("single", contextlib.nullcontext),
+                        ("replicas", data_parallel().scope)):
         keras.utils.set_random_seed(7)
-        with strategy.scope():
+        with scope():
             inputs = keras.Input((6, 6, 2))
             h = keras.layers.Conv2D(4, 1)(inputs)
             h = NeuralODE(small_conv_dynamics(4), rtol=1e-7, atol=1e-7,
@@ -605,13 +618,17 @@ def test_mirrored_training_matches_single_device(kinetic_energy):
             model.compile(
                 keras.optimizers.Adam(1e-2),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        initial = [w.numpy() for w in model.trainable_weights]
-        model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
-        weights[name] = [w.numpy() for w in model.trainable_weights]
+            initial = [np.array(w) for w in model.trainable_weights]
+            model.fit(x, y, batch_size=32, epochs=3, shuffle=False,
+                      verbose=0)
+        if BACKEND == "jax":  # replicated on both devices
+            assert len(model.trainable_weights[0].value.devices()) == (
+                2 if name == "replicas" else 1)
+        weights[name] = [np.array(w) for w in model.trainable_weights]
     moved = max(np.max(np.abs(a - b))
                 for a, b in zip(weights["single"], initial))
     assert moved > 1e-2  # training moved the weights far beyond the bound
-    for a, b in zip(weights["single"], weights["mirrored"]):
+    for a, b in zip(weights["single"], weights["replicas"]):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
 
 
