@@ -22,7 +22,8 @@ goes on answering; a folder that fails to load is tried again when anything
 in it changes. Every malformed request gets a 4xx with TF Serving's
 `{"error": "..."}` body, and any unexpected error a 500 with one, on a
 connection that stays usable. What one client can cost is bounded: request
-bodies (`max_body_bytes`, 413 before reading them), the time to send one
+bodies (`max_body_bytes`, 413 before reading them; what a client sends on
+for another second is dropped, so that it gets the 413), the time to send one
 (`request_timeout`, 408), instances per request (`max_instances`), and
 concurrent model runs (`max_concurrent_runs`; a request that waits longer
 than `queue_timeout` for one gets 503 with `Retry-After`). JSON parsing,
@@ -172,6 +173,19 @@ class ModelVersions:
         return [{"version": str(v), "state": state,
                  "status": {"error_code": code, "error_message": message}}
                 for v, (state, code, message) in sorted(states.items())]
+
+
+async def _linger(stream, seconds=1.0):
+    """Reads and drops what `stream` (a body refused with 413) brings for up
+    to `seconds`, as web servers' lingering close: the connection then
+    closes, and bytes left unread would make the kernel reset it, which can
+    discard the 413 before the client reads it."""
+    async def drain():
+        async for _ in stream:
+            pass
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(drain(), seconds)
 
 
 def idle_timeout_protocol():
@@ -495,27 +509,33 @@ def create_app(base_path, model_name, poll_seconds=2.0, max_instances=256,
 
     async def read_body(request):
         """The body, at most `max_body_bytes`, sent within the timeout."""
+        stream = request.stream()
         length = request.headers.get("content-length", "")
         if length.isascii() and length.isdigit() \
                 and int(length) > max_body_bytes:
+            await _linger(stream)
             raise _TooLarge(f"Request body of {length} bytes; this server "
                             f"takes at most {max_body_bytes}")
 
-        async def read():
+        async def read():  # None past `max_body_bytes`
             chunks, size = [], 0
-            async for chunk in request.stream():
+            async for chunk in stream:
                 size += len(chunk)
                 if size > max_body_bytes:
-                    raise _TooLarge(f"Request body over {max_body_bytes} "
-                                    "bytes, the most this server takes")
+                    return None
                 chunks.append(chunk)
             return b"".join(chunks)
 
         try:
-            return await asyncio.wait_for(read(), request_timeout)
+            body = await asyncio.wait_for(read(), request_timeout)
         except asyncio.TimeoutError:
             raise _Timeout(f"The request body took longer than "
                            f"{request_timeout} s to arrive")
+        if body is None:
+            await _linger(stream)
+            raise _TooLarge(f"Request body over {max_body_bytes} bytes, the "
+                            "most this server takes")
+        return body
 
     async def run(signature, arrays):
         """Runs the signature in a worker thread, at most a few at once."""
