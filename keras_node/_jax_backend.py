@@ -104,9 +104,10 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
 
 def in_loop(value, stored):
     """Whether the call in progress runs in a loop's body (an RNN cell's in
-    `lax.scan`): `value`, which it computed, was traced inside the
-    transformation that traced `stored`, a variable's value from outside
-    (storing `value` in the variable would leak its tracer)."""
+    `lax.scan`) of a compiled step: `value`, which it computed, was traced
+    inside the transformation that traced `stored`, a variable's value from
+    outside (storing `value` in the variable would leak its tracer). An
+    eager call's loop stores into a scope that Keras drops."""
     return _jax_compat.traced_inside(value, stored)
 
 
