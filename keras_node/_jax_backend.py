@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from keras_node import _jax_compat, _solver
-from keras_node._keras_compat import DrawCounter, stored_dtypes
+from keras_node._keras_compat import (DrawCounter, in_symbolic_build,
+                                      stored_dtypes)
 from keras_node._tfp_compat import substrate
 
 _TFP = substrate("jax")
@@ -104,15 +105,13 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
 
 def in_loop(value, stored):
     """Whether the call in progress runs in a loop's body (an RNN cell's in
-    `lax.scan`) of a compiled step: `value`, which it computed, was traced
-    inside the transformation that traced `stored`, a variable's value from
-    outside (storing `value` in the variable would leak its tracer). An
-    eager call's loop stores into a scope that Keras drops."""
-    return _jax_compat.traced_inside(value, stored)
-
-
-# A loop's body (`scan`) can update no variable, nor a seed generator's.
-LOOPS_UPDATE_STATE = False
+    `lax.scan`): `value`, which it computed, was traced inside the
+    transformation that traced `stored`, a variable's value from outside
+    the call, or `stored` is concrete (storing `value` in the variable
+    would leak its tracer). Keras' symbolic build, which traces with
+    concrete values into a scope of its own, is not a loop."""
+    return (_jax_compat.traced_inside(value, stored)
+            and not in_symbolic_build())
 
 
 def _bounded_while(cond, body, state, max_iterations):

@@ -148,12 +148,10 @@ def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
 
 def traced_inside(value, outer):
     """Whether the tracer `value` was traced by a JAX transformation inside
-    the one that traced the tracer `outer`: a `lax.scan`'s body in a
-    compiled train step, for one. False where either is concrete (Keras'
-    symbolic build traces with concrete weights), and on an unchecked JAX
-    version."""
+    the one that traced `outer`, or `outer` is concrete: a `lax.scan`'s
+    body in a compiled train step, or in an eager one, for two. False on an
+    unchecked JAX version."""
     if not (isinstance(value, jax.core.Tracer)
-            and isinstance(outer, jax.core.Tracer)
             and _supported(jax.__version__)):
         return False
     return getattr(value, "_trace", None) is not getattr(outer, "_trace", None)

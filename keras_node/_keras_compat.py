@@ -31,6 +31,10 @@ found (`_private`); the patch reads the source of what it patches.
 - `in_dynamics()`: whether the current `keras.StatelessScope` (Keras' global
   state) is a `DrawCounter`: a `NeuralODE` inside another's dynamics does
   not count its solves.
+- `in_symbolic_build()`: whether Keras is tracing a call only for its
+  output's shape and dtype (`SymbolicScope`, Keras' global state
+  `symbolic_scope`): on JAX such a trace stores into a scope of its own,
+  which is no loop's body.
 - `has_functional_sibling(layer)`: walks the functional graph through
   `_inbound_nodes`, `_outbound_nodes` and their nodes' `operation` and
   `parent_nodes`, to find whether a layer's model holds another of its
@@ -175,6 +179,15 @@ def in_dynamics():
 
         scope = global_state.get_global_attribute("stateless_scope")
     return isinstance(scope, DrawCounter)
+
+
+def in_symbolic_build():
+    """Whether the call in progress is Keras' symbolic one (the output's
+    shape and dtype, in a `SymbolicScope`)."""
+    with _private("symbolic scope (keras.src.backend.common.symbolic_scope)"):
+        from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+        return in_symbolic_scope()
 
 
 def has_functional_sibling(layer):

@@ -85,6 +85,7 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         with tf.control_dependencies([same]):
             return tf.cast(f, h.dtype)
 
+    on_backward_evals = _outside_loop_gradients(on_backward_evals)
     fn, y0, mask = _solver.augment(tf, fn, h0, vjp=_vjp, kinetic=kinetic,
                                    jacobian=jacobian, trace=trace,
                                    noise=noise)
@@ -139,16 +140,26 @@ def _warn_unless_finite(dy0, options):
 
 
 def in_loop(value, stored):
-    """Whether the call in progress runs in a loop's or a branch's body (an
-    RNN cell's in `tf.while_loop`), where the gradient could not update a
-    variable: the innermost graph is TensorFlow's control-flow graph."""
+    """Never: on TensorFlow a loop's body (an RNN cell's in `tf.while_loop`)
+    may update variables and draw from seed generators. Only the loop's
+    gradient may not (`_outside_loop_gradients`)."""
     del value, stored
-    graph = tf.compat.v1.get_default_graph()
-    return getattr(graph, "is_control_flow_graph", False)
+    return False
 
 
-# A loop's body may update variables and draw from seed generators.
-LOOPS_UPDATE_STATE = True
+def _outside_loop_gradients(callback):
+    """`callback`, skipped in a `while_loop`'s gradient (an RNN cell's):
+    there an update of a variable that the forward loop did not capture
+    fails ("... is in list of internal_captures but not in
+    internal_capture_to_output"), so the backward count is not recorded.
+    Such a graph is told by that attribute (TensorFlow 2.21); a gradient
+    taken inside a loop's body, as a custom training loop's, records it."""
+    def record(num_evals):
+        graph = tf.compat.v1.get_default_graph()
+        if not hasattr(graph, "internal_capture_to_output"):
+            callback(num_evals)
+
+    return record
 
 
 def _zeros_if_none(gradient, like):

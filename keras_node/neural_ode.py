@@ -77,8 +77,8 @@ class NeuralODE(keras.layers.Layer):
     loss (`activity_regularizer`, `add_loss`). Not supported: dynamics
     with several inputs or outputs, gradients with respect to `t0` or `t1`.
     In a loop's body (a `keras.layers.RNN` cell, without `unroll`) the
-    layer updates no counter, and refuses the regularisers and, on JAX,
-    random layers in the dynamics.
+    layer does not record the backward count, and on JAX no count, and
+    there JAX refuses the regularisers and random layers in the dynamics.
     XLA on TensorFlow: XLA drops an adaptive solver's `max_num_steps` error
     (an exhausted budget returns NaN instead), so on TensorFlow a layer with
     an adaptive solver sets `supports_jit = False`, and Keras trains its
@@ -478,11 +478,15 @@ class NeuralODE(keras.layers.Layer):
             random_state=[generator.state for generator in generators],
             draws=draws)
         counts = keras.ops.cast(counts, "float32")
-        # In a loop's body (an RNN cell's in `while_loop` or `scan`) the
-        # backward pass cannot update the counters, nor JAX's forward one.
-        if _backend().in_loop(counts, self._forward_evals.value):
+        # In a loop's body on JAX (an RNN cell's in `scan`) no state can
+        # change. (TensorFlow's backend skips the backward count itself,
+        # in a `while_loop`'s gradient.)
+        if not nested and _backend().in_loop(counts,
+                                             self._forward_evals.value):
             looped.append(True)
-            self._check_loop_body(draws, kinetic_energy or jacobian_norm)
+            self._check_loop_body(
+                regularised=bool(kinetic_energy or jacobian_norm),
+                random=noise is not None or any(draws.values()))
         for generator in generators:  # past one evaluation's draws
             for _ in range(draws.get(id(generator.state), 0)):
                 generator.next()
@@ -500,22 +504,21 @@ class NeuralODE(keras.layers.Layer):
                 penalty = term if penalty is None else penalty + term
         return hs, integrals.get("divergence"), penalty
 
-    def _check_loop_body(self, draws, regularised):
-        """Raises for what cannot run in a loop's body: a regulariser (its
-        loss cannot leave the loop) and, on JAX, random layers (their seed
+    def _check_loop_body(self, regularised, random):
+        """Raises for what cannot run in a loop's body on JAX: a regulariser
+        (its loss cannot leave the loop) and random draws (their seed
         generators cannot advance)."""
         problem = (
             "the loss of kinetic_energy or jacobian_norm cannot leave the "
             "loop" if regularised else
-            "random layers in the dynamics cannot draw on JAX (their seed "
-            "generators cannot advance)"
-            if any(draws.values()) and not _backend().LOOPS_UPDATE_STATE
+            "random layers in the dynamics and Hutchinson's trace estimator "
+            "cannot draw (their seed generators cannot advance)" if random
             else None)
         if problem:
             raise ValueError(
-                f"NeuralODE '{self.name}' is called in a loop's body (a "
-                f"`keras.layers.RNN` cell's, in a `while_loop` or `scan`), "
-                f"where {problem}. Unroll the loop: "
+                f"{type(self).__name__} '{self.name}' is called in a loop's "
+                f"body (a `keras.layers.RNN` cell's, in JAX's `scan`), where "
+                f"{problem}. Unroll the loop: "
                 "`keras.layers.RNN(cell, unroll=True)`.")
 
     def note_model(self, model):

@@ -14,8 +14,8 @@ import scipy.linalg
 
 from conftest import BACKEND, ROOT, jax_only, tensorflow_only
 
-from helpers import (Linear, Square, kinetic_energy_after_fit, mlp_dynamics,
-                     small_conv_dynamics)
+from helpers import (Linear, OdeRnnCell, Square, kinetic_energy_after_fit,
+                     mlp_dynamics, small_conv_dynamics)
 from helpers import gradients as tape_gradients
 from keras_node import NeuralODE, gradients, solvers
 from keras_node.callbacks import LogEvaluationCounts
@@ -630,6 +630,55 @@ def test_data_parallel_training_matches_single_device(kinetic_energy):
     assert moved > 1e-2  # training moved the weights far beyond the bound
     for a, b in zip(weights["single"], weights["replicas"]):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+@tensorflow_only("a training loop over tf.range in a tf.function")
+def test_a_training_loop_in_a_while_loop_counts():
+    # The gradient is taken inside the loop's body: there the layer can
+    # record the backward count (only a loop's own gradient cannot).
+    import tensorflow as tf
+
+    model = conv_model()
+    ode = model.get_layer("neural_ode")
+    x, y = data()
+    model.optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def train(steps):
+        for _ in tf.range(steps):
+            with tf.GradientTape() as tape:
+                loss = model.loss(y, model(x, training=True))
+            model.optimizer.apply(
+                tape.gradient(loss, model.trainable_variables),
+                model.trainable_variables)
+
+    train(tf.constant(2))
+    for count in (ode.num_forward_evals, ode.num_backward_evals):
+        assert float(count) >= 8 and (float(count) - 2) % 6 == 0
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_a_recurrent_model_trains_in_the_loop_as_unrolled(run_eagerly):
+    # `keras.layers.RNN` runs the cell in `while_loop` or `scan`, in a
+    # compiled train step or op by op.
+    x = np.random.default_rng(2).normal(size=(8, 3, 2)).astype("float32")
+    weights = {}
+    for unroll in (False, True):
+        keras.utils.set_random_seed(4)
+        inputs = keras.Input((3, 2))
+        ode = NeuralODE(mlp_dynamics(8, 2), rtol=1e-6, atol=1e-6)
+        model = keras.Model(inputs, keras.layers.RNN(
+            OdeRnnCell(ode), unroll=unroll)(inputs))
+        model.compile(keras.optimizers.SGD(0.1), "mse",
+                      run_eagerly=run_eagerly)
+        initial = [np.array(w) for w in model.trainable_weights]
+        model.fit(x, x[:, -1], batch_size=4, epochs=2, shuffle=False,
+                  verbose=0)
+        weights[unroll] = [np.array(w) for w in model.trainable_weights]
+    assert max(np.max(np.abs(a - b))
+               for a, b in zip(weights[True], initial)) > 1e-3
+    for a, b in zip(weights[False], weights[True]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
