@@ -23,8 +23,9 @@ with the same results.
 `traced_inside(value, outer)` compares two tracers' traces
 (`Tracer._trace`), so that a `NeuralODE` in a loop's body (an RNN cell's,
 in `lax.scan`) does not store its counts, which would leak their tracers.
-Checked against the same versions; on another it says False, and such a
-loop fails as it did before (`UnexpectedTracerError`).
+Checked against JAX 0.10.2; on a minor version outside `SUPPORTED` it
+says False, and such a loop fails as it did before
+(`UnexpectedTracerError`).
 """
 
 import functools
