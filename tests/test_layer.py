@@ -578,6 +578,10 @@ def test_jit_compile_auto_trains_without_xla_on_tensorflow():
         BACKEND == "tensorflow")
 
 
+def weight_values(model):
+    return [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+
+
 def data_parallel():
     """Replicas on the two CPU devices (conftest): a `MirroredStrategy` on
     TensorFlow, Keras' `DataParallel` distribution on JAX."""
@@ -618,13 +622,13 @@ def test_data_parallel_training_matches_single_device(kinetic_energy):
             model.compile(
                 keras.optimizers.Adam(1e-2),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-            initial = [np.array(w) for w in model.trainable_weights]
+            initial = weight_values(model)
             model.fit(x, y, batch_size=32, epochs=3, shuffle=False,
                       verbose=0)
         if BACKEND == "jax":  # replicated on both devices
             assert len(model.trainable_weights[0].value.devices()) == (
                 2 if name == "replicas" else 1)
-        weights[name] = [np.array(w) for w in model.trainable_weights]
+        weights[name] = weight_values(model)
     moved = max(np.max(np.abs(a - b))
                 for a, b in zip(weights["single"], initial))
     assert moved > 1e-2  # training moved the weights far beyond the bound
@@ -671,10 +675,10 @@ def test_a_recurrent_model_trains_in_the_loop_as_unrolled(run_eagerly):
             OdeRnnCell(ode), unroll=unroll)(inputs))
         model.compile(keras.optimizers.SGD(0.1), "mse",
                       run_eagerly=run_eagerly)
-        initial = [np.array(w) for w in model.trainable_weights]
+        initial = weight_values(model)
         model.fit(x, x[:, -1], batch_size=4, epochs=2, shuffle=False,
                   verbose=0)
-        weights[unroll] = [np.array(w) for w in model.trainable_weights]
+        weights[unroll] = weight_values(model)
     assert max(np.max(np.abs(a - b))
                for a, b in zip(weights[True], initial)) > 1e-3
     for a, b in zip(weights[False], weights[True]):
