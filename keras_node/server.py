@@ -513,7 +513,10 @@ def create_app(base_path, model_name, poll_seconds=2.0, max_instances=256,
         length = request.headers.get("content-length", "")
         if length.isascii() and length.isdigit() \
                 and int(length) > max_body_bytes:
-            await _linger(stream)
+            # A client that waits for "100 Continue" has sent no body yet;
+            # reading would ask it for one.
+            if request.headers.get("expect", "").lower() != "100-continue":
+                await _linger(stream)
             raise _TooLarge(f"Request body of {length} bytes; this server "
                             f"takes at most {max_body_bytes}")
 

@@ -589,6 +589,19 @@ def test_large_body_is_refused_before_it_is_read(server):
     assert status == 200 and process.poll() is None
 
 
+def test_a_client_that_expects_100_continue_gets_413_at_once(server):
+    # curl asks `Expect: 100-continue` before a body over 1 MiB: refused by
+    # its length, the body must not be asked for (by reading it).
+    url, _ = server
+    host, port = url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/models/{NAME}:predict HTTP/1.1\r\n"
+                     f"Host: {host}\r\nContent-Length: {100 * 2**20}\r\n"
+                     "Expect: 100-continue\r\n\r\n".encode())
+        reply = sock.makefile("rb").readline()
+    assert reply.startswith(b"HTTP/1.1 413 ")
+
+
 def test_slow_client_is_timed_out(impatient_server):
     url, _ = impatient_server
     connection = connect(url)
