@@ -39,6 +39,14 @@ found (`_private`); the patch reads the source of what it patches.
   `_inbound_nodes`, `_outbound_nodes` and their nodes' `operation` and
   `parent_nodes`, to find whether a layer's model holds another of its
   class (the evaluation counts' naming rule).
+- `serialize_shared(obj)`: `keras.saving.serialize_keras_object(obj)`,
+  marked with its `shared_object_id` when saving (Keras' global state
+  `shared_objects/id_to_config_map`, set by `ObjectSharingScope`). Keras
+  marks an object met twice, but in the config of the layer that holds it,
+  which Keras copies before the second meeting, so the first copy loses the
+  mark: a dynamics model shared by two `NeuralODE` layers would load as two
+  models (and the second without weights). Marked every time, each config
+  of it loads as the one object.
 - `patch_keras_multi_worker_fit()`: makes Keras 3's `model.fit` work under
   `MultiWorkerMirroredStrategy` (public as
   `keras_node.training.patch_keras_multi_worker_fit`). Keras 3.15.1's
@@ -188,6 +196,21 @@ def in_symbolic_build():
         from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
         return in_symbolic_scope()
+
+
+def serialize_shared(obj):
+    """`obj`'s config, which loads as one object wherever it occurs in a
+    saved model."""
+    config = keras.saving.serialize_keras_object(obj)
+    with _private("object sharing scope (keras.src.backend.common."
+                  "global_state)"):
+        from keras.src.backend.common import global_state
+
+        saving = global_state.get_global_attribute(
+            "shared_objects/id_to_config_map") is not None
+    if saving:
+        config["shared_object_id"] = id(obj)
+    return config
 
 
 def has_functional_sibling(layer):

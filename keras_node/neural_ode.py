@@ -10,7 +10,8 @@ import numpy as np
 
 from keras_node import _nfe_metric, _solver, gradients, solvers
 from keras_node._keras_compat import (calling_model, flatten_layers,
-                                      in_dynamics, seed_generators)
+                                      in_dynamics, seed_generators,
+                                      serialize_shared)
 from keras_node._options import (finite_float, invalid, non_negative_float,
                                  positive_float)
 
@@ -568,7 +569,7 @@ class NeuralODE(keras.layers.Layer):
 
     def get_config(self):
         config = {
-            "dynamics": keras.saving.serialize_keras_object(self.dynamics),
+            "dynamics": serialize_shared(self.dynamics),
             "t0": self.t0,
             "t1": self.t1,
             "rtol": self.rtol,

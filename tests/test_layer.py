@@ -277,6 +277,30 @@ def test_keras_save_load_reproduces_and_keeps_training(tmp_path):
     assert any(not np.array_equal(b, a) for b, a in zip(before, after))
 
 
+def test_dynamics_shared_by_two_layers_load_as_one_model(tmp_path):
+    # Keras marks an object met twice only in the second config: without
+    # our mark the first layer's dynamics loaded as a model of its own, and
+    # the second's layers found no weights ("Layer 'dense' expected 2
+    # variables, but received 0").
+    dynamics = mlp_dynamics(8, 3)
+    inputs = keras.Input((3,))
+    h = NeuralODE(dynamics, t1=0.5, name="first")(inputs)
+    outputs = NeuralODE(dynamics, t0=0.5, name="second")(h)
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    path = tmp_path / "shared.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_layer("first").dynamics is \
+        loaded.get_layer("second").dynamics
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)),
+                                  keras.ops.convert_to_numpy(loaded(x)))
+    # Outside saving the config is unmarked, as Keras' own.
+    assert "shared_object_id" not in model.get_layer("first").get_config()[
+        "dynamics"]
+
+
+
 @pytest.mark.slow
 @tensorflow_only("exporting a SavedModel")
 def test_savedmodel_serves_in_fresh_process(tmp_path):
