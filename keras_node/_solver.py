@@ -230,6 +230,10 @@ class _AdaptiveStep:
     - The step budget fails with a message that says what to do (TFP's own
       check says only "max_num_steps exceeded"), and where XLA or JAX cannot
       raise, ends the solve (the result is then NaN).
+    - A step too short to advance the time (as the steps shrink where the
+      dynamics blow up or return NaN) ends the solve at once, with a
+      message that says when (scipy's and torchdiffeq's solvers raise
+      there too), instead of spending the rest of the budget there.
     - The error norm is the root mean square of the scaled error
       `e / (atol + rtol * max(|y0|, |y1|))`, as in Hairer's DOPRI5, scipy,
       torchdiffeq and DifferentialEquations.jl, so `rtol` and `atol` mean
@@ -255,8 +259,9 @@ class _AdaptiveStep:
     """
 
     def __init__(self, sub, *, tab, max_num_steps, what, error_mask, ok,
-                 times):
+                 times, to_time=None):
         self._sub = sub
+        self._to_time = to_time or (lambda s: s)  # for the messages
         self._ok = ok  # False: the start is not finite, take no step
         self._tab = tab
         self._dense = _dense_weights(tab)
@@ -280,11 +285,13 @@ class _AdaptiveStep:
         # loop's body, so that TensorFlow's gradient of the loop drops the
         # reductions of every term to a step-size gradient that nothing uses.
         t0, dt = tf.stop_gradient(t0), tf.stop_gradient(dt)
-        within_budget = [tf.debugging.assert_less(
+        advances = t0 + dt > t0
+        checks = [tf.debugging.assert_less(
             diagnostics.num_ode_fn_evaluations, self.max_evals,
             message=budget_message(self._what, self._step_budget),
-        )] if self._sub.asserts else []
-        with tf.control_dependencies(within_budget):
+        ), self._assert_advances(tf, advances, t0)] if self._sub.asserts \
+            else []
+        with tf.control_dependencies([c for c in checks if c is not None]):
             k, y1 = _stages(tf, ode_fn, t0, y0, f0, dt, self._tab)
         f1 = k[-1]
         error = _combine(tf, None, dt, self._tab.error, k)
@@ -296,7 +303,7 @@ class _AdaptiveStep:
                                tf.constant(float("inf"), dt.dtype))
         in_budget = ((diagnostics.num_ode_fn_evaluations < self.max_evals)
                      & self._ok)
-        accept = (error_ratio <= 1) & in_budget
+        accept = (error_ratio <= 1) & in_budget & advances
         # TFP interpolates each output time in the last step taken, so only
         # an accepted step that passes one needs its dense output.
         passes = tf.reduce_any((self._times >= t0) & (self._times < t0 + dt))
@@ -307,10 +314,10 @@ class _AdaptiveStep:
             current_state=where(accept, y1, y0),
             current_derivative=where(accept, f1, f0),
             last_step_start=t0,
-            # An exhausted budget ends the solve (time jumps to infinity) and
-            # `integrate` returns NaN.
+            # An exhausted budget or a stall ends the solve (time jumps to
+            # infinity) and `integrate` returns NaN.
             current_time=tf.where(
-                in_budget, tf.where(accept, t0 + dt, t0),
+                in_budget & advances, tf.where(accept, t0 + dt, t0),
                 tf.constant(float("inf"), t0.dtype)),
             # A zero error gives an infinite factor, clipped to IFACTOR.
             step_size=dt * tf.clip_by_value(
@@ -325,6 +332,19 @@ class _AdaptiveStep:
                                        + tf.cast(accept, tf.int32)),
         )
         return solver_state, diagnostics
+
+    def _assert_advances(self, tf, advances, t0):
+        """Fails (on TensorFlow) where the step no longer advances the time,
+        with that time in the message."""
+        fine = tf.logical_or(advances, tf.logical_not(self._ok))
+        message = stall_message(self._what, "")
+        time = self._to_time(t0)
+        if not tf.executing_eagerly():  # XLA drops it
+            return tf.debugging.Assert(fine, [message, time])
+        if not fine:  # a plain message, not Assert's summary of its data
+            raise tf.errors.InvalidArgumentError(
+                None, None, message + str(time.numpy()))
+        return None
 
     def _dense_output(self, tf, y0, dt, k):
         """TFP's quartic of the step: a list of five nests like `y0`."""
@@ -349,8 +369,8 @@ class _AdaptiveStep:
         return _norm(tf, scaled, _mask(tf, self._error_mask, y0))
 
 
-OK, EXHAUSTED, NONFINITE_STATE, NONFINITE_DERIVATIVE, NONFINITE_SOLUTION = \
-    range(5)
+(OK, EXHAUSTED, NONFINITE_STATE, NONFINITE_DERIVATIVE, NONFINITE_SOLUTION,
+ STALLED) = range(6)
 
 
 def nonfinite_message(what, which):
@@ -371,6 +391,7 @@ def status_message(status, what, max_num_steps):
             NONFINITE_SOLUTION: lambda: nonfinite_message(
                 what, "the fixed-step solution (the dynamics returned NaN or "
                 "inf, or the steps are too long for them)"),
+            STALLED: lambda: stall_message(what),
             }.get(status, lambda: None)()
 
 
@@ -398,6 +419,18 @@ def budget_message(what, max_num_steps):
             "or not finite for this input. Raise `max_num_steps`, loosen "
             "`rtol`/`atol`, use a fixed-step solver, lower the learning rate "
             "or regularise the dynamics.")
+
+
+def stall_message(what, time=None):
+    """The error of a solve whose steps no longer advance the time; the
+    time reached ends it, if known (`""` when a graph prints it after)."""
+    # No apostrophes: graph-mode assertions print them escaped.
+    return (f"{what} stalled: its steps became too short to advance the "
+            "time, as where the dynamics blow up or return NaN or inf. Check "
+            "the inputs and the weights of the dynamics (a diverged training "
+            "run, a learning rate too high), bound or regularise the "
+            "dynamics, shorten the time span, or use a fixed-step solver."
+            + ("" if time is None else f" Time reached: t={time}"))
 
 
 def _mask(tf, error_mask, nest):
@@ -598,7 +631,7 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
         int32 vector: evaluations of `fn` (including the first derivative
         and the initial step heuristic), accepted steps, rejected steps and
         the status (`OK`, `EXHAUSTED`, `NONFINITE_STATE`,
-        `NONFINITE_DERIVATIVE`, `NONFINITE_SOLUTION`). On TensorFlow
+        `NONFINITE_DERIVATIVE`, `NONFINITE_SOLUTION`, `STALLED`). On TensorFlow
         outside XLA a failed solve raises; elsewhere its states are NaN and
         the status says why.
     """
@@ -630,7 +663,8 @@ def integrate(sub, fn, t_start, t_end, y0, *, method, what, rtol=None,
             sub, fn_s, 0.0, times, y0, tableau(sub, method), rtol=rtol,
             atol=atol, first_step_size=first_step_size,
             max_num_steps=max_num_steps, what=what, error_mask=error_mask,
-            ok=ok, bounded_loop=bounded_loop)
+            ok=ok, bounded_loop=bounded_loop,
+            to_time=lambda s: t_start + sign * s)
     counts = tf.concat([counts, tf.reshape(tf.cast(status, tf.int32), [1])],
                        axis=0)
     if save_at is None:
@@ -719,7 +753,7 @@ def _integrate_fixed(tf, fn, s0, times, y0, tab, num_steps, step_size,
 
 def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
                         first_step_size, max_num_steps, what, error_mask, ok,
-                        bounded_loop):
+                        bounded_loop, to_time):
     """An adaptive solve in increasing time `s`; states at `times`.
 
     `ok` is False when the initial state is not finite: the solve then ends
@@ -749,7 +783,8 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
 
     times = _vector(tf, times, dtype)
     step = _AdaptiveStep(sub, tab=tab, max_num_steps=max_num_steps,
-                         what=what, error_mask=error_mask, ok=ok, times=times)
+                         what=what, error_mask=error_mask, ok=ok, times=times,
+                         to_time=to_time)
     initial = sub.state(
         current_state=y0,
         current_derivative=f0,
@@ -764,15 +799,20 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
     if bounded_loop is None:
         results = sub.solve(step, fn, s0_, y0, times, initial, rtol=rtol,
                             atol=atol)
-        states, diagnostics = results.states, results.diagnostics
+        states, diagnostics, last = (results.states, results.diagnostics,
+                                     results.solver_internal_state)
     else:
-        states, diagnostics = _bounded_solve(
+        states, diagnostics, last = _bounded_solve(
             tf, bounded_loop, step, fn, times, initial, rtol=rtol, atol=atol,
             max_num_steps=max_num_steps)
     evals = diagnostics.num_ode_fn_evaluations
-    finished = (evals <= step.max_evals) & ok
-    status = tf.where(ok, tf.where(finished, OK, EXHAUSTED),
-                      tf.where(f0_ok, NONFINITE_STATE, NONFINITE_DERIVATIVE))
+    in_budget = evals <= step.max_evals
+    # Within the budget, only a stall sends the time to infinity.
+    stalled = in_budget & ok & tf.math.is_inf(last.current_time)
+    finished = in_budget & ok & ~stalled
+    status = tf.where(
+        ok, tf.where(finished, OK, tf.where(stalled, STALLED, EXHAUSTED)),
+        tf.where(f0_ok, NONFINITE_STATE, NONFINITE_DERIVATIVE))
     # A failed solve's states are NaN, and so are their gradients (with
     # backprop a `where` would give zeros, as if the loss were flat).
     ys = tf.nest.map_structure(
@@ -806,8 +846,8 @@ def _bounded_solve(tf, bounded_loop, step, fn, times, initial, *, rtol, atol,
     step: as in TFP, a step passes the times in `[start, end)`, so the solve
     steps beyond the last time. The step past the budget ends the solve (as in
     TFP's loop), hence one iteration more than `max_num_steps`. Returns
-    `(states, diagnostics)`: the states at `times`, stacked, and the steps'
-    evaluations and accepted steps.
+    `(states, diagnostics, last)`: the states at `times`, stacked, the
+    steps' evaluations and accepted steps, and the last solver state.
     """
     zero = tf.constant(0, tf.int32)
     y0 = initial.current_state
@@ -825,12 +865,12 @@ def _bounded_solve(tf, bounded_loop, step, fn, times, initial, *, rtol, atol,
             lambda: outputs)
         return state, diagnostics, outputs
 
-    _, diagnostics, states = bounded_loop(
+    last, diagnostics, states = bounded_loop(
         lambda carry: carry[0].current_time <= times[-1], body,
         (initial, _Diagnostics(zero, zero), tf.nest.map_structure(
             lambda y: tf.stack([tf.zeros_like(y)] * times.shape[0]), y0)),
         max_num_steps + 1)
-    return states, diagnostics
+    return states, diagnostics, last
 
 
 def _write_passed(tf, outputs, passed, x, coefficients):

@@ -96,12 +96,14 @@ class NeuralODE(keras.layers.Layer):
     TensorFlow is still the faster backend).
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
-    `tfp-nightly`). On JAX an exhausted `max_num_steps` returns NaN
-    (an eager call raises a `RuntimeError`), `gradient="backprop"` with an
-    adaptive solver steps in a bounded, checkpointed loop (see
-    `gradients.Backprop`), and the counts reach `fit`'s logs only through
-    the `keras_node.callbacks.LogEvaluationCounts` callback (Keras' JAX
-    trainer builds its logs from metric variables alone).
+    `tfp-nightly`). On JAX an exhausted `max_num_steps`, or a solve that
+    stalls (its steps too short to advance the time, where the dynamics
+    blow up), returns NaN (an eager call raises a `RuntimeError`),
+    `gradient="backprop"` with an adaptive solver steps in a bounded,
+    checkpointed loop (see `gradients.Backprop`), and the counts reach
+    `fit`'s logs only through the `keras_node.callbacks.LogEvaluationCounts`
+    callback (Keras' JAX trainer builds its logs from metric variables
+    alone).
 
     Args:
         dynamics: a Keras layer or model mapping the state `h` of shape

@@ -1,5 +1,7 @@
 """Every error message, matched."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -142,13 +144,63 @@ def test_stiff_solve_stops_at_max_num_steps(gradient):
         ode(np.ones((1, 2)))
 
 
-def test_exploding_solve_fails_instead_of_hanging():
-    # h' = h^2 from h0 = 10 blows up at t = 0.1.
-    ode = NeuralODE(Square(), solver=solvers.Tsit5(max_num_steps=200))
-    with pytest.raises(SOLVE_ERROR,
-                       match=r"did not finish within max_num_steps=200 "
-                       r".* stiff, exploding or not finite"):
-        graph(ode)(np.full((2, 2), 10.0, "float32"))
+class NanPast(keras.layers.Layer):
+    """`dh/dt = h log(|end - t|)`, NaN past `t = end` going `forward`."""
+
+    def __init__(self, end, forward=True, **kwargs):
+        super().__init__(**kwargs)
+        self.end, self.sign = end, 1.0 if forward else -1.0
+
+    def call(self, h, t):
+        return h * keras.ops.log(self.sign * (self.end - t))
+
+
+# h' = h^2 from h0 = 10 blows up at t = 0.1; the other turns NaN at 1.5.
+STALLS = [pytest.param(Square(), 10.0, 1.0, 0.1, id="blows-up"),
+          pytest.param(NanPast(1.5), 1.0, 2.0, 1.5, id="nan"),
+          pytest.param(NanPast(-0.5, forward=False), 1.0, -2.0, -0.5,
+                       id="nan-backward")]
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("dynamics, h0, t1, end", STALLS)
+def test_a_solve_that_stalls_says_when(dynamics, h0, t1, end, traced):
+    # The steps shrink towards where the dynamics blow up or turn NaN, until
+    # they no longer advance the time: the solve ends there, not after the
+    # rest of its budget, and on TensorFlow the message says when.
+    ode = NeuralODE(dynamics, t1=t1, solver=solvers.Tsit5(max_num_steps=10**4))
+    with pytest.raises(SOLVE_ERROR, match=(
+            # A graph's assertion prints the apostrophes escaped.
+            rf"NeuralODE \\?'neural_ode.*\\?' \(forward solve from t0=0.0 to "
+            rf"t1={t1}\) stalled: its steps became too short to advance the "
+            r"time, as where the dynamics blow up or return NaN or inf\. "
+            r"Check the inputs and the weights of the dynamics \(a diverged "
+            r"training run, a learning rate too high\), bound or regularise "
+            r"the dynamics, shorten the time span, or use a fixed-step "
+            r"solver\.")) as failure:
+        (graph(ode) if traced else ode)(np.full((2, 2), h0, "float32"))
+    if BACKEND == "tensorflow":  # JAX's solve does not return the time
+        # Eagerly "t=1.4999999"; a graph's assertion prints "t=] [1.5]".
+        reached = re.search(r"Time reached: t=(?:\] \[)?(-?[0-9.e-]+)",
+                            str(failure.value))
+        assert abs(float(reached.group(1)) - end) < 1e-4
+
+
+@pytest.mark.parametrize("dynamics, h0, t1, end", STALLS[:2])
+def test_a_stalled_solve_under_xla_ends_at_once_in_nan(dynamics, h0, t1,
+                                                       end):
+    ode = NeuralODE(dynamics, t1=t1, solver=solvers.Tsit5(max_num_steps=10**4))
+    ode.build((2, 2))
+    h0 = np.full((2, 2), h0, "float32")
+    if BACKEND == "tensorflow":  # tape_gradients compiles it on JAX
+        import tensorflow as tf
+
+        grads = tf.function(lambda h: tape_gradients(ode, h, keras.ops.sum),
+                            jit_compile=True)(tf.constant(h0))
+    else:
+        grads = tape_gradients(ode, h0, keras.ops.sum)
+    assert all(np.all(np.isnan(g)) for g in grads)
+    assert float(ode.steps_accepted) + float(ode.steps_rejected) < 200
 
 
 @tensorflow_only("under jax.jit a failed backward solve cannot raise")
