@@ -230,10 +230,13 @@ class _AdaptiveStep:
     - The step budget fails with a message that says what to do (TFP's own
       check says only "max_num_steps exceeded"), and where XLA or JAX cannot
       raise, ends the solve (the result is then NaN).
-    - A step too short to advance the time (as the steps shrink where the
-      dynamics blow up or return NaN) ends the solve at once, with a
-      message that says when (scipy's and torchdiffeq's solvers raise
-      there too), instead of spending the rest of the budget there.
+    - `STALL_STEPS` trial steps in a row that do not advance the time
+      (rejected, or too short to change it: the steps shrink where the
+      dynamics blow up or return NaN) end the solve, with a message that
+      says when, instead of spending the rest of the budget there. scipy's
+      and torchdiffeq's solvers stop at the first step too short to advance
+      the time; one accepted short step (a float32 time far from 0) is no
+      stall here, as it finished before.
     - The error norm is the root mean square of the scaled error
       `e / (atol + rtol * max(|y0|, |y1|))`, as in Hairer's DOPRI5, scipy,
       torchdiffeq and DifferentialEquations.jl, so `rtol` and `atol` mean
@@ -255,7 +258,9 @@ class _AdaptiveStep:
       it every time, and backpropagation then differentiates every one.
 
     Accepted steps are counted in the diagnostics' field
-    `num_matrix_factorizations`, which an explicit method never uses.
+    `num_matrix_factorizations`, and the trial steps since the time last
+    advanced in `num_jacobian_evaluations`, which an explicit method never
+    uses.
     """
 
     def __init__(self, sub, *, tab, max_num_steps, what, error_mask, ok,
@@ -277,6 +282,8 @@ class _AdaptiveStep:
 
     # The step-size controller: safety factor, least and largest factor.
     SAFETY, DFACTOR, IFACTOR = 0.9, 0.1, 10.0
+    # Trial steps in a row without advancing the time that end a solve.
+    STALL_STEPS = 100
 
     def __call__(self, solver_state, diagnostics, ode_fn, atol, rtol):
         tf, where = self._sub.tf, self._sub.nest_where
@@ -285,12 +292,12 @@ class _AdaptiveStep:
         # loop's body, so that TensorFlow's gradient of the loop drops the
         # reductions of every term to a step-size gradient that nothing uses.
         t0, dt = tf.stop_gradient(t0), tf.stop_gradient(dt)
-        advances = t0 + dt > t0
+        idle = diagnostics.num_jacobian_evaluations
+        going = idle < self.STALL_STEPS
         checks = [tf.debugging.assert_less(
             diagnostics.num_ode_fn_evaluations, self.max_evals,
             message=budget_message(self._what, self._step_budget),
-        ), self._assert_advances(tf, advances, t0)] if self._sub.asserts \
-            else []
+        ), self._assert_going(tf, going, t0)] if self._sub.asserts else []
         with tf.control_dependencies([c for c in checks if c is not None]):
             k, y1 = _stages(tf, ode_fn, t0, y0, f0, dt, self._tab)
         f1 = k[-1]
@@ -303,7 +310,7 @@ class _AdaptiveStep:
                                tf.constant(float("inf"), dt.dtype))
         in_budget = ((diagnostics.num_ode_fn_evaluations < self.max_evals)
                      & self._ok)
-        accept = (error_ratio <= 1) & in_budget & advances
+        accept = (error_ratio <= 1) & in_budget & going
         # TFP interpolates each output time in the last step taken, so only
         # an accepted step that passes one needs its dense output.
         passes = tf.reduce_any((self._times >= t0) & (self._times < t0 + dt))
@@ -317,7 +324,7 @@ class _AdaptiveStep:
             # An exhausted budget or a stall ends the solve (time jumps to
             # infinity) and `integrate` returns NaN.
             current_time=tf.where(
-                in_budget & advances, tf.where(accept, t0 + dt, t0),
+                in_budget & going, tf.where(accept, t0 + dt, t0),
                 tf.constant(float("inf"), t0.dtype)),
             # A zero error gives an infinite factor, clipped to IFACTOR.
             step_size=dt * tf.clip_by_value(
@@ -330,13 +337,15 @@ class _AdaptiveStep:
             + self.evals_per_step,
             num_matrix_factorizations=(diagnostics.num_matrix_factorizations
                                        + tf.cast(accept, tf.int32)),
+            num_jacobian_evaluations=tf.where(accept & (t0 + dt > t0),
+                                              tf.zeros_like(idle), idle + 1),
         )
         return solver_state, diagnostics
 
-    def _assert_advances(self, tf, advances, t0):
-        """Fails (on TensorFlow) where the step no longer advances the time,
-        with that time in the message."""
-        fine = tf.logical_or(advances, tf.logical_not(self._ok))
+    def _assert_going(self, tf, going, t0):
+        """Fails (on TensorFlow) where the solve stalled, with the time in
+        the message."""
+        fine = tf.logical_or(going, tf.logical_not(self._ok))
         message = stall_message(self._what, "")
         time = self._to_time(t0)
         if not tf.executing_eagerly():  # XLA drops it
@@ -425,11 +434,14 @@ def stall_message(what, time=None):
     """The error of a solve whose steps no longer advance the time; the
     time reached ends it, if known (`""` when a graph prints it after)."""
     # No apostrophes: graph-mode assertions print them escaped.
-    return (f"{what} stalled: its steps became too short to advance the "
-            "time, as where the dynamics blow up or return NaN or inf. Check "
-            "the inputs and the weights of the dynamics (a diverged training "
-            "run, a learning rate too high), bound or regularise the "
-            "dynamics, shorten the time span, or use a fixed-step solver."
+    return (f"{what} stalled: {_AdaptiveStep.STALL_STEPS} steps in a row did "
+            "not advance the time (rejected, or too short to change it), as "
+            "where the dynamics blow up or return NaN or inf, or where a "
+            "float32 time is too large for the steps that the tolerances "
+            "need. Check the inputs and the weights of the dynamics (a "
+            "diverged training run, a learning rate too high), bound or "
+            "regularise the dynamics, shorten the time span, solve in "
+            "float64, or use a fixed-step solver."
             + ("" if time is None else f" Time reached: t={time}"))
 
 
@@ -832,7 +844,8 @@ def _integrate_adaptive(sub, fn, s0, times, y0, tab, *, rtol, atol,
 # The loop state of `_bounded_solve` besides TFP's solver state: what
 # `_AdaptiveStep` reads and updates of TFP's diagnostics.
 _Diagnostics = collections.namedtuple(
-    "_Diagnostics", ["num_ode_fn_evaluations", "num_matrix_factorizations"])
+    "_Diagnostics", ["num_ode_fn_evaluations", "num_matrix_factorizations",
+                     "num_jacobian_evaluations"])
 
 
 def _bounded_solve(tf, bounded_loop, step, fn, times, initial, *, rtol, atol,
@@ -847,7 +860,7 @@ def _bounded_solve(tf, bounded_loop, step, fn, times, initial, *, rtol, atol,
     steps beyond the last time. The step past the budget ends the solve (as in
     TFP's loop), hence one iteration more than `max_num_steps`. Returns
     `(states, diagnostics, last)`: the states at `times`, stacked, the
-    steps' evaluations and accepted steps, and the last solver state.
+    `_Diagnostics` and the last solver state.
     """
     zero = tf.constant(0, tf.int32)
     y0 = initial.current_state
@@ -867,7 +880,7 @@ def _bounded_solve(tf, bounded_loop, step, fn, times, initial, *, rtol, atol,
 
     last, diagnostics, states = bounded_loop(
         lambda carry: carry[0].current_time <= times[-1], body,
-        (initial, _Diagnostics(zero, zero), tf.nest.map_structure(
+        (initial, _Diagnostics(zero, zero, zero), tf.nest.map_structure(
             lambda y: tf.stack([tf.zeros_like(y)] * times.shape[0]), y0)),
         max_num_steps + 1)
     return states, diagnostics, last

@@ -172,18 +172,43 @@ def test_a_solve_that_stalls_says_when(dynamics, h0, t1, end, traced):
     with pytest.raises(SOLVE_ERROR, match=(
             # A graph's assertion prints the apostrophes escaped.
             rf"NeuralODE \\?'neural_ode.*\\?' \(forward solve from t0=0.0 to "
-            rf"t1={t1}\) stalled: its steps became too short to advance the "
-            r"time, as where the dynamics blow up or return NaN or inf\. "
-            r"Check the inputs and the weights of the dynamics \(a diverged "
+            rf"t1={t1}\) stalled: 100 steps in a row did not advance the "
+            r"time \(rejected, or too short to change it\), as where the "
+            r"dynamics blow up or return NaN or inf, or where a float32 time "
+            r"is too large for the steps that the tolerances need\. Check "
+            r"the inputs and the weights of the dynamics \(a diverged "
             r"training run, a learning rate too high\), bound or regularise "
-            r"the dynamics, shorten the time span, or use a fixed-step "
-            r"solver\.")) as failure:
+            r"the dynamics, shorten the time span, solve in float64, or use "
+            r"a fixed-step solver\.")) as failure:
         (graph(ode) if traced else ode)(np.full((2, 2), h0, "float32"))
     if BACKEND == "tensorflow":  # JAX's solve does not return the time
         # Eagerly "t=1.4999999"; a graph's assertion prints "t=] [1.5]".
         reached = re.search(r"Time reached: t=(?:\] \[)?(-?[0-9.e-]+)",
                             str(failure.value))
         assert abs(float(reached.group(1)) - end) < 1e-4
+
+
+class SpikyRotation(keras.layers.Layer):
+    """A rotation whose speed jumps 10^4-fold near `(1, 0)`, once a turn."""
+
+    def call(self, h):
+        x, y = h[:, :1], h[:, 1:]
+        speed = 1.0 + 1e4 * keras.ops.exp(-((x - 1.0) ** 2 + y ** 2) / 0.05**2)
+        return speed * keras.ops.concatenate([y, -x], axis=1)
+
+
+def test_short_steps_of_a_float32_time_far_from_zero_are_no_stall():
+    # From t = 64 each jump takes a few steps shorter than float32 can add
+    # to t: they do not advance the time, but the solve goes on after them
+    # and ends near the float64 solution.
+    def solve(dtype):
+        ode = NeuralODE(SpikyRotation(dtype=dtype), t1=70.0, rtol=1e-6,
+                        atol=1e-6, dtype=dtype,
+                        solver=solvers.DormandPrince(max_num_steps=10**4))
+        return keras.ops.convert_to_numpy(
+            graph(ode)(np.array([[0.0, 1.0]], dtype)))
+
+    np.testing.assert_allclose(solve("float32"), solve("float64"), atol=1e-3)
 
 
 @pytest.mark.parametrize("dynamics, h0, t1, end", STALLS[:2])
