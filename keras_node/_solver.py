@@ -235,8 +235,8 @@ class _AdaptiveStep:
       dynamics blow up or return NaN) end the solve, with a message that
       says when, instead of spending the rest of the budget there. scipy's
       and torchdiffeq's solvers stop at the first step too short to advance
-      the time; one accepted short step (a float32 time far from 0) is no
-      stall here, as it finished before.
+      the time; a few such steps that succeed (as a float32 time far from 0
+      may need) are no stall here: the solve goes on after them.
     - The error norm is the root mean square of the scaled error
       `e / (atol + rtol * max(|y0|, |y1|))`, as in Hairer's DOPRI5, scipy,
       torchdiffeq and DifferentialEquations.jl, so `rtol` and `atol` mean

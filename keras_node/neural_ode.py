@@ -97,7 +97,7 @@ class NeuralODE(keras.layers.Layer):
 
     Backends: TensorFlow, and JAX through TFP's JAX substrate (which needs
     `tfp-nightly`). On JAX an exhausted `max_num_steps`, or a solve that
-    stalls (its steps too short to advance the time, where the dynamics
+    stalls (its steps no longer advancing the time, where the dynamics
     blow up), returns NaN (an eager call raises a `RuntimeError`),
     `gradient="backprop"` with an adaptive solver steps in a bounded,
     checkpointed loop (see `gradients.Backprop`), and the counts reach
