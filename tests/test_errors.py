@@ -155,7 +155,8 @@ class NanPast(keras.layers.Layer):
         return h * keras.ops.log(self.sign * (self.end - t))
 
 
-# h' = h^2 from h0 = 10 blows up at t = 0.1; the other turns NaN at 1.5.
+# h' = h^2 from h0 = 10 blows up at t = 0.1; the others turn NaN past
+# t = 1.5, and going backward past t = -0.5.
 STALLS = [pytest.param(Square(), 10.0, 1.0, 0.1, id="blows-up"),
           pytest.param(NanPast(1.5), 1.0, 2.0, 1.5, id="nan"),
           pytest.param(NanPast(-0.5, forward=False), 1.0, -2.0, -0.5,

@@ -300,7 +300,6 @@ def test_dynamics_shared_by_two_layers_load_as_one_model(tmp_path):
         "dynamics"]
 
 
-
 @pytest.mark.slow
 @tensorflow_only("exporting a SavedModel")
 def test_savedmodel_serves_in_fresh_process(tmp_path):
