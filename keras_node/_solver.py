@@ -298,7 +298,7 @@ class _AdaptiveStep:
             diagnostics.num_ode_fn_evaluations, self.max_evals,
             message=budget_message(self._what, self._step_budget),
         ), self._assert_going(tf, going, t0)] if self._sub.asserts else []
-        with tf.control_dependencies([c for c in checks if c is not None]):
+        with tf.control_dependencies(checks):  # eagerly None, and raised
             k, y1 = _stages(tf, ode_fn, t0, y0, f0, dt, self._tab)
         f1 = k[-1]
         error = _combine(tf, None, dt, self._tab.error, k)
@@ -308,9 +308,9 @@ class _AdaptiveStep:
         # cut tenfold, instead of a NaN step size stalling the solve.
         error_ratio = tf.where(tf.math.is_finite(error_ratio), error_ratio,
                                tf.constant(float("inf"), dt.dtype))
-        in_budget = ((diagnostics.num_ode_fn_evaluations < self.max_evals)
-                     & self._ok)
-        accept = (error_ratio <= 1) & in_budget & going
+        running = ((diagnostics.num_ode_fn_evaluations < self.max_evals)
+                   & self._ok & going)
+        accept = (error_ratio <= 1) & running
         # TFP interpolates each output time in the last step taken, so only
         # an accepted step that passes one needs its dense output.
         passes = tf.reduce_any((self._times >= t0) & (self._times < t0 + dt))
@@ -324,7 +324,7 @@ class _AdaptiveStep:
             # An exhausted budget or a stall ends the solve (time jumps to
             # infinity) and `integrate` returns NaN.
             current_time=tf.where(
-                in_budget & going, tf.where(accept, t0 + dt, t0),
+                running, tf.where(accept, t0 + dt, t0),
                 tf.constant(float("inf"), t0.dtype)),
             # A zero error gives an infinite factor, clipped to IFACTOR.
             step_size=dt * tf.clip_by_value(
@@ -346,13 +346,12 @@ class _AdaptiveStep:
         """Fails (on TensorFlow) where the solve stalled, with the time in
         the message."""
         fine = tf.logical_or(going, tf.logical_not(self._ok))
-        message = stall_message(self._what, "")
-        time = self._to_time(t0)
         if not tf.executing_eagerly():  # XLA drops it
-            return tf.debugging.Assert(fine, [message, time])
+            return tf.debugging.Assert(
+                fine, [stall_message(self._what, ""), self._to_time(t0)])
         if not fine:  # a plain message, not Assert's summary of its data
-            raise tf.errors.InvalidArgumentError(
-                None, None, message + str(time.numpy()))
+            raise tf.errors.InvalidArgumentError(None, None, stall_message(
+                self._what, str(self._to_time(t0).numpy())))
         return None
 
     def _dense_output(self, tf, y0, dt, k):
