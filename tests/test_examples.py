@@ -1,5 +1,5 @@
-"""The trajectory, augmented-ODE and flow examples: their data, and short
-runs.
+"""The trajectory, latent-ODE, augmented-ODE and flow examples: their data,
+and short runs.
 
 The figures they are for (losses against torchdiffeq, NODE against ANODE,
 flows against TFP's FFJORD) come from longer runs: `benchmarks/spiral.py`,
@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from examples import annuli, cnf, spiral
+from examples import annuli, cnf, latent_ode, spiral
 
 
 def test_annuli_data_are_the_papers():
@@ -87,6 +87,102 @@ def test_spiral_example_runs_and_writes_its_figures(tmp_path, capsys):
     assert (tmp_path / "spiral.png").stat().st_size > 0
 
 
+def test_latent_ode_series_follow_the_demos_spirals():
+    observed, truth, times = latent_ode.spirals(400, seed=0)
+    assert observed.shape == (400, 100, 2) and truth.shape == (400, 200, 2)
+    # Evenly spaced from 0, as the demo's curve parameter over [0, 6 pi].
+    np.testing.assert_allclose(np.diff(times), 6 * np.pi / 999, rtol=1e-9)
+    assert times[0] == 0.0 and times.shape == (200,)
+    # Each series is a stretch of one of the two curves, past their first
+    # 100 points.
+    _, clockwise, counter = latent_ode.spiral_curves()
+    turns = []
+    for series in truth:
+        for k, curve in enumerate((clockwise, counter)):
+            start = np.flatnonzero(np.all(
+                np.isclose(curve, series[0], atol=1e-5), axis=1))
+            if len(start) and np.allclose(
+                    curve[start[0]:start[0] + 200], series, atol=1e-5):
+                assert 100 <= start[0] <= 800
+                turns.append(k)
+                break
+        else:
+            pytest.fail("a series is on neither curve")
+    assert 150 < sum(turns) < 250  # even odds
+    # The counter-clockwise curve has radius 0.3 t about (5, 0).
+    t = np.linspace(0, 6 * np.pi, 1000)
+    np.testing.assert_allclose(np.linalg.norm(counter - [5, 0], axis=1),
+                               0.3 * t, atol=1e-12)
+    noise = observed - truth[:, :100]
+    np.testing.assert_allclose(np.std(noise), 0.3, rtol=0.02)
+    assert abs(np.mean(noise)) < 0.01
+
+
+def test_latent_ode_posterior_draws_and_its_kl():
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(1, 4))
+    log_var = rng.normal(size=(1, 4)) - 1.0
+    statistics = np.tile(np.concatenate([mean, log_var], -1),
+                         (20000, 1)).astype("float32")
+    posterior = latent_ode.Posterior(seed=1)
+    np.testing.assert_allclose(
+        posterior(statistics, training=False), np.tile(mean, (20000, 1)),
+        rtol=1e-6)
+    draws = np.asarray(posterior(statistics, training=True))
+    np.testing.assert_allclose(np.mean(draws, 0), mean[0], atol=0.03)
+    np.testing.assert_allclose(np.std(draws, 0), np.exp(0.5 * log_var[0]),
+                               rtol=0.03)
+    # KL(q || N(0, I)) against a Monte Carlo estimate from the draws:
+    # the mean over draws of log q(z) - log N(z; 0, I).
+    std = np.exp(0.5 * log_var[0])
+    log_q = np.sum(-0.5 * ((draws - mean[0]) / std) ** 2 - np.log(std), -1)
+    log_p = np.sum(-0.5 * draws ** 2, -1)
+    kl = float(np.asarray(posterior.losses[-1]))
+    np.testing.assert_allclose(kl, np.mean(log_q - log_p), rtol=0.03)
+    assert kl > 0
+
+
+def test_latent_ode_likelihood_is_the_gaussian_one():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    x, decoded = rng.normal(size=(2, 3, 100, 2)).astype("float32")
+    expected = -np.sum(stats.norm.logpdf(x, decoded, 0.3), axis=(1, 2))
+    np.testing.assert_allclose(
+        latent_ode.negative_log_likelihood(x, decoded), expected, rtol=1e-5)
+
+
+def test_latent_ode_extrapolation_shares_the_trained_weights():
+    observed, _, times = latent_ode.spirals(8, seed=0)
+    model, extrapolation = latent_ode.build_models(times)
+    # Decoding the posterior mean, both models agree on the observed times
+    # (to the solves' tolerance: they take different steps).
+    reconstruction = model.predict(observed, verbose=0)
+    whole = extrapolation.predict(observed, verbose=0)
+    assert whole.shape == (8, 200, 2)
+    np.testing.assert_allclose(whole[:, :100], reconstruction, atol=1e-4)
+    assert not np.allclose(whole[:, 100:], whole[:, :100], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_latent_ode_example_runs_and_writes_its_figures(tmp_path, capsys):
+    result = latent_ode.main(["--iterations", "4", "--print-every", "2",
+                              "--series", "32", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "Iter: 2, elbo: " in printed and "Iter: 4, elbo: " in printed
+    assert [p["iteration"] for p in result["elbos"]] == [2, 4]
+    # On the same batch each time, Adam raises the ELBO.
+    assert result["elbos"][1]["elbo"] > result["elbos"][0]["elbo"]
+    for point in result["elbos"]:  # Dormand-Prince: 2 + 6 per step
+        assert (point["nfe_forward"] - 2) % 6 == 0
+        assert point["nfe_backward"] > 0
+    assert 0.25 < result["observation_rmse"] < 0.35
+    assert np.isfinite(result["extrapolation_rmse"])
+    saved = json.loads((tmp_path / "latent_ode.json").read_text())
+    assert saved["reconstruction_rmse"] == result["reconstruction_rmse"]
+    assert (tmp_path / "latent_ode.png").stat().st_size > 0
+
+
 def test_toy_densities_are_ffjords():
     moons = cnf.two_moons(4000, seed=0)
     assert moons.shape == (4000, 2) and moons.dtype == np.float32
@@ -154,6 +250,9 @@ def test_cnf_example_rejects_bad_options(option, value, message, capsys):
     (annuli, ["--points=-5"], "--points must be positive"),
     (annuli, ["--augment-dims", "0", "-1"], "--augment-dims must be at least 0"),
     (spiral, ["--iterations=0"], "--iterations must be positive"),
+    (latent_ode, ["--series=0"], "--series must be positive"),
+    (latent_ode, ["--learning-rate=nan"],
+     "--learning-rate must be positive, got nan"),
     (annuli, ["--augment-dims", "1", "1"],
      "--augment-dims names a model twice: 1 1"),
     (spiral, ["--gradient", "backprop", "--adjoint-norm", "full"],
