@@ -47,6 +47,12 @@ found (`_private`); the patch reads the source of what it patches.
   mark: a dynamics model shared by two `NeuralODE` layers would load as two
   models (and the second without weights). Marked every time, each config
   of it loads as the one object.
+- `leaving_no_node(layer)`: a symbolic call of `layer` inside leaves no
+  node in its `_inbound_nodes`. A `NeuralODE` calls its dynamics
+  symbolically in `build`; a model that also applies the dynamics as a
+  layer of its own graph names that layer's nodes by their index in
+  `_inbound_nodes` when it saves, and on loading such an extra node took
+  the first index ("Graph disconnected").
 - `patch_keras_multi_worker_fit()`: makes Keras 3's `model.fit` work under
   `MultiWorkerMirroredStrategy` (public as
   `keras_node.training.patch_keras_multi_worker_fit`). Keras 3.15.1's
@@ -211,6 +217,18 @@ def serialize_shared(obj):
     if saving:
         config["shared_object_id"] = id(obj)
     return config
+
+
+@contextlib.contextmanager
+def leaving_no_node(layer):
+    """Symbolic calls of `layer` inside add no node to its functional
+    graph (their inputs must be fresh `keras.KerasTensor`s)."""
+    with _private("functional graph (Layer._inbound_nodes)"):
+        count = len(layer._inbound_nodes)
+    try:
+        yield
+    finally:
+        del layer._inbound_nodes[count:]
 
 
 def has_functional_sibling(layer):

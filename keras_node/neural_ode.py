@@ -10,8 +10,8 @@ import numpy as np
 
 from keras_node import _nfe_metric, _solver, gradients, solvers
 from keras_node._keras_compat import (calling_model, flatten_layers,
-                                      in_dynamics, seed_generators,
-                                      serialize_shared)
+                                      in_dynamics, leaving_no_node,
+                                      seed_generators, serialize_shared)
 from keras_node._options import (finite_float, invalid, non_negative_float,
                                  positive_float)
 
@@ -396,7 +396,8 @@ class NeuralODE(keras.layers.Layer):
         kwargs = {}
         if self._time_dependent:
             kwargs["t"] = keras.KerasTensor((), dtype=state.dtype)
-        return self.dynamics(state, **kwargs)
+        with leaving_no_node(self.dynamics):  # for a model that saves it
+            return self.dynamics(state, **kwargs)
 
     def _state_dtype(self, input_dtype):
         """float64 for float64 inputs or a float64 layer, else float32 (also

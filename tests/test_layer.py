@@ -300,6 +300,24 @@ def test_dynamics_shared_by_two_layers_load_as_one_model(tmp_path):
         "dynamics"]
 
 
+def test_dynamics_also_a_layer_of_the_model_load(tmp_path):
+    # The layer's build calls the dynamics symbolically: a node that took
+    # the index of the model's own call of them on loading ("Graph
+    # disconnected").
+    dynamics = mlp_dynamics(8, 3)
+    inputs = keras.Input((3,))
+    h = NeuralODE(dynamics, name="ode")(inputs)
+    model = keras.Model(inputs, dynamics(h))
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    path = tmp_path / "reused.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_layer("ode").dynamics is \
+        loaded.get_layer(dynamics.name)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)),
+                                  keras.ops.convert_to_numpy(loaded(x)))
+
+
 @pytest.mark.slow
 @tensorflow_only("exporting a SavedModel")
 def test_savedmodel_serves_in_fresh_process(tmp_path):
