@@ -16,45 +16,20 @@ the machine, the date, the commit and the versions.
 """
 
 import argparse
-import json
-import os
 import pathlib
-import statistics
-import subprocess
-import sys
-import tempfile
 
+from benchmarks.against_torchdiffeq import ROOT, alternate, run_example
 from benchmarks.machine import describe, provenance
 from benchmarks.peers.run import print_json
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def run(library, seed, iterations, gradient, adjoint_norm):
-    common = ["--iterations", str(iterations), "--seed", str(seed),
-              "--gradient", gradient]
-    if library == "keras-node":
-        out = tempfile.mkdtemp(prefix="spiral-")
-        norm = (["--adjoint-norm", adjoint_norm] if gradient == "adjoint"
-                else [])
-        argv = [sys.executable, "-m", "examples.spiral", *common, *norm,
-                "--no-plot", "--out", out]
-    else:
-        python = ROOT / ".venv-torch" / "bin" / "python"
-        if not python.exists():
-            sys.exit(f"{python} is missing: run bash benchmarks/peers/"
-                     "setup.sh first.")
-        argv = [str(python), "-m", "benchmarks.peers.torchdiffeq_spiral",
-                *common]
-    print(f"{library}, seed {seed}", file=sys.stderr, flush=True)
-    process = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    if process.returncode:
-        sys.exit(f"{library} failed:\n{process.stderr[-3000:]}")
-    if library == "keras-node":
-        result = json.loads((pathlib.Path(out) / "spiral.json").read_text())
-    else:
-        result = json.loads(process.stdout.strip().splitlines()[-1])
+    norm = (["--adjoint-norm", adjoint_norm] if gradient == "adjoint"
+            else [])
+    result = run_example(
+        library, seed, "spiral", ["--iterations", str(iterations), "--seed",
+                                  str(seed), "--gradient", gradient],
+        ours_options=norm, root=ROOT)
     record = {"final_loss": result["final_loss"],
               "train_time_s": result["train_time_s"]}
     if library != "keras-node":  # ours' versions are the JSON's own
@@ -77,15 +52,10 @@ def main(argv=None):
     parser.add_argument("--json-out", type=pathlib.Path)
     args = parser.parse_args(argv)
 
-    runs = {"keras-node": [], "torchdiffeq": []}
-    for seed in args.seeds:
-        for library in runs:
-            runs[library].append({"seed": seed, **run(
-                library, seed, args.iterations, args.gradient,
-                args.adjoint_norm)})
-    median = {library: {key: statistics.median(r[key] for r in results)
-                        for key in ("final_loss", "train_time_s")}
-              for library, results in runs.items()}
+    runs, median = alternate(
+        lambda library, seed: run(library, seed, args.iterations,
+                                  args.gradient, args.adjoint_norm),
+        args.seeds, ("final_loss", "train_time_s"))
     result = {
         "benchmark": "spiral",
         "iterations": args.iterations,

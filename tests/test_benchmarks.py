@@ -566,6 +566,34 @@ def test_a_missing_peer_environment_is_named(tmp_path, monkeypatch):
         spiral.run("torchdiffeq", 0, 1, "adjoint", "seminorm")
 
 
+def test_the_latent_ode_runner_names_a_missing_peer_environment(
+        tmp_path, monkeypatch):
+    from benchmarks import latent_ode
+
+    monkeypatch.setattr(latent_ode, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=(
+            rf"^{re.escape(str(tmp_path))}/\.venv-torch/bin/python is "
+            r"missing: run bash benchmarks/peers/setup\.sh first\.$")):
+        latent_ode.run("torchdiffeq", 0, 1, "backprop")
+
+
+def test_runs_against_torchdiffeq_alternate_over_the_seeds():
+    from benchmarks.against_torchdiffeq import alternate
+
+    calls = []
+
+    def run(library, seed):
+        calls.append((library, seed))
+        return {"time": seed + (library == "torchdiffeq"), "other": 0}
+
+    runs, median = alternate(run, [0, 1, 5], ["time"])
+    assert calls == [("keras-node", 0), ("torchdiffeq", 0),
+                     ("keras-node", 1), ("torchdiffeq", 1),
+                     ("keras-node", 5), ("torchdiffeq", 5)]
+    assert runs["torchdiffeq"][2] == {"seed": 5, "time": 6, "other": 0}
+    assert median == {"keras-node": {"time": 1}, "torchdiffeq": {"time": 2}}
+
+
 def test_diffrax_step_refuses_to_time_its_compiling_step(capsys):
     # Checked before JAX or diffrax is imported: no peer environment needed.
     from benchmarks.peers import diffrax_step
