@@ -130,15 +130,17 @@ def held_out_errors(extrapolation, observed, truth):
         "observation_rmse": rmse(observed, truth[:, :NUM_OBSERVED])}
 
 
-def plot(observed, truth, decoded, path, num=4):
+def plot(observed, truth, decoded, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     _, clockwise, counter = spiral_curves()
-    fig, axes = plt.subplots(1, num, figsize=(3.4 * num, 3.4))
-    for k, ax in enumerate(axes):
+    num = min(4, len(observed))  # the first held-out series
+    fig, axes = plt.subplots(1, num, figsize=(3.4 * num, 3.4),
+                             squeeze=False)
+    for k, ax in enumerate(axes[0]):
         for curve in (clockwise, counter):
             ax.plot(curve[:, 0], curve[:, 1], color="0.85", lw=0.8)
         ax.plot(truth[k, :, 0], truth[k, :, 1], "g-", lw=1, label="truth")
@@ -150,7 +152,7 @@ def plot(observed, truth, decoded, path, num=4):
                 "r--", label="extrapolated")
         ax.set(xlim=(-10, 12), ylim=(-8, 8), aspect="equal",
                title=f"held-out series {k}")
-    axes[0].legend(fontsize=7, loc="lower left")
+    axes[0, 0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -29,7 +29,8 @@ def spirals(num, seed):
     on the time, so each series starts at t = 0).
 
     Each series follows either curve (even odds) from a random start past
-    its first 100 points, as the demo's."""
+    its first 100 points, as the demo's, and at least 200 points before
+    its end (the demo's: 100), so that the truth to extrapolate exists."""
     t, clockwise, counter = spiral_curves()
     rng = np.random.default_rng(seed)
     starts = rng.integers(NUM_OBSERVED, NUM_POINTS - 2 * NUM_OBSERVED + 1,
