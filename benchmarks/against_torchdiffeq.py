@@ -9,6 +9,9 @@ import subprocess
 import sys
 import tempfile
 
+from benchmarks.machine import describe, provenance
+from benchmarks.peers.run import print_json
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LIBRARIES = ("keras-node", "torchdiffeq")
 
@@ -56,3 +59,15 @@ def alternate(run, seeds, keys):
                         for key in keys}
               for library, results in runs.items()}
     return runs, median
+
+
+def print_result(benchmark, settings, runs, median, json_out, **ratios):
+    """Prints the JSON object of a comparison (also to `json_out`, a path
+    or None): the benchmark's name, its `settings`, the medians,
+    `time_ratio` (ours over torchdiffeq's median training time) and any
+    other `ratios`, every run, the machine, the date, the commit and the
+    versions."""
+    times = [median[library]["train_time_s"] for library in LIBRARIES]
+    print_json({"benchmark": benchmark, **settings, "median": median,
+                "time_ratio": times[0] / times[1], **ratios, "runs": runs,
+                "machine": describe(), **provenance()}, json_out)

@@ -22,9 +22,8 @@ with the settings, the machine, the date, the commit and the versions.
 import argparse
 import pathlib
 
-from benchmarks.against_torchdiffeq import ROOT, alternate, run_example
-from benchmarks.machine import describe, provenance
-from benchmarks.peers.run import print_json
+from benchmarks.against_torchdiffeq import (ROOT, alternate, print_result,
+                                            run_example)
 
 MEDIAN_KEYS = ("train_time_s", "reconstruction_rmse", "extrapolation_rmse")
 
@@ -60,18 +59,10 @@ def main(argv=None):
         lambda library, seed: run(library, seed, args.iterations,
                                   args.gradient),
         args.seeds, MEDIAN_KEYS)
-    result = {
-        "benchmark": "latent_ode",
-        "iterations": args.iterations,
-        "seeds": args.seeds,
-        "gradient": args.gradient,
-        "median": median,
-        "time_ratio": median["keras-node"]["train_time_s"]
-        / median["torchdiffeq"]["train_time_s"],
-        "runs": runs,
-        "machine": describe(), **provenance(),
-    }
-    print_json(result, args.json_out)
+    print_result("latent_ode", {"iterations": args.iterations,
+                                "seeds": args.seeds,
+                                "gradient": args.gradient},
+                 runs, median, args.json_out)
 
 
 if __name__ == "__main__":

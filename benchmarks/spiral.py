@@ -18,9 +18,8 @@ the machine, the date, the commit and the versions.
 import argparse
 import pathlib
 
-from benchmarks.against_torchdiffeq import ROOT, alternate, run_example
-from benchmarks.machine import describe, provenance
-from benchmarks.peers.run import print_json
+from benchmarks.against_torchdiffeq import (ROOT, alternate, print_result,
+                                            run_example)
 
 
 def run(library, seed, iterations, gradient, adjoint_norm):
@@ -56,21 +55,13 @@ def main(argv=None):
         lambda library, seed: run(library, seed, args.iterations,
                                   args.gradient, args.adjoint_norm),
         args.seeds, ("final_loss", "train_time_s"))
-    result = {
-        "benchmark": "spiral",
-        "iterations": args.iterations,
-        "seeds": args.seeds,
-        "gradient": args.gradient,
-        "adjoint_norm": args.adjoint_norm,
-        "median": median,
-        "time_ratio": median["keras-node"]["train_time_s"]
-        / median["torchdiffeq"]["train_time_s"],
-        "loss_ratio": median["keras-node"]["final_loss"]
-        / median["torchdiffeq"]["final_loss"],
-        "runs": runs,
-        "machine": describe(), **provenance(),
-    }
-    print_json(result, args.json_out)
+    print_result(
+        "spiral", {"iterations": args.iterations, "seeds": args.seeds,
+                   "gradient": args.gradient,
+                   "adjoint_norm": args.adjoint_norm},
+        runs, median, args.json_out,
+        loss_ratio=median["keras-node"]["final_loss"]
+        / median["torchdiffeq"]["final_loss"])
 
 
 if __name__ == "__main__":
