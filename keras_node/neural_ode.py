@@ -396,7 +396,8 @@ class NeuralODE(keras.layers.Layer):
         kwargs = {}
         if self._time_dependent:
             kwargs["t"] = keras.KerasTensor((), dtype=state.dtype)
-        with leaving_no_node(self.dynamics):  # for a model that saves it
+        # Leaving no node: the model may apply the dynamics itself too.
+        with leaving_no_node(self.dynamics):
             return self.dynamics(state, **kwargs)
 
     def _state_dtype(self, input_dtype):
