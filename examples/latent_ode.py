@@ -35,8 +35,8 @@ import keras
 import numpy as np
 
 from examples.options import check_out_folder, check_ranges, seed_option
-from examples.spirals_data import (NOISE_STD, NUM_OBSERVED, spiral_curves,
-                                   spirals)
+from examples.spirals_data import (NOISE_STD, NUM_OBSERVED, held_out_errors,
+                                   spiral_curves, spirals)
 from keras_node import NeuralODE, callbacks
 
 LATENT_DIM, HIDDEN, RNN_UNITS = 4, 20, 25  # the demo's sizes
@@ -109,25 +109,6 @@ def build_models(times, gradient="backprop", seed=0):
     times = [float(t) for t in times]
     return (model(times[:NUM_OBSERVED], "latent_ode", "ode"),
             model(times, "extrapolation", "extrapolation_ode"))
-
-
-def rmse(a, b):
-    return float(np.sqrt(np.mean((a - b) ** 2)))
-
-
-def held_out_errors(extrapolation, observed, truth):
-    """The root-mean-square distances to the noiseless curve of the
-    reconstruction (observed times), of the extrapolation (the next 100)
-    and, for scale, of the observations themselves (about the noise's 0.3),
-    decoding the posterior means."""
-    decoded = extrapolation.predict(observed, batch_size=len(observed),
-                                    verbose=0)
-    return decoded, {
-        "reconstruction_rmse": rmse(decoded[:, :NUM_OBSERVED],
-                                    truth[:, :NUM_OBSERVED]),
-        "extrapolation_rmse": rmse(decoded[:, NUM_OBSERVED:],
-                                   truth[:, NUM_OBSERVED:]),
-        "observation_rmse": rmse(observed, truth[:, :NUM_OBSERVED])}
 
 
 def plot(observed, truth, decoded, path):
@@ -212,8 +193,10 @@ def main(argv=None):
               callbacks=[callbacks.LogEvaluationCounts(),  # JAX's counts
                          keras.callbacks.LambdaCallback(on_epoch_end=report)])
     train_time = time.perf_counter() - started
-    decoded, errors = held_out_errors(extrapolation, test_observed,
-                                      test_truth)
+    # The posterior means, decoded at the observed times and after them.
+    decoded = extrapolation.predict(test_observed,
+                                    batch_size=len(test_observed), verbose=0)
+    errors = held_out_errors(decoded, test_observed, test_truth)
     result = {**errors, "train_time_s": train_time,
               "iterations": args.iterations, "series": args.series,
               "seed": args.seed, "gradient": args.gradient,

@@ -1,7 +1,7 @@
 """The noisy 2-D spirals of torchdiffeq's `examples/latent_ode.py`, in
-numpy alone: the data of `examples/latent_ode.py` and of its torchdiffeq
-peer, `benchmarks/peers/torchdiffeq_latent_ode.py`, which runs without
-Keras."""
+numpy alone: the data and the held-out errors of `examples/latent_ode.py`
+and of its torchdiffeq peer, `benchmarks/peers/torchdiffeq_latent_ode.py`,
+which runs without Keras."""
 
 import numpy as np
 
@@ -43,3 +43,16 @@ def spirals(num, seed):
         scale=NOISE_STD, size=(num, NUM_OBSERVED, 2))
     return (observed.astype("float32"), truth.astype("float32"),
             t[:2 * NUM_OBSERVED] - t[0])
+
+
+def held_out_errors(decoded, observed, truth):
+    """The root-mean-square distances to the noiseless curve `truth` of the
+    series `decoded` at the 200 times: of the reconstruction (the observed
+    times), of the extrapolation (the next 100) and, for scale, of the
+    `observed` values themselves (about the noise's 0.3)."""
+    rmse = lambda a, b: float(np.sqrt(np.mean((a - b) ** 2)))
+    return {"reconstruction_rmse": rmse(decoded[:, :NUM_OBSERVED],
+                                        truth[:, :NUM_OBSERVED]),
+            "extrapolation_rmse": rmse(decoded[:, NUM_OBSERVED:],
+                                       truth[:, NUM_OBSERVED:]),
+            "observation_rmse": rmse(observed, truth[:, :NUM_OBSERVED])}

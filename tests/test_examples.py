@@ -118,6 +118,18 @@ def test_latent_ode_series_follow_the_demos_spirals():
     assert abs(np.mean(noise)) < 0.01
 
 
+def test_latent_ode_held_out_errors_split_the_times():
+    observed, truth, _ = latent_ode.spirals(50, seed=0)
+    # Off by 0.5 on the observed times, by 2 on the next: the two errors
+    # each see only their own times.
+    decoded = truth + np.concatenate([np.full((50, 100, 2), 0.5),
+                                      np.full((50, 100, 2), 2.0)], axis=1)
+    errors = latent_ode.held_out_errors(decoded, observed, truth)
+    assert errors["reconstruction_rmse"] == pytest.approx(0.5)
+    assert errors["extrapolation_rmse"] == pytest.approx(2.0)
+    assert errors["observation_rmse"] == pytest.approx(0.3, rel=0.05)
+
+
 def test_latent_ode_posterior_draws_and_its_kl():
     rng = np.random.default_rng(0)
     mean = rng.normal(size=(1, 4))

@@ -38,7 +38,8 @@ import torch
 import torchdiffeq
 
 from benchmarks.machine import versions
-from examples.spirals_data import NOISE_STD, NUM_OBSERVED, spirals
+from examples.spirals_data import (NOISE_STD, NUM_OBSERVED, held_out_errors,
+                                   spirals)
 
 LATENT_DIM, HIDDEN, RNN_UNITS = 4, 20, 25  # the demo's sizes
 TOL = 1e-5  # rtol and atol of the solves, ours'
@@ -104,10 +105,6 @@ def negative_elbo(observed, decoded, mean, log_var):
     return torch.mean(nll + kl)
 
 
-def rmse(a, b):
-    return float(np.sqrt(np.mean((a - b) ** 2)))
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--iterations", type=int, default=2000)
@@ -162,12 +159,7 @@ def main():
         ).permute(1, 0, 2)).numpy()
     print(json.dumps({
         "library": "torchdiffeq",
-        "reconstruction_rmse": rmse(decoded[:, :NUM_OBSERVED],
-                                    test_truth[:, :NUM_OBSERVED]),
-        "extrapolation_rmse": rmse(decoded[:, NUM_OBSERVED:],
-                                   test_truth[:, NUM_OBSERVED:]),
-        "observation_rmse": rmse(test_observed,
-                                 test_truth[:, :NUM_OBSERVED]),
+        **held_out_errors(decoded, test_observed, test_truth),
         "train_time_s": train_time, "iterations": args.iterations,
         "series": SERIES, "seed": args.seed, "gradient": args.gradient,
         "elbos": elbos, "versions": versions()}))
