@@ -45,6 +45,7 @@ import re
 import shutil
 
 import keras
+import numpy as np
 
 from keras_node._keras_compat import patch_keras_multi_worker_fit
 from keras_node._options import positive_int
@@ -94,13 +95,23 @@ def _digest(path):
     return sha.hexdigest()
 
 
+def _seed_states(model):
+    """The state variables of `model`'s seed generators (its random
+    layers'), which `save_weights` leaves out."""
+    weights = {id(v) for v in model.non_trainable_weights}
+    return [v for v in model.non_trainable_variables if id(v) not in weights]
+
+
 class ResumableCheckpoint(keras.callbacks.Callback):
     """Checkpoints every `save_every` optimizer steps; restores the newest
     sound one.
 
     In `directory`, checkpoint N is `ckpt-N.weights.h5` (`model.save_weights`:
-    the weights and the optimizer's state) and `ckpt-N.json` (N, and the
-    weights file's size and SHA-256). Both are written under temporary names
+    the weights and the optimizer's state) and `ckpt-N.json` (N, the
+    weights file's size and SHA-256, and the states of the model's seed
+    generators, which `save_weights` leaves out: the draws of `Dropout` and
+    other random layers go on after a resume as they would have without
+    one). Both are written under temporary names
     and renamed, the JSON last, so a checkpoint exists once its JSON does;
     the last `keep` are kept. `restore` checks each, newest first (the JSON
     parses, the weights file is there with the recorded checksum, it loads,
@@ -117,11 +128,12 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     any other at its iteration or later (a damaged one, or one of a run it
     stepped back from), so that a resume never takes another run's.
 
-    Not saved: the state of random layers' seed generators (`Dropout`, and
-    Keras' random augmentation layers), so after a resume they draw other
-    numbers than the uninterrupted run would. With `steps_per_execution` in
-    `compile`, callbacks see every that many steps: make `save_every` a
-    multiple of it.
+    Not saved: Keras' global seed generator (`keras.random` calls with an
+    integer seed or none), and the data pipeline's position: resume the
+    data where the run left off (`data.skip(done)` in this module's
+    example). With
+    `steps_per_execution` in `compile`, callbacks see every that many
+    steps: make `save_every` a multiple of it.
 
     Args:
         directory: the checkpoint folder (one per worker in multi-worker
@@ -219,7 +231,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         model = self.model
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        weights, _ = self._paths(iteration)
+        weights, meta = self._paths(iteration)
         try:
             model.load_weights(weights)
         except Exception as error:  # a file that passed its checksum
@@ -228,6 +240,15 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         if restored != iteration:
             return (f"{weights} holds optimizer step {restored}, not "
                     f"{iteration}")
+        states = json.loads(meta.read_text()).get("seed_states")
+        generators = _seed_states(model)
+        if states is None:  # written before checkpoints held them
+            return None
+        if len(states) != len(generators):
+            return (f"{meta} holds {len(states)} seed-generator states, the "
+                    f"model has {len(generators)} seed generators")
+        for variable, state in zip(generators, states):
+            variable.assign(np.asarray(state, dtype=variable.dtype))
         return None
 
     def save(self):
@@ -240,7 +261,9 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         partial = self.directory / f"partial-{weights.name}"
         self.model.save_weights(partial, overwrite=True)
         record = {"iteration": iteration, "size": partial.stat().st_size,
-                  "sha256": _digest(partial)}
+                  "sha256": _digest(partial),
+                  "seed_states": [np.asarray(v.numpy()).tolist()
+                                  for v in _seed_states(self.model)]}
         os.replace(partial, weights)
         write_atomic(meta, json.dumps(record))
         self._sound.add(iteration)

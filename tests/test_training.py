@@ -17,11 +17,13 @@ from keras_node.training import (CheckpointError, ResumableCheckpoint,
                                  write_atomic)
 
 
-def model_and_data(seed=0):
+def model_and_data(seed=0, dropout=False):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((3,))
+    # Dropout draws from its seed generator, seeded by `seed`.
+    hidden = keras.layers.Dropout(0.5)(inputs) if dropout else inputs
     model = keras.Model(inputs, NeuralODE(mlp_dynamics(8, 3), solver="rk4",
-                                          gradient="backprop")(inputs))
+                                          gradient="backprop")(hidden))
     model.compile(keras.optimizers.Adam(1e-2), "mse")
     x = np.random.default_rng(seed).normal(size=(40, 3)).astype("float32")
     return model, x, 2 * x
@@ -36,26 +38,30 @@ def train(model, x, y, steps, callbacks=(), initial=0):
             callback.on_train_batch_end(i)
 
 
-def checkpointed_run(folder, steps, save_every=5):
-    model, x, y = model_and_data()
+def checkpointed_run(folder, steps, save_every=5, dropout=False):
+    model, x, y = model_and_data(dropout=dropout)
     checkpoint = ResumableCheckpoint(folder, save_every=save_every)
     checkpoint.set_model(model)
     train(model, x, y, steps, [checkpoint])
     return model, checkpoint
 
 
-def fresh(folder):
+def fresh(folder, dropout=False):
     _, x, y = model_and_data()
-    model, _, _ = model_and_data(seed=1)  # other initial weights
+    # Other initial weights, and another seed for Dropout.
+    model, _, _ = model_and_data(seed=1, dropout=dropout)
     checkpoint = ResumableCheckpoint(folder)
     checkpoint.set_model(model)
     return model, checkpoint, x, y
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    whole, _ = checkpointed_run(tmp_path / "a", 14)
-    checkpointed_run(tmp_path / "b", 12)  # killed after iteration 12
-    model, checkpoint, x, y = fresh(tmp_path / "b")
+@pytest.mark.parametrize("dropout", [False, True])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, dropout):
+    # With Dropout, the same only if the checkpoint holds the state of its
+    # seed generator: the masks of iterations 11 to 14 depend on it.
+    whole, _ = checkpointed_run(tmp_path / "a", 14, dropout=dropout)
+    checkpointed_run(tmp_path / "b", 12, dropout=dropout)  # killed after 12
+    model, checkpoint, x, y = fresh(tmp_path / "b", dropout=dropout)
     assert checkpoint.restore() == 10
     train(model, x, y, 14, [checkpoint], initial=10)
     for a, b in zip(whole.get_weights(), model.get_weights()):
@@ -102,6 +108,32 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, damage, caplog):
     assert checkpoint.restore() == 5
     assert int(model.optimizer.iterations.numpy()) == 5
     assert "Skipped a damaged checkpoint" in caplog.text
+
+
+def test_checkpoints_without_seed_states_restore_the_weights(tmp_path):
+    # As written before checkpoints held the seed generators' states.
+    whole, _ = checkpointed_run(tmp_path, 10, dropout=True)
+    for meta in tmp_path.glob("ckpt-*.json"):
+        record = json.loads(meta.read_text())
+        del record["seed_states"]
+        meta.write_text(json.dumps(record))
+    model, checkpoint, _, _ = fresh(tmp_path, dropout=True)
+    assert checkpoint.restore() == 10
+    for a, b in zip(whole.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_seed_states_of_another_model_fall_back(tmp_path, caplog):
+    checkpointed_run(tmp_path, 10)
+    meta = tmp_path / "ckpt-10.json"
+    record = json.loads(meta.read_text())
+    assert record["seed_states"] == []  # no random layer
+    record["seed_states"] = [[0, 1]]
+    meta.write_text(json.dumps(record))
+    _, checkpoint, _, _ = fresh(tmp_path)
+    assert checkpoint.restore() == 5
+    assert (f"{meta} holds 1 seed-generator states, the model has 0 seed "
+            "generators") in caplog.text
 
 
 def test_a_damaged_checkpoint_is_written_anew(tmp_path):
