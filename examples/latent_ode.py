@@ -24,6 +24,12 @@ of the reconstruction (the 100 observed times) and of the extrapolation (the
 into `--out`:
 
     python -m examples.latent_ode --iterations 2000
+
+Until the run ends, `--out` also holds `backup/`, a checkpoint at every
+printed iteration: after a kill, the same command resumes from it (a
+larger `--iterations` then trains on, as the demo's `--train_dir` does). A
+finished run's `--out` holds no checkpoint, and a new run there starts
+anew.
 """
 
 import argparse
@@ -34,13 +40,18 @@ import time
 import keras
 import numpy as np
 
-from examples.options import check_out_folder, check_ranges, seed_option
+from examples.options import (check_out_folder, check_ranges,
+                              check_same_run, seed_option)
 from examples.spirals_data import (NOISE_STD, NUM_OBSERVED, held_out_errors,
                                    spiral_curves, spirals)
 from keras_node import NeuralODE, callbacks
+from keras_node.training import (CheckpointError, ResumableCheckpoint,
+                                 write_atomic)
 
 LATENT_DIM, HIDDEN, RNN_UNITS = 4, 20, 25  # the demo's sizes
 TOL = 1e-5  # rtol and atol of the solves
+# What a resumed run must repeat (`--iterations` may grow).
+RUN_OPTIONS = ("series", "learning_rate", "gradient", "seed")
 
 
 @keras.saving.register_keras_serializable(package="keras_node_examples")
@@ -175,34 +186,60 @@ def main(argv=None):
     model.compile(keras.optimizers.Adam(args.learning_rate),
                   negative_log_likelihood)
 
-    elbos = []
+    # The checkpoint holds the weights, Adam's state and the posterior's
+    # seed generator; the history the printed points and the training time
+    # to each, written first so that it never lags behind the checkpoint.
+    checkpoint = ResumableCheckpoint(args.out / "backup",
+                                     save_every=args.print_every)
+    checkpoint.set_model(model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    check_same_run(args.out, args, RUN_OPTIONS,
+                   started=bool(checkpoint.iterations()))
+    try:
+        done = checkpoint.restore()
+    except CheckpointError as error:
+        raise SystemExit(str(error))
+    history = args.out / "backup" / "history.json"
+    elbos = resume_elbos(history, done)
+    if done:
+        print(f"Resuming from the checkpoint in {checkpoint.directory} at "
+              f"iteration {done}.")
+    trained_before = elbos[-1]["train_time_s"] if elbos else 0.0
 
-    def report(epoch, logs):
-        iteration = epoch + 1
-        if iteration % args.print_every == 0 or iteration == args.iterations:
-            elbos.append({"iteration": iteration, "elbo": -logs["loss"],
-                          "nfe_forward": logs["ode_nfe_forward"],
-                          "nfe_backward": logs["ode_nfe_backward"]})
-            print(f"Iter: {iteration}, elbo: {-logs['loss']:.4f}",
-                  flush=True)
+    def report(batch, logs):
+        iteration = int(model.optimizer.iterations.numpy())
+        if iteration % args.print_every and iteration != args.iterations:
+            return
+        elbos.append({"iteration": iteration, "elbo": -logs["loss"],
+                      "nfe_forward": logs["ode_nfe_forward"],
+                      "nfe_backward": logs["ode_nfe_backward"],
+                      "train_time_s": trained_before
+                      + time.perf_counter() - started})
+        history.parent.mkdir(exist_ok=True)
+        write_atomic(history, json.dumps(elbos))
+        print(f"Iter: {iteration}, elbo: {-logs['loss']:.4f}", flush=True)
 
-    # One batch an epoch: each epoch's logs are that iteration's.
+    # The whole training set is one batch: an epoch is an iteration.
     started = time.perf_counter()
-    model.fit(observed, observed, batch_size=len(observed),
-              epochs=args.iterations, verbose=0,
-              callbacks=[callbacks.LogEvaluationCounts(),  # JAX's counts
-                         keras.callbacks.LambdaCallback(on_epoch_end=report)])
-    train_time = time.perf_counter() - started
+    if done < args.iterations:
+        model.fit(observed, observed, batch_size=len(observed),
+                  initial_epoch=done, epochs=args.iterations, shuffle=False,
+                  verbose=0, callbacks=[
+                      callbacks.LogEvaluationCounts(),  # JAX's counts
+                      keras.callbacks.LambdaCallback(
+                          on_train_batch_end=report),
+                      checkpoint])  # after the history
+    train_time = elbos[-1]["train_time_s"] if elbos else 0.0
     # The posterior means, decoded at the observed times and after them.
     decoded = extrapolation.predict(test_observed,
                                     batch_size=len(test_observed), verbose=0)
     errors = held_out_errors(decoded, test_observed, test_truth)
     result = {**errors, "train_time_s": train_time,
-              "iterations": args.iterations, "series": args.series,
+              "iterations": int(model.optimizer.iterations.numpy()),
+              "series": args.series,
               "seed": args.seed, "gradient": args.gradient,
               "backend": keras.backend.backend(), "elbos": elbos}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latent_ode.json").write_text(json.dumps(result, indent=1))
+    write_atomic(args.out / "latent_ode.json", json.dumps(result, indent=1))
     if not args.no_plot:
         plot(test_observed, test_truth, decoded, args.out / "latent_ode.png")
     print(f"Held out, against the noiseless spirals (root-mean-square): "
@@ -210,7 +247,22 @@ def main(argv=None):
           f"extrapolation {errors['extrapolation_rmse']:.3f}, the "
           f"observations themselves {errors['observation_rmse']:.3f} "
           f"({train_time:.1f} s of training); wrote {args.out}.")
+    checkpoint.delete()  # the results are written
     return result
+
+
+def resume_elbos(path, done):
+    """The printed points up to iteration `done` from the history at
+    `path`; none for a new run."""
+    if not (done and path.exists()):
+        return []
+    try:
+        return [p for p in json.loads(path.read_text())
+                if p["iteration"] <= done]
+    except (ValueError, KeyError, TypeError) as error:
+        print(f"Warning: {path} is damaged ({error}); the ELBO history "
+              "starts afresh.")
+        return []
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ from examples.mnist_common import (AccuracyMonitor, build_model,
                                    make_optimizer, plot_history,
                                    resume_history, solver_and_gradient)
 from examples.mnist_data import export_for_serving, load_mnist, make_datasets
-from examples.mnist_options import TENSORFLOW, check_same_run, parse_args
+from examples.mnist_options import RUN_OPTIONS, TENSORFLOW, parse_args
+from examples.options import check_same_run
 from keras_node.callbacks import LogEvaluationCounts
 from keras_node.training import (CheckpointError, ResumableCheckpoint,
                                  StopAtIteration, agree_on_checkpoint,
@@ -57,7 +58,8 @@ def main(argv=None):
     # After the data: tfds draws random numbers when it first prepares them.
     keras.utils.set_random_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
-    check_same_run(out, args)
+    check_same_run(out, args, RUN_OPTIONS, started=(
+        (out / "model.keras").exists() or any((out / "backup").glob("*"))))
     # What the accuracy printed during training is measured on.
     watched = "test" if args.train_on_held_out else "held_out"
     n_train = len(arrays["train"][0])

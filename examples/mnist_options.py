@@ -1,14 +1,13 @@
 """The MNIST example's command line: every option, checked."""
 
 import argparse
-import json
 import os
 import pathlib
 
 import keras
 
 from examples.options import check_out_folder, check_ranges, seed_option
-from keras_node.training import STRATEGIES, write_atomic
+from keras_node.training import STRATEGIES
 
 MANUAL_DIR_ENV = "KERAS_NODE_MNIST_DIR"
 TENSORFLOW = keras.backend.backend() == "tensorflow"
@@ -164,24 +163,3 @@ RUN_OPTIONS = ("epochs", "batch_size", "learning_rate", "weight_decay",
                "solver", "num_steps", "unroll", "gradient", "adjoint_norm",
                "kinetic_energy", "augment_dim", "ema", "shift", "rotate",
                "train_on_held_out", "max_steps", "limit", "seed")
-
-
-def check_same_run(out, args):
-    """Stops unless `args` repeat the options of the run `out` holds (a
-    checkpoint or a trained model); records them for a new run."""
-    path = out / "options.json"
-    options = {name: getattr(args, name) for name in RUN_OPTIONS}
-    started = (out / "model.keras").exists() or any(
-        (out / "backup").glob("*"))
-    if not (started and path.exists()):
-        write_atomic(path, json.dumps(options, indent=2))
-        return
-    saved = json.loads(path.read_text())
-    changed = [f"--{name.replace('_', '-')} {saved.get(name)} (this command: "
-               f"{value})" for name, value in options.items()
-               if saved.get(name) != value]
-    if changed:
-        raise SystemExit(
-            f"{out} holds a run with other options: {', '.join(changed)}. "
-            "Resume it with its own options, or pass another --out to train "
-            "anew.")

@@ -1,7 +1,10 @@
 """The checks the examples' and benchmarks' command lines share."""
 
 import argparse
+import json
 import math
+
+from keras_node.training import write_atomic
 
 
 def seed_option(text):
@@ -38,3 +41,24 @@ def check_out_folder(parser, out, option="--out"):
                 parser.error(f"{option} must be a folder, but {path} is a "
                              "file")
             return
+
+
+def check_same_run(out, args, names, started):
+    """Stops unless `args` repeat the options `names` of the run `out` holds
+    (`started`: a checkpoint or a result is there); records them in
+    `out/options.json` for a new run. A resumed run with other values would
+    mix two runs (a solver, a batch size, a data seed)."""
+    path = out / "options.json"
+    options = {name: getattr(args, name) for name in names}
+    if not (started and path.exists()):
+        write_atomic(path, json.dumps(options, indent=2))
+        return
+    saved = json.loads(path.read_text())
+    changed = [f"--{name.replace('_', '-')} {saved.get(name)} (this command: "
+               f"{value})" for name, value in options.items()
+               if saved.get(name) != value]
+    if changed:
+        raise SystemExit(
+            f"{out} holds a run with other options: {', '.join(changed)}. "
+            "Resume it with its own options, or pass another --out to train "
+            "anew.")

@@ -196,6 +196,41 @@ def test_latent_ode_example_runs_and_writes_its_figures(tmp_path, capsys):
     assert (tmp_path / "latent_ode.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_latent_ode_example_resumes_as_if_never_stopped(tmp_path, capsys,
+                                                        monkeypatch):
+    argv = ["--print-every", "2", "--series", "3", "--no-plot", "--out"]
+    whole = latent_ode.main(argv + [str(tmp_path / "whole"),
+                                    "--iterations", "4"])
+    out = tmp_path / "cut"
+
+    def killed(*args):  # after training to iteration 2
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(latent_ode, "held_out_errors", killed)
+        with pytest.raises(KeyboardInterrupt):
+            latent_ode.main(argv + [str(out), "--iterations", "2"])
+    with pytest.raises(SystemExit, match=(
+            rf"{out} holds a run with other options: --learning-rate 0.01 "
+            r"\(this command: 0.02\)")):
+        latent_ode.main(argv + [str(out), "--learning-rate", "0.02"])
+    capsys.readouterr()
+    resumed = latent_ode.main(argv + [str(out), "--iterations", "4"])
+    printed = capsys.readouterr().out
+    assert (f"Resuming from the checkpoint in {out / 'backup'} at iteration "
+            "2.") in printed
+    assert "Iter: 2," not in printed and "Iter: 4," in printed
+    # The same weights, Adam state and posterior draws as the uninterrupted
+    # run: the same ELBOs and held-out errors.
+    assert resumed["iterations"] == 4
+    assert [p["iteration"] for p in resumed["elbos"]] == [2, 4]
+    for a, b in zip(whole["elbos"], resumed["elbos"]):
+        assert a["elbo"] == pytest.approx(b["elbo"], rel=1e-6)
+    assert resumed["reconstruction_rmse"] == pytest.approx(
+        whole["reconstruction_rmse"], rel=1e-6)
+    assert not (out / "backup").exists()  # the results are written
+
+
 def test_toy_densities_are_ffjords():
     moons = cnf.two_moons(4000, seed=0)
     assert moons.shape == (4000, 2) and moons.dtype == np.float32
