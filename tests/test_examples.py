@@ -177,34 +177,31 @@ def test_latent_ode_extrapolation_shares_the_trained_weights():
 
 
 @pytest.mark.slow
-def test_latent_ode_example_runs_and_writes_its_figures(tmp_path, capsys):
+def test_latent_ode_example_runs_and_resumes_as_if_never_stopped(
+        tmp_path, capsys, monkeypatch):
     # Fewer series than the figure's four panels: one panel each.
-    result = latent_ode.main(["--iterations", "4", "--print-every", "2",
-                              "--series", "3", "--out", str(tmp_path)])
-    printed = capsys.readouterr().out
-    assert "Iter: 2, elbo: " in printed and "Iter: 4, elbo: " in printed
-    assert [p["iteration"] for p in result["elbos"]] == [2, 4]
-    # On the same batch each time, Adam raises the ELBO.
-    assert result["elbos"][1]["elbo"] > result["elbos"][0]["elbo"]
-    for point in result["elbos"]:  # Dormand-Prince: 2 + 6 per step
-        assert (point["nfe_forward"] - 2) % 6 == 0
-        assert point["nfe_backward"] > 0
-    assert 0.25 < result["observation_rmse"] < 0.35
-    assert np.isfinite(result["extrapolation_rmse"])
-    saved = json.loads((tmp_path / "latent_ode.json").read_text())
-    assert saved["reconstruction_rmse"] == result["reconstruction_rmse"]
-    assert (tmp_path / "latent_ode.png").stat().st_size > 0
-
-
-@pytest.mark.slow
-def test_latent_ode_example_resumes_as_if_never_stopped(tmp_path, capsys,
-                                                        monkeypatch):
-    argv = ["--print-every", "2", "--series", "3", "--no-plot", "--out"]
+    argv = ["--print-every", "2", "--series", "3", "--out"]
     whole = latent_ode.main(argv + [str(tmp_path / "whole"),
                                     "--iterations", "4"])
-    out = tmp_path / "cut"
+    printed = capsys.readouterr().out
+    assert "Iter: 2, elbo: " in printed and "Iter: 4, elbo: " in printed
+    assert [p["iteration"] for p in whole["elbos"]] == [2, 4]
+    # On the same batch each time, Adam raises the ELBO.
+    assert whole["elbos"][1]["elbo"] > whole["elbos"][0]["elbo"]
+    for point in whole["elbos"]:  # Dormand-Prince: 2 + 6 per step
+        assert (point["nfe_forward"] - 2) % 6 == 0
+        assert point["nfe_backward"] > 0
+    assert 0.25 < whole["observation_rmse"] < 0.35
+    assert np.isfinite(whole["extrapolation_rmse"])
+    saved = json.loads((tmp_path / "whole" / "latent_ode.json").read_text())
+    assert saved["reconstruction_rmse"] == whole["reconstruction_rmse"]
+    assert (tmp_path / "whole" / "latent_ode.png").stat().st_size > 0
+    assert not (tmp_path / "whole" / "backup").exists()
 
-    def killed(*args):  # after training to iteration 2
+    # Killed after training to iteration 2, resumed to 4.
+    out, argv = tmp_path / "cut", argv[:-1] + ["--no-plot", "--out"]
+
+    def killed(*args):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
         patch.setattr(latent_ode, "held_out_errors", killed)
