@@ -26,10 +26,9 @@ into `--out`:
     python -m examples.latent_ode --iterations 2000
 
 Until the run ends, `--out` also holds `backup/`, a checkpoint at every
-printed iteration: after a kill, the same command resumes from it (a
-larger `--iterations` then trains on, as the demo's `--train_dir` does). A
-finished run's `--out` holds no checkpoint, and a new run there starts
-anew.
+printed iteration: after a kill, the same command resumes from it (with a
+larger `--iterations`, it trains on to that total). A finished run's
+`--out` holds no checkpoint, and a new run there starts anew.
 """
 
 import argparse
@@ -52,6 +51,10 @@ LATENT_DIM, HIDDEN, RNN_UNITS = 4, 20, 25  # the demo's sizes
 TOL = 1e-5  # rtol and atol of the solves
 # What a resumed run must repeat (`--iterations` may grow).
 RUN_OPTIONS = ("series", "learning_rate", "gradient", "seed")
+# A printed point of the history (`train_time_s`: training up to it, over
+# all the runs of a resumed one).
+POINT_KEYS = ("iteration", "elbo", "nfe_forward", "nfe_backward",
+              "train_time_s")
 
 
 @keras.saving.register_keras_serializable(package="keras_node_examples")
@@ -199,6 +202,11 @@ def main(argv=None):
         done = checkpoint.restore()
     except CheckpointError as error:
         raise SystemExit(str(error))
+    if done > args.iterations:
+        raise SystemExit(
+            f"{checkpoint.directory} holds a run at iteration {done}, past "
+            f"--iterations {args.iterations}: resume it with --iterations "
+            f"{done} or more, or pass another --out to train anew.")
     history = args.out / "backup" / "history.json"
     elbos = resume_elbos(history, done)
     if done:
@@ -210,11 +218,10 @@ def main(argv=None):
         iteration = int(model.optimizer.iterations.numpy())
         if iteration % args.print_every and iteration != args.iterations:
             return
-        elbos.append({"iteration": iteration, "elbo": -logs["loss"],
-                      "nfe_forward": logs["ode_nfe_forward"],
-                      "nfe_backward": logs["ode_nfe_backward"],
-                      "train_time_s": trained_before
-                      + time.perf_counter() - started})
+        elbos.append(dict(zip(POINT_KEYS, (
+            iteration, -logs["loss"], logs["ode_nfe_forward"],
+            logs["ode_nfe_backward"],
+            trained_before + time.perf_counter() - started))))
         history.parent.mkdir(exist_ok=True)
         write_atomic(history, json.dumps(elbos))
         print(f"Iter: {iteration}, elbo: {-logs['loss']:.4f}", flush=True)
@@ -254,14 +261,18 @@ def main(argv=None):
 def resume_elbos(path, done):
     """The printed points up to iteration `done` from the history at
     `path`; none for a new run."""
-    if not (done and path.exists()):
+    if not done:
         return []
     try:
-        return [p for p in json.loads(path.read_text())
-                if p["iteration"] <= done]
-    except (ValueError, KeyError, TypeError) as error:
-        print(f"Warning: {path} is damaged ({error}); the ELBO history "
-              "starts afresh.")
+        points = [p for p in json.loads(path.read_text())
+                  if p["iteration"] <= done]
+        if not all(isinstance(p[key], (int, float)) for p in points
+                   for key in POINT_KEYS):
+            raise TypeError("a point's figures are not all numbers")
+        return points
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"Warning: {path} is missing or damaged ({error}); the ELBO "
+              "history and the training time start afresh.")
         return []
 
 

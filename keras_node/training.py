@@ -102,6 +102,31 @@ def _seed_states(model):
     return [v for v in model.non_trainable_variables if id(v) not in weights]
 
 
+def _seed_state_values(states, variables):
+    """The saved `states` as arrays for the seed-generator `variables`;
+    raises `ValueError` saying what does not fit (the JSON is not covered by
+    the weights' checksum)."""
+    if not isinstance(states, list) or len(states) != len(variables):
+        count = len(states) if isinstance(states, list) else "no list of"
+        raise ValueError(f"holds {count} seed-generator states, the model "
+                         f"has {len(variables)} seed generators")
+    values = []
+    for k, (variable, state) in enumerate(zip(variables, states)):
+        dtype, shape = np.dtype(variable.dtype), tuple(variable.shape)
+        try:
+            value = np.asarray(state)
+        except ValueError:  # ragged
+            value = np.asarray(None)
+        if value.dtype.kind not in "iu" or value.shape != shape or (
+                value.size and not np.iinfo(dtype).min <= value.min()
+                <= value.max() <= np.iinfo(dtype).max):
+            raise ValueError(
+                f"holds seed-generator state {k}, which is not an array of "
+                f"{dtype.name} of shape {shape}")
+        values.append(value.astype(dtype))
+    return values
+
+
 class ResumableCheckpoint(keras.callbacks.Callback):
     """Checkpoints every `save_every` optimizer steps; restores the newest
     sound one.
@@ -111,11 +136,12 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     weights file's size and SHA-256, and the states of the model's seed
     generators, which `save_weights` leaves out: the draws of `Dropout` and
     other random layers go on after a resume as they would have without
-    one). Both are written under temporary names
-    and renamed, the JSON last, so a checkpoint exists once its JSON does;
-    the last `keep` are kept. `restore` checks each, newest first (the JSON
-    parses, the weights file is there with the recorded checksum, it loads,
-    and the optimizer then holds step N) and stops at the first sound one,
+    one). Both are written under temporary names and renamed, the JSON
+    last, so a checkpoint exists once its JSON does; the last `keep` are
+    kept. `restore` checks each, newest first (the JSON parses, the weights
+    file is there with the recorded checksum, it loads, the optimizer then
+    holds step N, and the seed states fit the model's seed generators) and
+    stops at the first sound one,
     logging what was wrong with the others. A kill while writing, a
     truncated or altered file, or a missing one thus steps back to the
     previous checkpoint; when none is sound, `restore` raises
@@ -128,10 +154,9 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     any other at its iteration or later (a damaged one, or one of a run it
     stepped back from), so that a resume never takes another run's.
 
-    Not saved: Keras' global seed generator (`keras.random` calls with an
-    integer seed or none), and the data pipeline's position: resume the
-    data where the run left off (`data.skip(done)` in this module's
-    example). With
+    Not saved: Keras' global seed generator (`keras.random` calls without
+    a `seed`), and the data pipeline's position: resume the data where the
+    run left off (`data.skip(done)` in this module's example). With
     `steps_per_execution` in `compile`, callbacks see every that many
     steps: make `save_every` a multiple of it.
 
@@ -241,14 +266,15 @@ class ResumableCheckpoint(keras.callbacks.Callback):
             return (f"{weights} holds optimizer step {restored}, not "
                     f"{iteration}")
         states = json.loads(meta.read_text()).get("seed_states")
-        generators = _seed_states(model)
         if states is None:  # written before checkpoints held them
             return None
-        if len(states) != len(generators):
-            return (f"{meta} holds {len(states)} seed-generator states, the "
-                    f"model has {len(generators)} seed generators")
-        for variable, state in zip(generators, states):
-            variable.assign(np.asarray(state, dtype=variable.dtype))
+        generators = _seed_states(model)
+        try:
+            values = _seed_state_values(states, generators)
+        except ValueError as error:
+            return f"{meta} {error}"
+        for variable, value in zip(generators, values):
+            variable.assign(value)
         return None
 
     def save(self):

@@ -211,6 +211,10 @@ def test_latent_ode_example_runs_and_resumes_as_if_never_stopped(
             rf"{out} holds a run with other options: --learning-rate 0.01 "
             r"\(this command: 0.02\)")):
         latent_ode.main(argv + [str(out), "--learning-rate", "0.02"])
+    with pytest.raises(SystemExit, match=(
+            rf"{out / 'backup'} holds a run at iteration 2, past --iterations "
+            r"1: resume it with --iterations 2 or more, or pass another")):
+        latent_ode.main(argv + [str(out), "--iterations", "1"])
     capsys.readouterr()
     resumed = latent_ode.main(argv + [str(out), "--iterations", "4"])
     printed = capsys.readouterr().out
@@ -226,6 +230,27 @@ def test_latent_ode_example_runs_and_resumes_as_if_never_stopped(
     assert resumed["reconstruction_rmse"] == pytest.approx(
         whole["reconstruction_rmse"], rel=1e-6)
     assert not (out / "backup").exists()  # the results are written
+
+
+def test_latent_ode_history_that_is_missing_or_damaged_starts_afresh(
+        tmp_path, capsys):
+    path = tmp_path / "history.json"
+    point = {"iteration": 2, "elbo": -5.0, "nfe_forward": 8,
+             "nfe_backward": 6, "train_time_s": 1.5}
+    path.write_text(json.dumps([point, {**point, "iteration": 4}]))
+    assert latent_ode.resume_elbos(path, 3) == [point]
+    assert latent_ode.resume_elbos(path, 0) == []  # a new run
+    for damaged in ([{**point, "train_time_s": "1.5"}],
+                    [{"iteration": 2, "elbo": -5.0}], {"iteration": 2}, "["):
+        path.write_text(damaged if isinstance(damaged, str)
+                        else json.dumps(damaged))
+        assert latent_ode.resume_elbos(path, 3) == []
+        assert (f"Warning: {path} is missing or damaged (" in
+                capsys.readouterr().out)
+    path.unlink()
+    assert latent_ode.resume_elbos(path, 3) == []
+    assert "the ELBO history and the training time start afresh" in \
+        capsys.readouterr().out
 
 
 def test_toy_densities_are_ffjords():

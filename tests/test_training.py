@@ -123,17 +123,27 @@ def test_checkpoints_without_seed_states_restore_the_weights(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_seed_states_of_another_model_fall_back(tmp_path, caplog):
-    checkpointed_run(tmp_path, 10)
+@pytest.mark.parametrize("states, message", [
+    ([], "holds 0 seed-generator states, the model has 1 seed generators"),
+    ("[[0, 1]]", "holds no list of seed-generator states, the model has 1"),
+    ([[0, 1, 2]], "holds seed-generator state 0, which is not an array of "),
+    ([[1.5, 2.5]], "holds seed-generator state 0, which is not an array of "),
+    ([[2**70, 0]], "holds seed-generator state 0, which is not an array of "),
+    ([[1, 2], [3]], "holds 2 seed-generator states, the model has 1"),
+    ([[[1], 2]], "holds seed-generator state 0, which is not an array of "),
+])
+def test_seed_states_that_do_not_fit_fall_back(tmp_path, caplog, states,
+                                               message):
+    # The JSON is not covered by the weights' checksum.
+    checkpointed_run(tmp_path, 10, dropout=True)
     meta = tmp_path / "ckpt-10.json"
     record = json.loads(meta.read_text())
-    assert record["seed_states"] == []  # no random layer
-    record["seed_states"] = [[0, 1]]
+    assert len(record["seed_states"]) == 1  # Dropout's
+    record["seed_states"] = states
     meta.write_text(json.dumps(record))
-    _, checkpoint, _, _ = fresh(tmp_path)
+    _, checkpoint, _, _ = fresh(tmp_path, dropout=True)
     assert checkpoint.restore() == 5
-    assert (f"{meta} holds 1 seed-generator states, the model has 0 seed "
-            "generators") in caplog.text
+    assert f"{meta} {message}" in caplog.text
 
 
 def test_a_damaged_checkpoint_is_written_anew(tmp_path):
