@@ -207,7 +207,7 @@ def main(argv=None):
             f"{checkpoint.directory} holds a run at iteration {done}, past "
             f"--iterations {args.iterations}: resume it with --iterations "
             f"{done} or more, or pass another --out to train anew.")
-    history = args.out / "backup" / "history.json"
+    history = checkpoint.directory / "history.json"
     elbos = resume_elbos(history, done)
     if done:
         print(f"Resuming from the checkpoint in {checkpoint.directory} at "

@@ -141,11 +141,11 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     kept. `restore` checks each, newest first (the JSON parses, the weights
     file is there with the recorded checksum, it loads, the optimizer then
     holds step N, and the seed states fit the model's seed generators) and
-    stops at the first sound one,
-    logging what was wrong with the others. A kill while writing, a
-    truncated or altered file, or a missing one thus steps back to the
-    previous checkpoint; when none is sound, `restore` raises
-    `CheckpointError` naming the damaged files and how to start over.
+    stops at the first sound one, logging what was wrong with the others. A
+    kill while writing, a truncated or altered file, or a missing one thus
+    steps back to the previous checkpoint; when none is sound, `restore`
+    raises `CheckpointError` naming the damaged files and how to start
+    over.
 
     Unlike `keras.callbacks.BackupAndRestore` it does not delete its folder
     when training ends: it saves a last checkpoint there instead, so that a
@@ -288,7 +288,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         self.model.save_weights(partial, overwrite=True)
         record = {"iteration": iteration, "size": partial.stat().st_size,
                   "sha256": _digest(partial),
-                  "seed_states": [np.asarray(v.numpy()).tolist()
+                  "seed_states": [v.numpy().tolist()
                                   for v in _seed_states(self.model)]}
         os.replace(partial, weights)
         write_atomic(meta, json.dumps(record))
