@@ -717,7 +717,7 @@ def test_a_recurrent_model_trains_in_the_loop_as_unrolled(run_eagerly):
         model.compile(keras.optimizers.SGD(0.1), "mse",
                       run_eagerly=run_eagerly)
         initial = weight_values(model)
-        model.fit(x, x[:, -1], batch_size=4, epochs=2, shuffle=False,
+        model.fit(x, x[:, -1], batch_size=4, epochs=1, shuffle=False,
                   verbose=0)
         weights[unroll] = weight_values(model)
     assert max(np.max(np.abs(a - b))
