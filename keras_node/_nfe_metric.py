@@ -21,8 +21,11 @@ class EvaluationCounts(keras.metrics.Metric):
     of `fit`'s logs and progress bar: `{"nfe_forward": ..., "nfe_backward":
     ..., "steps_accepted": ..., "steps_rejected": ...}` (the last two of the
     forward solve), each key prefixed with the layer's name when the layer's
-    functional graph holds other `NeuralODE` layers. Values are the last solve's counts
-    (not a running mean), so a per-batch callback sees each step's own cost.
+    functional graph holds other `NeuralODE` layers. Values are the last
+    solve's counts (not a running mean), so a per-batch callback sees each
+    step's own cost. `evaluate`'s and validation's logs leave out
+    `nfe_backward`: their solves (called with `training=False`) have no
+    backward pass, and the counter still holds the last training step's.
 
     Under a distribution strategy with several replicas, each replica's
     adaptive solver takes its own steps on its own sub-batch: `nfe_forward`
@@ -48,7 +51,8 @@ class EvaluationCounts(keras.metrics.Metric):
             # Keras' JAX trainer computes metrics from metric variables
             # alone; `callbacks.LogEvaluationCounts` logs the counts there.
             return {}
-        counts = named_counts(self._layer())
+        layer = self._layer()
+        counts = named_counts(layer, backward=layer._trains)
         # In a replica, the counters read this replica's own solve; Keras
         # averages the logs over replicas. Add the slowest replica's.
         counts.update(_replica_maxima(counts))
@@ -61,17 +65,20 @@ class EvaluationCounts(keras.metrics.Metric):
         )
 
 
-def named_counts(layer):
+def named_counts(layer, backward=True):
     """`{"nfe_forward": ..., "nfe_backward": ..., "steps_accepted": ...,
     "steps_rejected": ...}`, prefixed with the layer's name when its model
     holds other `NeuralODE` layers (as `NeuralODE.note_model` found, or its
-    functional graph shows)."""
+    functional graph shows); without `nfe_backward` unless `backward`."""
     shared = layer.shares_model or has_functional_sibling(layer)
     prefix = layer.name + "_" if shared else ""
-    return {prefix + FORWARD: layer.num_forward_evals,
-            prefix + BACKWARD: layer.num_backward_evals,
-            prefix + ACCEPTED: layer.steps_accepted,
-            prefix + REJECTED: layer.steps_rejected}
+    counts = {prefix + FORWARD: layer.num_forward_evals,
+              prefix + BACKWARD: layer.num_backward_evals,
+              prefix + ACCEPTED: layer.steps_accepted,
+              prefix + REJECTED: layer.steps_rejected}
+    if not backward:
+        del counts[prefix + BACKWARD]
+    return counts
 
 
 def _replica_maxima(counts):

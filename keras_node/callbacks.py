@@ -22,10 +22,11 @@ class LogEvaluationCounts(keras.callbacks.Callback):
     has run, after the step's logs are computed. This callback reads the
     counters after the step, once `jax.effects_barrier()` has waited for the
     backward pass's report, so the logs hold the current step's counts. It
-    adds those of `evaluate`'s solves too, and `fit`'s epoch logs get the
-    validation's as `val_nfe_forward`, ..., as on TensorFlow. Only the
-    dict that `evaluate` returns lacks them (Keras hands callbacks a copy
-    of its logs): read the layer's counters (`num_forward_evals`, ...).
+    adds those of `evaluate`'s solves too (all but `nfe_backward`: they solve
+    no backward), and `fit`'s epoch logs get the validation's as
+    `val_nfe_forward`, ..., as on TensorFlow. Only the dict that `evaluate`
+    returns lacks them (Keras hands callbacks a copy of its logs): read the
+    layer's counters (`num_forward_evals`, ...).
     """
 
     def __init__(self):
@@ -44,14 +45,15 @@ class LogEvaluationCounts(keras.callbacks.Callback):
     def on_test_batch_end(self, batch, logs=None):
         # `evaluate`'s, also validation's inside `fit`.
         if logs is not None and keras.backend.backend() == "jax":
-            self._test_counts = self._read()
+            self._test_counts = self._read(backward=False)
             logs.update(self._test_counts)
 
     def on_test_end(self, logs=None):
         self.on_test_batch_end(None, logs)
 
-    def _read(self):
-        """Every `NeuralODE` layer's counts, once the step's are in."""
+    def _read(self, backward=True):
+        """Every `NeuralODE` layer's counts, once the step's are in; without
+        `nfe_backward` for a test step (it solves no backward)."""
         import jax
 
         from keras_node import NeuralODE
@@ -64,7 +66,7 @@ class LogEvaluationCounts(keras.callbacks.Callback):
             if isinstance(layer, NeuralODE):
                 layer.note_model(self.model)
                 counts.update({name: float(value) for name, value
-                               in named_counts(layer).items()})
+                               in named_counts(layer, backward).items()})
         return counts
 
     def on_epoch_end(self, epoch, logs=None):

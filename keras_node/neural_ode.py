@@ -55,13 +55,14 @@ class NeuralODE(keras.layers.Layer):
     `num_forward_evals` and `num_backward_evals`, with the forward solve's
     `steps_accepted` and `steps_rejected`, and appear in `model.fit`'s logs
     and progress bar as `nfe_forward`, `nfe_backward`, `steps_accepted` and
-    `steps_rejected`. A layer whose model holds other `NeuralODE` layers
-    logs them under its name instead (`ode1_nfe_forward`, ...), in
-    functional and subclassed models alike; a layer without a `name` warns
-    once when it finds out (adding a second layer renames the first one's
-    keys). Name the layers to choose the keys. On JAX the counts reach
-    the logs through `keras_node.callbacks.LogEvaluationCounts` (its
-    docstring says why).
+    `steps_rejected` (`evaluate`'s and validation's logs leave out
+    `nfe_backward`: they solve no backward). A layer whose model holds
+    other `NeuralODE` layers logs them under its name instead
+    (`ode1_nfe_forward`, ...), in functional and subclassed models alike; a
+    layer without a `name` warns once when it finds out (adding a second
+    layer renames the first one's keys). Name the layers to choose the
+    keys. On JAX the counts reach the logs through
+    `keras_node.callbacks.LogEvaluationCounts` (its docstring says why).
 
     Mixed precision: under a `mixed_float16` or `mixed_bfloat16` policy the
     dynamics compute in half precision, but the state, the solver and the
@@ -279,6 +280,9 @@ class NeuralODE(keras.layers.Layer):
                              or not self.solver.adaptive)
         self.evaluation_counts = _nfe_metric.EvaluationCounts(self)
         self._backward_evals_host = 0.0
+        # False after a call with `training=False` (as `evaluate`'s), which
+        # no backward pass follows: its logs then leave `nfe_backward` out.
+        self._trains = True
         self.shares_model = False  # found out when called in a model
         _backend()  # a missing or unsupported TFP fails here, not in `fit`
 
@@ -465,6 +469,7 @@ class NeuralODE(keras.layers.Layer):
         """
         t0, times = ((self.t1, (self.t0,)) if reverse
                      else (self.t0, self.output_times))
+        self._trains = training is not False
         forward, adjoint = self._solve_options(reverse)
         generators, draws = seed_generators(self.dynamics), {}
         # Inside another NeuralODE's dynamics, a solve per evaluation: not

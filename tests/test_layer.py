@@ -153,12 +153,18 @@ def test_epoch_logs_keep_the_train_counts_past_validation():
     # The validation solve's own counts, as `evaluate`'s.
     assert history.history["val_nfe_forward"] == [
         float(ode.num_forward_evals)]
+    # No backward solve in validation and `evaluate`: no backward count
+    # (the counter still holds the last training step's).
+    assert "nfe_backward" in history.history
+    assert "val_nfe_backward" not in history.history
     tested = []
     model.evaluate(hard, hard, verbose=0, callbacks=[
         LogEvaluationCounts(), keras.callbacks.LambdaCallback(
+            on_test_batch_end=lambda batch, logs: tested.append(dict(logs)),
             on_test_end=lambda logs: tested.append(dict(logs)))])
-    assert tested[0]["nfe_forward"] == batches[-1]["nfe_forward"]
-    assert tested[0]["steps_accepted"] == float(ode.steps_accepted)
+    assert tested[-1]["nfe_forward"] == batches[-1]["nfe_forward"]
+    assert tested[-1]["steps_accepted"] == float(ode.steps_accepted)
+    assert not any("nfe_backward" in logs for logs in tested)
 
 
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
