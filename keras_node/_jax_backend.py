@@ -103,6 +103,13 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     return (*_solver.integrals_of(ys, mask), counts)
 
 
+def records_gradient():
+    """True: on JAX, `callbacks.LogEvaluationCounts` tells a train step
+    from a test step itself (a traced call cannot tell whether it will be
+    differentiated)."""
+    return True
+
+
 def in_loop(value, stored):
     """Whether the call in progress runs in a loop's body (an RNN cell's in
     `lax.scan`): `value`, which it computed, was traced inside the

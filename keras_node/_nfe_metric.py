@@ -24,7 +24,7 @@ class EvaluationCounts(keras.metrics.Metric):
     functional graph holds other `NeuralODE` layers. Values are the last
     solve's counts (not a running mean), so a per-batch callback sees each
     step's own cost. `evaluate`'s and validation's logs leave out
-    `nfe_backward`: their solves (called with `training=False`) have no
+    `nfe_backward`: their solves (which no gradient tape records) have no
     backward pass, and the counter still holds the last training step's.
 
     Under a distribution strategy with several replicas, each replica's
@@ -52,7 +52,7 @@ class EvaluationCounts(keras.metrics.Metric):
             # alone; `callbacks.LogEvaluationCounts` logs the counts there.
             return {}
         layer = self._layer()
-        counts = named_counts(layer, backward=layer._trains)
+        counts = named_counts(layer, backward=layer._differentiated)
         # In a replica, the counters read this replica's own solve; Keras
         # averages the logs over replicas. Add the slowest replica's.
         counts.update(_replica_maxima(counts))

@@ -139,6 +139,18 @@ def _warn_unless_finite(dy0, options):
     tf.cond(finite, lambda: tf.constant(False), warn)
 
 
+def records_gradient():
+    """Whether a gradient tape records the call in progress: in Keras'
+    train step, whatever `training` the layer is called with; not in its
+    test step. (TensorFlow's own check, `tensorflow.python.eager.record`,
+    checked with TensorFlow 2.21; where it is missing, True.)"""
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:
+        return True
+    return bool(record.could_possibly_record())
+
+
 def in_loop(value, stored):
     """Never: on TensorFlow a loop's body (an RNN cell's in `tf.while_loop`)
     may update variables and draw from seed generators. Only the loop's

@@ -280,9 +280,9 @@ class NeuralODE(keras.layers.Layer):
                              or not self.solver.adaptive)
         self.evaluation_counts = _nfe_metric.EvaluationCounts(self)
         self._backward_evals_host = 0.0
-        # False after a call with `training=False` (as `evaluate`'s), which
-        # no backward pass follows: its logs then leave `nfe_backward` out.
-        self._trains = True
+        # False after a solve that no gradient tape recorded (`evaluate`'s,
+        # on TensorFlow): its logs then leave `nfe_backward` out.
+        self._differentiated = True
         self.shares_model = False  # found out when called in a model
         _backend()  # a missing or unsupported TFP fails here, not in `fit`
 
@@ -469,7 +469,7 @@ class NeuralODE(keras.layers.Layer):
         """
         t0, times = ((self.t1, (self.t0,)) if reverse
                      else (self.t0, self.output_times))
-        self._trains = training is not False
+        self._differentiated = _backend().records_gradient()
         forward, adjoint = self._solve_options(reverse)
         generators, draws = seed_generators(self.dynamics), {}
         # Inside another NeuralODE's dynamics, a solve per evaluation: not

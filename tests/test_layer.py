@@ -167,6 +167,31 @@ def test_epoch_logs_keep_the_train_counts_past_validation():
     assert not any("nfe_backward" in logs for logs in tested)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_a_forced_training_flag_does_not_change_which_counts_are_logged(
+        training):
+    # Dynamics kept in inference mode in training (training=False), or
+    # random in evaluation (training=True, "MC dropout"): a train step
+    # still solves backward, a test step still does not.
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.ode = NeuralODE(keras.Sequential([
+                keras.layers.Dense(4, activation="tanh"),
+                keras.layers.Dropout(0.1), keras.layers.Dense(2)]))
+
+        def call(self, x):
+            return self.ode(x, training=training)
+
+    x = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
+    model = Model()
+    model.compile("sgd", "mse")
+    logs = model.fit(x, x, verbose=0, validation_data=(x, x),
+                     callbacks=[LogEvaluationCounts()]).history
+    assert logs["nfe_backward"][0] > 0
+    assert "val_nfe_forward" in logs and "val_nfe_backward" not in logs
+
+
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_dynamics_named_with_a_leading_underscore_train(gradient):
     # TensorFlow's graph-mode gradient starts at the root name scope, which
