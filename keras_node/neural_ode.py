@@ -426,7 +426,7 @@ class NeuralODE(keras.layers.Layer):
             return tuple(input_shape)
         return (input_shape[0], len(self.save_at), *input_shape[1:])
 
-    def compute_output_spec(self, inputs):
+    def compute_output_spec(self, inputs, training=None):
         check_floating(inputs)
         return keras.KerasTensor(self.compute_output_shape(inputs.shape),
                                  dtype=self._output_dtype(inputs.dtype))

@@ -140,7 +140,7 @@ class ContinuousNormalizingFlow(keras.Model):
         self.event_shape = input_shape[1:]
         self.ode.build(input_shape)
 
-    def compute_output_spec(self, inputs):
+    def compute_output_spec(self, inputs, training=None):
         check_floating(inputs)
         return keras.KerasTensor(inputs.shape[:1],
                                  dtype=self.ode._output_dtype(inputs.dtype))

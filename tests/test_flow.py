@@ -24,6 +24,14 @@ def linear_flow(a=A, **kwargs):
                                      dtype="float64", **kwargs)
 
 
+
+def test_a_functional_call_may_pass_training():
+    inputs = keras.Input((2,), dtype="float64")
+    flow = linear_flow()
+    model = keras.Model(inputs, flow(inputs, training=False))
+    np.testing.assert_allclose(model.predict(X, verbose=0), flow(X),
+                               rtol=1e-6)
+
 def normal_log_prob(z):
     return -0.5 * np.sum(z ** 2, axis=1) - 0.5 * z.shape[1] * np.log(2 * np.pi)
 

@@ -53,6 +53,17 @@ def test_output_shape_and_unknown_batch():
         assert model(x).shape == (batch, 3)
 
 
+def test_a_functional_call_may_pass_training():
+    # As a Keras layer's: `NeuralODE(f)(x, training=False)` in a graph (it
+    # failed: compute_output_spec took no `training`).
+    inputs = keras.Input((2,))
+    ode = NeuralODE(Linear(np.array([[-0.3, 1.0], [0.2, 0.5]])))
+    model = keras.Model(inputs, ode(inputs, training=False))
+    x = np.ones((3, 2), "float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), ode(x),
+                               rtol=1e-6)
+
+
 def test_config_round_trip():
     ode = NeuralODE(mlp_dynamics(5, 3), t0=0.5, t1=-2.0, rtol=1e-4,
                     atol=1e-5,
