@@ -139,13 +139,13 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     one). Both are written under temporary names and renamed, the JSON
     last, so a checkpoint exists once its JSON does; the last `keep` are
     kept. `restore` checks each, newest first (the JSON parses, the weights
-    file is there with the recorded checksum, it loads, the optimizer then
-    holds step N, and the seed states fit the model's seed generators) and
-    stops at the first sound one, logging what was wrong with the others. A
-    kill while writing, a truncated or altered file, or a missing one thus
-    steps back to the previous checkpoint; when none is sound, `restore`
-    raises `CheckpointError` naming the damaged files and how to start
-    over.
+    file is there with the recorded checksum, the seed states fit the
+    model's seed generators, the weights load, and the optimizer then holds
+    step N) and stops at the first sound one, logging what was wrong with
+    the others. A kill while writing, a truncated or altered file, or a
+    missing one thus steps back to the previous checkpoint; when none is
+    sound, `restore` raises `CheckpointError` naming the damaged files and
+    how to start over.
 
     Unlike `keras.callbacks.BackupAndRestore` it does not delete its folder
     when training ends: it saves a last checkpoint there instead, so that a
@@ -194,24 +194,33 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         found = (self._JSON.fullmatch(p.name) for p in self.directory.iterdir())
         return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
-    def _problem(self, iteration):
-        """What is wrong with checkpoint `iteration`'s files, or None."""
+    def _check(self, iteration):
+        """`(problem, seed_states)`: what is wrong with checkpoint
+        `iteration`'s files, or None; and, for a sound one, its seed states
+        as arrays for the model's seed generators (None when it was written
+        before checkpoints held them)."""
         weights, meta = self._paths(iteration)
         try:
             record = json.loads(meta.read_text())
             expected = (int(record["iteration"]), int(record["size"]),
                         str(record["sha256"]))
         except (OSError, ValueError, KeyError, TypeError) as error:
-            return f"{meta} is damaged ({type(error).__name__}: {error})"
+            return f"{meta} is damaged ({type(error).__name__}: {error})", None
         if expected[0] != iteration:
-            return f"{meta} names iteration {expected[0]}"
+            return f"{meta} names iteration {expected[0]}", None
         if not weights.exists():
-            return f"{weights} is missing"
+            return f"{weights} is missing", None
         if weights.stat().st_size != expected[1] or \
                 _digest(weights) != expected[2]:
             return (f"{weights} is damaged (its size or SHA-256 differs from "
-                    f"the one recorded in {meta.name})")
-        return None
+                    f"the one recorded in {meta.name})"), None
+        states = record.get("seed_states")
+        if states is None:  # written before checkpoints held them
+            return None, None
+        try:
+            return None, _seed_state_values(states, _seed_states(self.model))
+        except ValueError as error:
+            return f"{meta} {error}", None
 
     def restore(self, iteration=None):
         """Restores the newest sound checkpoint, or `iteration`'s.
@@ -233,9 +242,9 @@ class ResumableCheckpoint(keras.callbacks.Callback):
                 "optimizer (`compile`).")
         damaged = []
         for candidate in candidates:
-            problem = self._problem(candidate)
+            problem, seed_states = self._check(candidate)
             if problem is None:
-                problem = self._load(candidate)
+                problem = self._load(candidate, seed_states)
             if problem is None:
                 for earlier in damaged:
                     logger.warning("Skipped a damaged checkpoint: %s", earlier)
@@ -252,11 +261,11 @@ class ResumableCheckpoint(keras.callbacks.Callback):
                 "the run over from iteration 0.")
         return 0
 
-    def _load(self, iteration):
+    def _load(self, iteration, seed_states):
         model = self.model
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        weights, meta = self._paths(iteration)
+        weights, _ = self._paths(iteration)
         try:
             model.load_weights(weights)
         except Exception as error:  # a file that passed its checksum
@@ -265,15 +274,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         if restored != iteration:
             return (f"{weights} holds optimizer step {restored}, not "
                     f"{iteration}")
-        states = json.loads(meta.read_text()).get("seed_states")
-        if states is None:  # written before checkpoints held them
-            return None
-        generators = _seed_states(model)
-        try:
-            values = _seed_state_values(states, generators)
-        except ValueError as error:
-            return f"{meta} {error}"
-        for variable, value in zip(generators, values):
+        for variable, value in zip(_seed_states(model), seed_states or ()):
             variable.assign(value)
         return None
 
