@@ -8,7 +8,9 @@ TensorFlow, on TFP's JAX substrate (`tfp-nightly`).
 
 What differs from TensorFlow: assertions cannot run inside JAX's loops, so
 an exhausted `max_num_steps` makes the solve return NaN; an eager call (not
-under `jax.jit` or `fit`) then raises the same error as on TensorFlow. A
+under `jax.jit` or `fit`) then raises the same error as on TensorFlow. An
+eager call runs a compiled solve, which the next eager call with the same
+settings reuses (on TensorFlow it runs op by op). A
 backward pass cannot update layer state, so it hands its count to the host
 (`jax.debug.callback`). JAX cannot reverse-differentiate the unbounded loop
 of TFP's adaptive solve, so `"backprop"` with an adaptive solver steps in a
@@ -17,8 +19,10 @@ dynamics are evaluated and differentiated with their convolutions laid out
 for XLA's fast kernels (`_jax_compat`).
 """
 
+import collections
 import functools
 import math
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -37,41 +41,133 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
           random_state=(), draws=None):
     """As the TensorFlow backend's `solve`; `on_backward_evals` runs on the
     host. Here every non-trainable variable, `random_state`'s among them,
-    is read once, at the start."""
-    def call(t, h, mapping, draws):
-        """The dynamics at `(t, h)`, their variables read from `mapping`;
-        returns the output and the `DrawCounter`."""
-        kwargs = {"t": t} if time_dependent else {}
-        with stored_dtypes():
-            scope = DrawCounter(mapping, draws)
-        # The layer's `__call__` (`stateless_call` runs its bare `call`):
-        # it casts `h` and its weights to its own dtype policy, as on
-        # TensorFlow.
-        with scope:
-            return dynamics(h, training=training, **kwargs), scope
+    is read once, at the start. An eager call (no argument traced) runs a
+    compiled solve, kept for the next eager call with the same settings."""
+    settings = dict(
+        time_dependent=time_dependent, t0=t0, times=tuple(times),
+        forward=forward, adjoint=adjoint, gradient=gradient,
+        seminorm=seminorm, kinetic=kinetic, jacobian=jacobian, trace=trace,
+        training=training)
+    eager = not _traced(h0, noise, _values(dynamics.variables))
+    if eager:
+        compiled, compiled_draws, trainable, others = _compiled(
+            dynamics, h0, random_state, settings)
+    else:
+        trainable, others = _variables(dynamics, h0, time_dependent,
+                                       training)
+    params, frozen = _values(trainable), _values(others)
+    if eager and not _traced(params, frozen):
+        *results, counts = compiled(h0, noise, params, frozen)
+        draws.update(compiled_draws)
+    else:
+        *results, counts = _solve(
+            dynamics, trainable, others, random_state, draws,
+            on_backward_evals, h0, noise, params, frozen, **settings)
+    _raise_if_failed(counts, forward)
+    return (*results, counts)
 
-    # Weights of other layers that the dynamics read (a layer's kernel in a
-    # `Lambda`), as a traced step maps them: arguments too, as the dynamics'
-    # own, or their values would be the stored ones and get no gradient.
+
+def _traced(*values):
+    """Whether an array among `values` (nests) is being traced."""
+    return any(isinstance(x, jax.core.Tracer)
+               for x in jax.tree.leaves(values))
+
+
+def _values(variables):
+    with stored_dtypes():
+        return [v.value for v in variables]
+
+
+def _variables(dynamics, h0, time_dependent, training):
+    """`(trainable, others)`: the variables that the dynamics read at `h0`.
+
+    Weights of other layers that they read (a layer's kernel in a
+    `Lambda`) are among them, as a traced step maps them: they are
+    arguments of the solve as the dynamics' own, or their values would be
+    the stored ones and get no gradient."""
     own, foreign = {id(v) for v in dynamics.variables}, {}
 
     def probe(h):
-        out, scope = call(jnp.zeros((), h.dtype), h, [], {})
+        out, scope = _call(dynamics, jnp.zeros((), h.dtype), h, [], {},
+                           time_dependent, training)
         foreign.update((id(v), v) for v in scope.foreign if id(v) not in own)
         return out
 
     jax.eval_shape(probe, h0)
-    trainable = [*dynamics.trainable_variables,
-                 *(v for v in foreign.values() if v.trainable)]
-    others = [*dynamics.non_trainable_variables,
-              *(v for v in foreign.values() if not v.trainable)]
-    with stored_dtypes():
-        params = [v.value for v in trainable]
-        frozen = [v.value for v in others]
+    return ([*dynamics.trainable_variables,
+             *(v for v in foreign.values() if v.trainable)],
+            [*dynamics.non_trainable_variables,
+             *(v for v in foreign.values() if not v.trainable)])
 
+
+# For each dynamics layer, its compiled eager solves by their settings (the
+# least recently used dropped past `_COMPILED_PER_DYNAMICS`).
+_COMPILED = weakref.WeakKeyDictionary()
+_COMPILED_PER_DYNAMICS = 8
+
+
+def _compiled(dynamics, h0, random_state, settings):
+    """`(solve, draws, trainable, others)`: `_solve` for these settings
+    compiled, as `solve(h0, noise, params, frozen)`, the dict it fills with
+    `_solve`'s `draws` when it compiles, and the variables it reads from
+    `params` and `frozen` (`_variables`, found at the first call).
+
+    An eager call of `_solve` would compile TFP's loops at each call (their
+    bodies are new functions each time). The compiled solve holds the
+    dynamics by a weak reference, and no backward pass can reach it (none
+    of its arguments is traced)."""
+    key = (_hashable(settings),
+           *(tuple(map(id, variables)) for variables in (
+               dynamics.trainable_variables,
+               dynamics.non_trainable_variables, random_state)))
+    cache = _COMPILED.setdefault(dynamics, collections.OrderedDict())
+    if key not in cache:
+        ref, draws = weakref.ref(dynamics), {}
+        trainable, others = _variables(dynamics, h0,
+                                       settings["time_dependent"],
+                                       settings["training"])
+        compiled = jax.jit(lambda h0, noise, params, frozen: _solve(
+            ref(), trainable, others, random_state, draws,
+            lambda num_evals: None, h0, noise, params, frozen,
+            **settings))
+        cache[key] = compiled, draws, trainable, others
+        if len(cache) > _COMPILED_PER_DYNAMICS:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
+
+
+def _hashable(value):
+    """`value` (dicts, lists and tuples of plain values) as a hashable."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(map(_hashable, value))
+    return value
+
+
+def _call(dynamics, t, h, mapping, draws, time_dependent, training):
+    """The dynamics at `(t, h)`, their variables read from `mapping`;
+    returns the output and the `DrawCounter`."""
+    kwargs = {"t": t} if time_dependent else {}
+    with stored_dtypes():
+        scope = DrawCounter(mapping, draws)
+    # The layer's `__call__` (`stateless_call` runs its bare `call`): it
+    # casts `h` and its weights to its own dtype policy, as on TensorFlow.
+    with scope:
+        return dynamics(h, training=training, **kwargs), scope
+
+
+def _solve(dynamics, trainable, others, random_state, draws,
+           on_backward_evals, h0, noise, params, frozen, *, time_dependent,
+           t0, times, forward, adjoint, gradient, seminorm, kinetic,
+           jacobian, trace, training):
+    """`solve`'s `(hs, integrals, counts)`, the dynamics' variables
+    `trainable` and `others` read from `params` and `frozen`."""
     def dynamics_fn(t, h, params, frozen):
-        out, scope = call(t, h, [*zip(trainable, params),
-                                 *zip(others, frozen)], draws)
+        out, scope = _call(dynamics, t, h, [*zip(trainable, params),
+                                            *zip(others, frozen)], draws,
+                           time_dependent, training)
         _solver.check_stateless(dynamics.name, scope, random_state)
         _solver.check_derivative(dynamics.name, out, h.shape)
         return out.astype(h.dtype)
@@ -97,9 +193,8 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
             on_backward_evals)
     else:
         ys, counts = _make_solve(
-            fn, t0, tuple(times), forward, adjoint, mask, seminorm,
+            fn, t0, times, forward, adjoint, mask, seminorm,
             on_backward_evals)(y0, params)
-    _raise_if_failed(counts, forward)
     return (*_solver.integrals_of(ys, mask), counts)
 
 

@@ -150,8 +150,8 @@ class DrawCounter(keras.StatelessScope):
     variable's `id`), the most updates of each variable that one scope
     saw, and in `updated` the variables it updated. It collects losses
     (`losses`); neither they nor the updates reach the layers. Variables
-    it does not map read as the scope around it maps them, listed in
-    `foreign`."""
+    it does not map read as the scope around it maps them (as stored
+    without one), listed in `foreign`."""
 
     def __init__(self, state_mapping, counts):
         super().__init__(state_mapping=state_mapping, collect_losses=True,
@@ -163,12 +163,12 @@ class DrawCounter(keras.StatelessScope):
 
     def get_current_value(self, variable):
         value = super().get_current_value(variable)
-        with _private("StatelessScope.original_scope"):
-            outer = self.original_scope
-        if value is None and outer is not None:
-            value = outer.get_current_value(variable)
-            if value is not None:
-                self.foreign.append(variable)
+        if value is None:
+            self.foreign.append(variable)
+            with _private("StatelessScope.original_scope"):
+                outer = self.original_scope
+            if outer is not None:
+                value = outer.get_current_value(variable)
         return value
 
     def add_update(self, update):

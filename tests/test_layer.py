@@ -1,11 +1,13 @@
 """The Keras layer contract: shapes, config, saving, training, distribution."""
 
 import contextlib
+import gc
 import json
 import os
 import subprocess
 import sys
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -483,19 +485,71 @@ class RandomRate(keras.layers.Layer):
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_random_layers_draw_once_per_solve(solver, gradient):
     # One draw per solve: h(1) = h0 e^u with the generator's first two
-    # draws, then the next solve draws the next two, which its gradient
-    # (e^u) sees too.
+    # draws, then each solve draws the next two: a second eager call (on
+    # JAX a compiled solve that it reuses), then a gradient's (e^u).
     tolerances = dict(rtol=1e-6, atol=1e-6) if solver == "dopri5" else {}
     ode = NeuralODE(RandomRate(seed=3), solver=solver, gradient=gradient,
                     **tolerances)
     h0 = np.random.default_rng(0).uniform(0.5, 1.5, (3, 4)).astype("float32")
     draws = keras.random.SeedGenerator(3)
     d = [np.asarray(keras.random.uniform(h0.shape, seed=draws))
-         for _ in range(4)]
-    np.testing.assert_allclose(ode(h0), h0 * np.exp((d[0] + d[1]) / 2),
-                               rtol=1e-4)
+         for _ in range(6)]
+    for i in (0, 2):
+        np.testing.assert_allclose(ode(h0), h0 * np.exp((d[i] + d[i + 1]) / 2),
+                                   rtol=1e-4)
     dh0 = tape_gradients(ode, h0, keras.ops.sum)[0]
-    np.testing.assert_allclose(dh0, np.exp((d[2] + d[3]) / 2), rtol=1e-4)
+    np.testing.assert_allclose(dh0, np.exp((d[4] + d[5]) / 2), rtol=1e-4)
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_eager_calls_read_the_weights_as_they_are(own):
+    # h(1) = h0 expm(K) for the kernel K at each call, the dynamics' own or
+    # another layer's (read by a `Lambda`), also once it is frozen (on JAX
+    # each call's weights are arguments of a compiled solve, which it
+    # keeps for the next call).
+    layer = keras.layers.Dense(2, use_bias=False)
+    layer.build((None, 2))
+    ode = NeuralODE(layer if own else keras.layers.Lambda(
+        lambda h: keras.ops.matmul(h, layer.kernel), output_shape=(2,)),
+        rtol=1e-7, atol=1e-7)
+    h0 = np.array([[1.0, 0.5], [-0.3, 2.0]], "float32")
+    rng = np.random.default_rng(4)
+    for trainable in (True, True, False):
+        layer.trainable = trainable
+        k = rng.normal(size=(2, 2))
+        layer.kernel.assign(k.astype("float32"))
+        np.testing.assert_allclose(ode(h0), h0 @ scipy.linalg.expm(k),
+                                   rtol=1e-5, atol=1e-6)
+
+
+class TracedRate(keras.layers.Layer):
+    """`dh/dt = -h`, counting how often it is traced or run (its `call`)."""
+
+    calls = 0
+
+    def call(self, h):
+        TracedRate.calls += 1
+        return -h
+
+
+@jax_only("TensorFlow runs an eager call's dynamics op by op")
+def test_eager_calls_on_jax_compile_the_solve_once():
+    # An eager call compiled TFP's loops anew (their bodies were new
+    # functions), 0.8 s for a small MLP's solve. The compiled solve holds
+    # the dynamics weakly (JAX's own caches hold them until cleared).
+    import jax
+    ode = NeuralODE(TracedRate())
+    h0 = np.ones((2, 3), "float32")
+    ode(h0)
+    traced = TracedRate.calls
+    for _ in range(2):
+        np.testing.assert_allclose(ode(h0), np.exp(-1.0) * h0, rtol=1e-3)
+    assert TracedRate.calls == traced
+    dynamics = weakref.ref(ode.dynamics)
+    del ode
+    jax.clear_caches()
+    gc.collect()
+    assert dynamics() is None
 
 
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
