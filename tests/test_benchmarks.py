@@ -419,6 +419,28 @@ def test_save_at_benchmark_times_each_number_of_output_times(tmp_path):
         assert run["nfe_backward"] >= 8
 
 
+def test_eager_call_benchmark_times_both_models(tmp_path):
+    import keras
+
+    from benchmarks import eager_call
+
+    out = tmp_path / "eager_call.json"
+    result = eager_call.main(["--calls", "1", "--json-out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["backend"] == keras.backend.backend()
+    assert sorted(result["models"]) == ["mlp", "mnist"]
+    for run in result["models"].values():
+        assert run["first_call_s"] > 0 and run["median_call_s"] > 0
+
+
+def test_eager_call_benchmark_refuses_bad_options(capsys):
+    from benchmarks import eager_call
+
+    with pytest.raises(SystemExit):
+        eager_call.main(["--calls", "0"])
+    assert "--calls must be positive, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--times", "0"], "--times must be positive integers"),
     (["--steps", "0"], "--steps must be positive"),
