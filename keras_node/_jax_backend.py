@@ -43,22 +43,22 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     host. Here every non-trainable variable, `random_state`'s among them,
     is read once, at the start. An eager call (no argument traced) runs a
     compiled solve, kept for the next eager call with the same settings."""
+    if training is not None and not _traced(training):
+        training = bool(training)  # also a numpy or JAX boolean
     settings = dict(
         time_dependent=time_dependent, t0=t0, times=tuple(times),
         forward=forward, adjoint=adjoint, gradient=gradient,
         seminorm=seminorm, kinetic=kinetic, jacobian=jacobian, trace=trace,
         training=training)
-    eager = not _traced(h0, noise, _values(dynamics.variables))
-    if eager:
-        compiled, compiled_draws, trainable, others = _compiled(
-            dynamics, h0, random_state, settings)
-    else:
-        trainable, others = _variables(dynamics, h0, time_dependent,
-                                       training)
+    compiled = None
+    if not _traced(h0, noise, training, _values(dynamics.variables)):
+        compiled = _compiled(dynamics, h0, random_state, settings)
+    trainable, others = (compiled[2:] if compiled else _variables(
+        dynamics, h0, time_dependent, training))
     params, frozen = _values(trainable), _values(others)
-    if eager and not _traced(params, frozen):
-        *results, counts = compiled(h0, noise, params, frozen)
-        draws.update(compiled_draws)
+    if compiled and not _traced(params, frozen):
+        *results, counts = compiled[0](h0, noise, params, frozen)
+        draws.update(compiled[1])
     else:
         *results, counts = _solve(
             dynamics, trainable, others, random_state, draws,
@@ -115,11 +115,18 @@ def _compiled(dynamics, h0, random_state, settings):
     An eager call of `_solve` would compile TFP's loops at each call (their
     bodies are new functions each time). The compiled solve holds the
     dynamics by a weak reference, and no backward pass can reach it (none
-    of its arguments is traced)."""
+    of its arguments is traced). Like Keras' compiled `predict`, it does
+    not see later changes to the Python state that the dynamics read (an
+    attribute, a name rebound to another layer). None if a setting cannot
+    be a key."""
     key = (_hashable(settings),
            *(tuple(map(id, variables)) for variables in (
                dynamics.trainable_variables,
                dynamics.non_trainable_variables, random_state)))
+    try:
+        hash(key)
+    except TypeError:
+        return None
     cache = _COMPILED.setdefault(dynamics, collections.OrderedDict())
     if key not in cache:
         ref, draws = weakref.ref(dynamics), {}

@@ -569,6 +569,21 @@ def test_dropout_masks_the_gradient_as_the_solve(gradient):
     np.testing.assert_allclose(dh0, np.exp(2.0 * masks[1]), rtol=1e-4)
 
 
+def test_training_may_be_a_boolean_array():
+    # As given to a Keras layer: a numpy or backend boolean (on JAX it
+    # crashed an eager call, unhashable in its compiled solve's key).
+    h0 = np.ones((4, 6), "float32")
+    outputs = [
+        NeuralODE(keras.layers.Dropout(0.5, seed=2), solver="rk4")(
+            h0, training=training)
+        for training in (True, np.bool_(True), keras.ops.convert_to_tensor(
+            True), np.array(False))]
+    for output in outputs[1:3]:
+        np.testing.assert_allclose(output, outputs[0])
+    assert np.any(np.asarray(outputs[0]) == 1.0)  # some dropped: e^0
+    np.testing.assert_allclose(outputs[3], np.exp(1.0) * h0, rtol=1e-4)
+
+
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_dropout_in_the_dynamics_trains(gradient):
     # Each training step solves with one dropout mask (its seed advances
