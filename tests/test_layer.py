@@ -535,8 +535,9 @@ class TracedRate(keras.layers.Layer):
 @jax_only("TensorFlow runs an eager call's dynamics op by op")
 def test_eager_calls_on_jax_compile_the_solve_once():
     # An eager call compiled TFP's loops anew (their bodies were new
-    # functions), 0.8 s for a small MLP's solve. The compiled solve holds
-    # the dynamics weakly (JAX's own caches hold them until cleared).
+    # functions): 0.36-0.43 s a call for a small MLP's solve
+    # (`benchmarks/eager_call.py`). The compiled solve holds the dynamics
+    # weakly (JAX's own caches hold them until cleared).
     import jax
     ode = NeuralODE(TracedRate())
     h0 = np.ones((2, 3), "float32")
