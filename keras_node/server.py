@@ -461,7 +461,10 @@ def create_app(base_path, model_name, poll_seconds=2.0, max_instances=256,
         yield
         versions.stop()
 
-    app = fastapi.FastAPI(title="keras-node model server", lifespan=lifespan)
+    # No redirects (Starlette's default for `/healthz/`): every answer is
+    # JSON, an unknown path TF Serving's 404.
+    app = fastapi.FastAPI(title="keras-node model server", lifespan=lifespan,
+                          redirect_slashes=False)
     app.state.versions = versions
     runs = asyncio.Semaphore(max_concurrent_runs)
 

@@ -266,6 +266,8 @@ BAD_REQUESTS = [
     (f"/v1/models/{NAME}/versions/{'9' * 5000}", None, None, 404,
      "Malformed version"),
     ("/nowhere", None, None, 404, "Not Found"),
+    # Not redirected to /healthz (an empty 307, found by the fuzzing below).
+    ("/healthz/", None, None, 404, "Not Found"),
     (f"/v1/models/{NAME}:predict", [1], None, 400,
      "JSON Value: the request body must be an object"),
     (f"/v1/models/{NAME}:predict", {"instances": [[[[[[[[[[[[[0]]]]]]]]]]]]]},
