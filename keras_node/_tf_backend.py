@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from keras_node import _solver
 from keras_node._keras_compat import DrawCounter, stored_dtypes
+from keras_node._tf_compat import could_record, custom_gradient
 from keras_node._tfp_compat import substrate
 
 _TFP = substrate("tensorflow")
@@ -139,16 +140,7 @@ def _warn_unless_finite(dy0, options):
     tf.cond(finite, lambda: tf.constant(False), warn)
 
 
-def records_gradient():
-    """Whether a gradient tape records the call in progress: in Keras'
-    train step, whatever `training` the layer is called with; not in its
-    test step. (TensorFlow's own check, `tensorflow.python.eager.record`,
-    checked with TensorFlow 2.21; where it is missing, True.)"""
-    try:
-        from tensorflow.python.eager import record
-    except ImportError:
-        return True
-    return bool(record.could_possibly_record())
+records_gradient = could_record
 
 
 def in_loop(value, stored):
@@ -186,7 +178,7 @@ def _zeros_if_none(gradient, like):
 def _on_backward(nest, callback):
     """`nest` unchanged; `callback()` runs when its gradient is computed."""
 
-    @tf.custom_gradient
+    @custom_gradient
     def identity(*flat):
         def grad(*cotangents):
             callback()
@@ -235,7 +227,7 @@ def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
     """
     flat_y0 = tf.nest.flatten(y0)
 
-    @tf.custom_gradient
+    @custom_gradient
     def solve(*inputs):
         y0_ = tf.nest.pack_sequence_as(y0, inputs[:len(flat_y0)])
         values = list(inputs[len(flat_y0):])

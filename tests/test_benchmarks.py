@@ -441,6 +441,28 @@ def test_eager_call_benchmark_refuses_bad_options(capsys):
     assert "--calls must be positive, got 0" in capsys.readouterr().err
 
 
+def test_dropped_models_benchmark_reports_each_model(tmp_path):
+    from benchmarks import dropped_models
+
+    out = tmp_path / "dropped_models.json"
+    result = dropped_models.main(["--models", "1", "--bodies", "predict",
+                                  "--json-out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert list(result["left_behind"]) == ["predict"]
+    assert sorted(result["left_behind"]["predict"]) == ["keras",
+                                                        "neural_ode"]
+    for run in result["left_behind"]["predict"].values():
+        assert sorted(run) == ["objects_per_model", "rss_mib_per_model"]
+
+
+def test_dropped_models_benchmark_refuses_bad_options(capsys):
+    from benchmarks import dropped_models
+
+    with pytest.raises(SystemExit):
+        dropped_models.main(["--models", "0"])
+    assert "--models must be positive, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--times", "0"], "--times must be positive integers"),
     (["--steps", "0"], "--steps must be positive"),
