@@ -558,7 +558,7 @@ def test_a_dropped_model_is_freed(gradient):
     # On TensorFlow each graph's custom gradients (the adjoint, the backward
     # count) stayed in TensorFlow's global registry, holding the graph and
     # the dynamics: every model that ran `predict` stayed in memory, 7,456
-    # objects and 6 MiB each (`benchmarks/dropped_models.py`). (After `fit`
+    # objects and 6.9 MiB each (`benchmarks/dropped_models.py`). (After `fit`
     # Keras' own all-reduce keeps the train graph so, as for any model.)
     ode = NeuralODE(mlp_dynamics(8, 2), gradient=gradient)
     model = keras.Sequential([keras.Input((2,)), ode])
