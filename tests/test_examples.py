@@ -182,12 +182,18 @@ def test_latent_ode_example_runs_and_resumes_as_if_never_stopped(
         tmp_path, capsys, monkeypatch):
     # Fewer series than the figure's four panels: one panel each.
     argv = ["--print-every", "2", "--series", "3", "--out"]
-    save = latent_ode.ResumableCheckpoint.save
+    save, late = latent_ode.ResumableCheckpoint.save, [0.0]
 
-    def slow_save(self):  # a checkpoint that takes 20 s to write
-        time.sleep(20.0)
+    class Clock:  # the example's, 20 s later after each checkpoint write
+        @staticmethod
+        def perf_counter():
+            return time.perf_counter() + late[0]
+
+    def slow_save(self):
+        late[0] += 20.0
         save(self)
     with monkeypatch.context() as patch:
+        patch.setattr(latent_ode, "time", Clock)
         patch.setattr(latent_ode.ResumableCheckpoint, "save", slow_save)
         whole = latent_ode.main(argv + [str(tmp_path / "whole"),
                                         "--iterations", "4"])
