@@ -19,23 +19,11 @@ import argparse
 import gc
 import pathlib
 
-from benchmarks.machine import describe, provenance
+from benchmarks.machine import describe, provenance, rss_mib
 from benchmarks.peers.run import print_json
 
 BODIES = ("predict", "evaluate", "fit")
 MODELS = ("keras", "neural_ode")
-
-
-def rss_mib():
-    """The resident memory of this process in MiB (Linux), else None."""
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().split(
-                "\n"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def build(kind):

@@ -44,6 +44,18 @@ def _cpuinfo(key):
     return None
 
 
+def rss_mib(pid="self"):
+    """The resident memory of process `pid` in MiB (Linux), else None."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def cpu_model():
     """The CPU's model name (Linux), else what `platform` knows."""
     return (_cpuinfo("model name") or platform.processor()

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from benchmarks.machine import describe, provenance
+from benchmarks.machine import describe, provenance, rss_mib
 from benchmarks.serving import export_untrained, start_server
 
 NAME = "mnist"
@@ -124,13 +124,6 @@ def mixed_load(port, requests, clients):
         "good_latency_ms": {f"p{q}": float(np.percentile(latencies, q))
                             for q in (50, 99)} if len(latencies) else None,
     }
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
 
 
 def big_body(port, pid, megabytes):
