@@ -109,7 +109,8 @@ def main(argv=None):
               f"iteration {done}.")
 
     data = make_datasets(arrays, args.batch_size, args.seed,
-                         args.shift, args.rotate, skip_batches=done)
+                         args.shift, args.rotate,
+                         skip_batches=checkpoint.batches)
     monitor = AccuracyMonitor(data["train_eval"], data[watched],
                               every=args.eval_every,
                               train_batches=args.train_eval_batches,

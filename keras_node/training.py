@@ -30,7 +30,7 @@ A multi-worker training script resumes like this (each worker runs it):
         done = agree_on_checkpoint(strategy, checkpoint)
     if done < total:  # `fit` takes a step before any callback can stop it
         with peers_watched(strategy):
-            model.fit(data.skip(done), ..., callbacks=[
+            model.fit(data.skip(checkpoint.batches), ..., callbacks=[
                 checkpoint, StopAtIteration(total)])
     checkpoint.delete()  # once the results are saved
 """
@@ -131,21 +131,22 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     """Checkpoints every `save_every` optimizer steps; restores the newest
     sound one.
 
-    In `directory`, checkpoint N is `ckpt-N.weights.h5` (`model.save_weights`:
-    the weights and the optimizer's state) and `ckpt-N.json` (N, the
-    weights file's size and SHA-256, and the states of the model's seed
-    generators, which `save_weights` leaves out: the draws of `Dropout` and
-    other random layers go on after a resume as they would have without
-    one). Both are written under temporary names and renamed, the JSON
-    last, so a checkpoint exists once its JSON does; the last `keep` are
-    kept. `restore` checks each, newest first (the JSON parses, the weights
-    file is there with the recorded checksum, the seed states fit the
-    model's seed generators, the weights load, and the optimizer then holds
-    step N) and stops at the first sound one, logging what was wrong with
-    the others. A kill while writing, a truncated or altered file, or a
-    missing one thus steps back to the previous checkpoint; when none is
-    sound, `restore` raises `CheckpointError` naming the damaged files and
-    how to start over.
+    In `directory`, checkpoint N is `ckpt-N.weights.h5`
+    (`model.save_weights`: the weights and the optimizer's state) and
+    `ckpt-N.json` (N, the number of batches taken, the weights file's size
+    and SHA-256, and the states of the model's seed generators, which
+    `save_weights` leaves out: the draws of `Dropout` and other random
+    layers go on after a resume as they would have without one). Both are
+    written under temporary names and renamed, the JSON last, so a
+    checkpoint exists once its JSON does; the last `keep` are kept.
+    `restore` checks each, newest first (the JSON parses, the weights file
+    is there with the recorded checksum, the seed states fit the model's
+    seed generators, the weights load, and the optimizer then holds step N)
+    and stops at the first sound one, logging what was wrong with the
+    others. A kill while writing, a truncated or altered file, or a missing
+    one thus steps back to the previous checkpoint; when none is sound,
+    `restore` raises `CheckpointError` naming the damaged files and how to
+    start over.
 
     Unlike `keras.callbacks.BackupAndRestore` it does not delete its folder
     when training ends: it saves a last checkpoint there instead, so that a
@@ -155,10 +156,19 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     stepped back from), so that a resume never takes another run's.
 
     Not saved: Keras' global seed generator (`keras.random` calls without
-    a `seed`), and the data pipeline's position: resume the data where the
-    run left off (`data.skip(done)` in this module's example). With
-    `steps_per_execution` in `compile`, callbacks see every that many
-    steps: make `save_every` a multiple of it.
+    a `seed`), and the data pipeline's state: resume the data where the
+    run left off, `checkpoint.batches` batches in (`data.skip` in this
+    module's example). That is the optimizer's step count N unless steps
+    were skipped: a `LossScaleOptimizer` (mixed precision) does not count
+    a step whose gradients overflowed. With `steps_per_execution` in
+    `compile`, callbacks see every that many steps: make `save_every` a
+    multiple of it.
+
+    Attributes:
+        batches: the training batches taken in all, counted across resumes
+            (`fit`'s batch index, which starts again at 0 each epoch): 0
+            until `restore` finds a checkpoint, then its count (N for one
+            written before checkpoints held it).
 
     Args:
         directory: the checkpoint folder (one per worker in multi-worker
@@ -182,6 +192,8 @@ class ResumableCheckpoint(keras.callbacks.Callback):
                 f"Received: directory={directory!r}")
         self.directory = pathlib.Path(directory)
         self._sound = set()  # checkpoints restored or written by this run
+        self.batches = 0
+        self._last_batch = -1  # the index `fit` gave last, this epoch
 
     def _paths(self, iteration):
         return (self.directory / f"ckpt-{iteration}.weights.h5",
@@ -195,32 +207,39 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
     def _check(self, iteration):
-        """`(problem, seed_states)`: what is wrong with checkpoint
-        `iteration`'s files, or None; and, for a sound one, its seed states
-        as arrays for the model's seed generators (None when it was written
-        before checkpoints held them)."""
+        """`(problem, batches, seed_states)`: what is wrong with checkpoint
+        `iteration`'s files, or None; and, for a sound one, its count of
+        batches and its seed states as arrays for the model's seed
+        generators (None when it was written before checkpoints held
+        them)."""
         weights, meta = self._paths(iteration)
         try:
             record = json.loads(meta.read_text())
             expected = (int(record["iteration"]), int(record["size"]),
                         str(record["sha256"]))
+            batches = record.get("batches", iteration)
         except (OSError, ValueError, KeyError, TypeError) as error:
-            return f"{meta} is damaged ({type(error).__name__}: {error})", None
+            problem = f"{meta} is damaged ({type(error).__name__}: {error})"
+            return problem, None, None
         if expected[0] != iteration:
-            return f"{meta} names iteration {expected[0]}", None
+            return f"{meta} names iteration {expected[0]}", None, None
+        if type(batches) is not int or batches < iteration:
+            return (f"{meta} holds {batches!r} batches taken, not an integer "
+                    f"of at least its iteration, {iteration}"), None, None
         if not weights.exists():
-            return f"{weights} is missing", None
+            return f"{weights} is missing", None, None
         if weights.stat().st_size != expected[1] or \
                 _digest(weights) != expected[2]:
             return (f"{weights} is damaged (its size or SHA-256 differs from "
-                    f"the one recorded in {meta.name})"), None
+                    f"the one recorded in {meta.name})"), None, None
         states = record.get("seed_states")
         if states is None:  # written before checkpoints held them
-            return None, None
+            return None, batches, None
         try:
-            return None, _seed_state_values(states, _seed_states(self.model))
+            states = _seed_state_values(states, _seed_states(self.model))
         except ValueError as error:
-            return f"{meta} {error}", None
+            return f"{meta} {error}", None, None
+        return None, batches, states
 
     def restore(self, iteration=None):
         """Restores the newest sound checkpoint, or `iteration`'s.
@@ -242,10 +261,11 @@ class ResumableCheckpoint(keras.callbacks.Callback):
                 "optimizer (`compile`).")
         damaged = []
         for candidate in candidates:
-            problem, seed_states = self._check(candidate)
+            problem, batches, seed_states = self._check(candidate)
             if problem is None:
                 problem = self._load(candidate, seed_states)
             if problem is None:
+                self.batches, self._last_batch = batches, -1
                 for earlier in damaged:
                     logger.warning("Skipped a damaged checkpoint: %s", earlier)
                 # Those this run restored or wrote before are not its state
@@ -287,7 +307,8 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         weights, meta = self._paths(iteration)
         partial = self.directory / f"partial-{weights.name}"
         self.model.save_weights(partial, overwrite=True)
-        record = {"iteration": iteration, "size": partial.stat().st_size,
+        record = {"iteration": iteration, "batches": self.batches,
+                  "size": partial.stat().st_size,
                   "sha256": _digest(partial),
                   "seed_states": [v.numpy().tolist()
                                   for v in _seed_states(self.model)]}
@@ -306,7 +327,14 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         """Removes the checkpoint folder (once the run's results are safe)."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last_batch = -1
+
     def on_train_batch_end(self, batch, logs=None):
+        # `batch` is the epoch's index of the last batch taken (with
+        # `steps_per_execution`, of the last of several).
+        self.batches += batch - self._last_batch
+        self._last_batch = batch
         if int(self.model.optimizer.iterations.numpy()) % self.save_every == 0:
             self.save()
 
@@ -409,10 +437,11 @@ def agree_on_checkpoint(strategy, checkpoint):
     """The iteration to resume from, the same on every worker.
 
     Call it after `checkpoint.restore()` on every worker, inside the
-    strategy's scope. Training is synchronous, so the workers hold the same
-    step, unless one died while writing a checkpoint: then those ahead step
-    back to their previous one (`ResumableCheckpoint(keep=2)`, the
-    default). Raises `SystemExit` with what to do when they cannot agree.
+    strategy's scope; then resume the data `checkpoint.batches` in. Training
+    is synchronous, so the workers hold the same step, unless one died while
+    writing a checkpoint: then those ahead step back to their previous one
+    (`ResumableCheckpoint(keep=2)`, the default). Raises `SystemExit` with
+    what to do when they cannot agree.
     """
     done = int(checkpoint.model.optimizer.iterations.numpy())
     if not _multi_worker(strategy):

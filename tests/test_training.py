@@ -34,8 +34,8 @@ def train(model, x, y, steps, callbacks=(), initial=0):
     for i in range(initial, steps):
         rows = slice(4 * (i % 10), 4 * (i % 10) + 4)
         model.train_on_batch(x[rows], y[rows])
-        for callback in callbacks:
-            callback.on_train_batch_end(i)
+        for callback in callbacks:  # as `fit`: the index in this call
+            callback.on_train_batch_end(i - initial)
 
 
 def checkpointed_run(folder, steps, save_every=5, dropout=False):
@@ -67,6 +67,51 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, dropout):
     for a, b in zip(whole.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert checkpoint.iterations() == [10, 5]  # the last two kept
+
+
+def test_resume_takes_the_batches_of_skipped_mixed_precision_steps(
+        tmp_path):
+    # Under mixed_float16 the optimizer is a LossScaleOptimizer: it skips,
+    # without counting, a step whose gradients overflow float16 (here each
+    # batch 3 of 10, whose targets are 1e4 times larger). The data position
+    # is the batches taken; fit's batch index starts again at 0 each epoch.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype("float32")
+    y = 2 * x
+    y[12:16] *= 1e4
+
+    def run(folder, start, total, save_every=5):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((3,))
+        hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(
+            3, dtype="float32")(hidden))
+        model.compile(keras.optimizers.Adam(1e-2), "mse")
+        checkpoint = ResumableCheckpoint(folder, save_every=save_every)
+        checkpoint.set_model(model)
+        done = checkpoint.restore()
+        assert done == start
+
+        def stream(i):
+            while True:
+                yield x[4 * (i % 10):][:4], y[4 * (i % 10):][:4]
+                i += 1
+
+        model.fit(stream(checkpoint.batches), steps_per_epoch=4, epochs=20,
+                  shuffle=False, verbose=0,
+                  callbacks=[checkpoint, StopAtIteration(total)])
+        return model, checkpoint
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        whole, checkpoint = run(tmp_path / "a", 0, 20)
+        assert checkpoint.batches > 20  # steps were skipped
+        run(tmp_path / "b", 0, 13)  # saves its end: step 13
+        model, checkpoint = run(tmp_path / "b", 13, 20)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    for a, b in zip(whole.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_empty_folder_starts_at_zero(tmp_path):
@@ -111,14 +156,16 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, damage, caplog):
 
 
 def test_checkpoints_without_seed_states_restore_the_weights(tmp_path):
-    # As written before checkpoints held the seed generators' states.
+    # As written before checkpoints held the seed generators' states and
+    # the batches taken.
     whole, _ = checkpointed_run(tmp_path, 10, dropout=True)
     for meta in tmp_path.glob("ckpt-*.json"):
         record = json.loads(meta.read_text())
-        del record["seed_states"]
+        del record["seed_states"], record["batches"]
         meta.write_text(json.dumps(record))
     model, checkpoint, _, _ = fresh(tmp_path, dropout=True)
     assert checkpoint.restore() == 10
+    assert checkpoint.batches == 10
     for a, b in zip(whole.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
 
@@ -144,6 +191,20 @@ def test_seed_states_that_do_not_fit_fall_back(tmp_path, caplog, states,
     _, checkpoint, _, _ = fresh(tmp_path, dropout=True)
     assert checkpoint.restore() == 5
     assert f"{meta} {message}" in caplog.text
+
+
+@pytest.mark.parametrize("batches", [9, 10.5, "12", None])
+def test_a_bad_count_of_batches_falls_back(tmp_path, caplog, batches):
+    checkpointed_run(tmp_path, 10)
+    meta = tmp_path / "ckpt-10.json"
+    record = json.loads(meta.read_text())
+    assert record["batches"] == 10
+    record["batches"] = batches
+    meta.write_text(json.dumps(record))
+    _, checkpoint, _, _ = fresh(tmp_path)
+    assert checkpoint.restore() == 5 and checkpoint.batches == 5
+    assert (f"{meta} holds {batches!r} batches taken, not an integer of at "
+            "least its iteration, 10") in caplog.text
 
 
 def test_a_damaged_checkpoint_is_written_anew(tmp_path):

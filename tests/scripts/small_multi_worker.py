@@ -44,7 +44,7 @@ def main():
 
     x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
     data = (tf.data.Dataset.from_tensor_slices((x, 2 * x)).repeat()
-            .batch(8).skip(done))
+            .batch(8).skip(checkpoint.batches))
     seen = []
     record = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: seen.append(
