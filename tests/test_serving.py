@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import tensorflow as tf
 
+from benchmarks.machine import rss_mib
 from conftest import tensorflow_only
 from helpers import small_conv_dynamics
 from keras_node import NeuralODE
@@ -842,20 +843,13 @@ _PATHS = st.builds(
     st.text(max_size=12))
 
 
-def _rss_mib(pid):
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-
-
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
        path=_PATHS, body=_BODIES)
 def test_fuzzed_requests_never_break_the_server(server, method, path, body):
     url, process = server
-    rss_before = _rss_mib(process.pid)
+    rss_before = rss_mib(process.pid)
     connection = connect(url)
     connection.request(method, urllib.parse.quote(path, safe="/:"),
                        body if method != "GET" else None)
@@ -869,4 +863,4 @@ def test_fuzzed_requests_never_break_the_server(server, method, path, body):
                        json.dumps({"instances": images(1).tolist()}))
     response = connection.getresponse()
     assert response.status == 200 and json.loads(response.read())
-    assert _rss_mib(process.pid) < rss_before + 200
+    assert rss_mib(process.pid) < rss_before + 200
