@@ -38,7 +38,7 @@ _TFP = substrate("jax")
 def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
           gradient, seminorm, on_backward_evals, kinetic=False,
           jacobian=False, trace=None, noise=None, training=None,
-          random_state=(), draws=None):
+          random_state=(), draws=None, context=()):
     """As the TensorFlow backend's `solve`; `on_backward_evals` runs on the
     host. Here every non-trainable variable, `random_state`'s among them,
     is read once, at the start. An eager call (no argument traced) runs a
@@ -50,12 +50,15 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
         forward=forward, adjoint=adjoint, gradient=gradient,
         seminorm=seminorm, kinetic=kinetic, jacobian=jacobian, trace=trace,
         training=training)
+    context = list(context)
     compiled = None
-    if not _traced(h0, noise, training, _values(dynamics.variables)):
-        compiled = _compiled(dynamics, h0, random_state, settings)
+    if not _traced(h0, noise, training, context,
+                   _values(dynamics.variables)):
+        compiled = _compiled(dynamics, h0, context, random_state, settings)
     trainable, others = (compiled[2:] if compiled else _variables(
-        dynamics, h0, time_dependent, training))
-    params, frozen = _values(trainable), _values(others)
+        dynamics, h0, context, time_dependent, training))
+    # The context is an argument of the solve, as the weights are.
+    params, frozen = _values(trainable) + context, _values(others)
     if compiled and not _traced(params, frozen):
         *results, counts = compiled[0](h0, noise, params, frozen)
         draws.update(compiled[1])
@@ -78,8 +81,9 @@ def _values(variables):
         return [v.value for v in variables]
 
 
-def _variables(dynamics, h0, time_dependent, training):
-    """`(trainable, others)`: the variables that the dynamics read at `h0`.
+def _variables(dynamics, h0, context, time_dependent, training):
+    """`(trainable, others)`: the variables that the dynamics read at `h0`
+    (and `context`).
 
     Weights of other layers that they read (a layer's kernel in a
     `Lambda`) are among them, as a traced step maps them: they are
@@ -87,13 +91,13 @@ def _variables(dynamics, h0, time_dependent, training):
     the stored ones and get no gradient."""
     own, foreign = {id(v) for v in dynamics.variables}, {}
 
-    def probe(h):
-        out, scope = _call(dynamics, jnp.zeros((), h.dtype), h, [], {},
-                           time_dependent, training)
+    def probe(h, context):
+        out, scope = _call(dynamics, jnp.zeros((), h.dtype), h, context, [],
+                           {}, time_dependent, training)
         foreign.update((id(v), v) for v in scope.foreign if id(v) not in own)
         return out
 
-    jax.eval_shape(probe, h0)
+    jax.eval_shape(probe, h0, context)
     return ([*dynamics.trainable_variables,
              *(v for v in foreign.values() if v.trainable)],
             [*dynamics.non_trainable_variables,
@@ -106,7 +110,7 @@ _COMPILED = weakref.WeakKeyDictionary()
 _COMPILED_PER_DYNAMICS = 8
 
 
-def _compiled(dynamics, h0, random_state, settings):
+def _compiled(dynamics, h0, context, random_state, settings):
     """`(solve, draws, trainable, others)`: `_solve` for these settings
     compiled, as `solve(h0, noise, params, frozen)`, the dict it fills with
     `_solve`'s `draws` when it compiles, and the variables it reads from
@@ -130,7 +134,7 @@ def _compiled(dynamics, h0, random_state, settings):
     cache = _COMPILED.setdefault(dynamics, collections.OrderedDict())
     if key not in cache:
         ref, draws = weakref.ref(dynamics), {}
-        trainable, others = _variables(dynamics, h0,
+        trainable, others = _variables(dynamics, h0, context,
                                        settings["time_dependent"],
                                        settings["training"])
         compiled = jax.jit(lambda h0, noise, params, frozen: _solve(
@@ -153,16 +157,18 @@ def _hashable(value):
     return value
 
 
-def _call(dynamics, t, h, mapping, draws, time_dependent, training):
-    """The dynamics at `(t, h)`, their variables read from `mapping`;
-    returns the output and the `DrawCounter`."""
+def _call(dynamics, t, h, context, mapping, draws, time_dependent,
+          training):
+    """The dynamics at `(t, h)` (and `context`), their variables read from
+    `mapping`; returns the output and the `DrawCounter`."""
     kwargs = {"t": t} if time_dependent else {}
     with stored_dtypes():
         scope = DrawCounter(mapping, draws)
     # The layer's `__call__` (`stateless_call` runs its bare `call`): it
     # casts `h` and its weights to its own dtype policy, as on TensorFlow.
     with scope:
-        return dynamics(h, training=training, **kwargs), scope
+        return dynamics([h, *context] if context else h,
+                        training=training, **kwargs), scope
 
 
 def _solve(dynamics, trainable, others, random_state, draws,
@@ -172,9 +178,10 @@ def _solve(dynamics, trainable, others, random_state, draws,
     """`solve`'s `(hs, integrals, counts)`, the dynamics' variables
     `trainable` and `others` read from `params` and `frozen`."""
     def dynamics_fn(t, h, params, frozen):
-        out, scope = _call(dynamics, t, h, [*zip(trainable, params),
-                                            *zip(others, frozen)], draws,
-                           time_dependent, training)
+        context = params[len(trainable):]
+        out, scope = _call(dynamics, t, h, context,
+                           [*zip(trainable, params), *zip(others, frozen)],
+                           draws, time_dependent, training)
         _solver.check_stateless(dynamics.name, scope, random_state)
         _solver.check_derivative(dynamics.name, out, h.shape)
         return out.astype(h.dtype)

@@ -25,12 +25,15 @@ _TFP = substrate("tensorflow")
 def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
           gradient, seminorm, on_backward_evals, kinetic=False,
           jacobian=False, trace=None, noise=None, training=None,
-          random_state=(), draws=None):
+          random_state=(), draws=None, context=()):
     """The states at `times` (stacked first) from `h0`, and the counts.
 
     Args:
         dynamics: the Keras layer computing `dh/dt`.
         h0: the initial state, float32 or float64.
+        context: tensors of `h0`'s dtype, constant over the solve, that
+            `dynamics` takes after the state (`dynamics([h, *context])`);
+            their gradients come as the weights' do.
         time_dependent: whether `dynamics` takes the time as `t`.
         t0: the initial time; `times` the output times (Python floats).
         forward, adjoint: keyword arguments of `_solver.integrate` for the
@@ -65,15 +68,18 @@ def solve(dynamics, h0, *, time_dependent, t0, times, forward, adjoint,
     with stored_dtypes():
         start = [(v, tf.convert_to_tensor(v)) for v in random_state]
         params = [tf.convert_to_tensor(v) for v in trainable]
+    params += context  # arguments of the solve, as the weights
 
     half = []  # whether the dynamics returned float16 (when traced)
 
     def fn(t, h, params):
         kwargs = {"t": t} if time_dependent else {}
+        weights, inputs = params[:len(trainable)], params[len(trainable):]
         with stored_dtypes():  # the values as stored, not autocast
-            scope = DrawCounter([*start, *zip(trainable, params)], draws)
+            scope = DrawCounter([*start, *zip(trainable, weights)], draws)
         with scope:
-            f = dynamics(h, training=training, **kwargs)
+            f = dynamics([h, *inputs] if inputs else h, training=training,
+                         **kwargs)
         half[:] = [f.dtype == tf.float16]
         _solver.check_stateless(dynamics.name, scope, random_state)
         _solver.check_derivative(dynamics.name, f, h.shape)
@@ -274,7 +280,9 @@ def odeint_adjoint(fn, y0, params, t0, times, *, forward_options,
             state, num_backward = _solver.integrate_adjoint(
                 _TFP if raises else _TFP._replace(asserts=False),
                 adjoint_fn, t0, times, ys, dys,
-                [tf.zeros(p.shape, dtype) for p in values + read],
+                # (A context's batch size may be known only as it runs.)
+                [tf.zeros(p.shape if p.shape.is_fully_defined()
+                          else tf.shape(p), dtype) for p in values + read],
                 state_mask=state_mask, seminorm=seminorm, **adjoint_options)
             on_backward_evals(num_backward)
             _, dy0, dparams = state

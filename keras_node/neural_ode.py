@@ -38,9 +38,10 @@ class NeuralODE(keras.layers.Layer):
     differentiates the solver's own operations instead (see
     `keras_node.gradients`).
 
-    What gets gradients: the initial state `h0` and every floating weight
-    that the dynamics read (their own, and another layer's that they read,
-    as a `Lambda` may). The times `t0` and `t1` are constants. The adjoint
+    What gets gradients: the initial state `h0`, the context (below) and
+    every floating weight that the dynamics read (their own, and another
+    layer's that they read, as a `Lambda` may). The times `t0` and `t1`
+    are constants. The adjoint
     gradient is approximate: it is exact for the ODE, up to the error of the
     backward solve (`gradients.Adjoint(rtol, atol)`); it is not the exact
     derivative of the forward solver's arithmetic. Backprop's is, for the
@@ -77,7 +78,7 @@ class NeuralODE(keras.layers.Layer):
     and the next solve draws anew. Dynamics that change other state are an
     error: a `BatchNormalization` in training (frozen, it is fine) and a
     loss (`activity_regularizer`, `add_loss`). Not supported: dynamics
-    with several inputs or outputs, gradients with respect to `t0` or `t1`.
+    with several outputs, gradients with respect to `t0` or `t1`.
     In a loop's body (a `keras.layers.RNN` cell, without `unroll`) the
     layer does not record the backward count, and on JAX no count, and
     there JAX refuses the regularisers and random layers in the dynamics.
@@ -173,14 +174,22 @@ class NeuralODE(keras.layers.Layer):
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: the initial state `h(t0)`, a floating tensor.
+        inputs: the initial state `h(t0)`, a floating tensor; or a list
+            `[h(t0), *context]`: then the dynamics take `[h, *context]`,
+            floating tensors constant over the solve (a class embedding, a
+            condition, a control), as diffrax's `args` or a closure in
+            torchdiffeq. The context gets its gradients as the weights do
+            (with the adjoint, integrated backward beside them; the seminorm
+            leaves them out of the error control). It is cast to the
+            state's dtype (float32 under mixed precision, or float64).
         training: passed to every call of the dynamics, also by the
             adjoint's backward solve (after this call has returned, where
             Keras no longer knows it). Defaults to Keras' own (True in
             `fit`).
 
     Input shape:
-        `(batch, *state_shape)`, any number of state dimensions.
+        `(batch, *state_shape)`, any number of state dimensions; a
+        context's shape is the dynamics' business.
 
     Output shape:
         The input's shape and dtype, `h(t1)`; with `save_at`,
@@ -346,6 +355,7 @@ class NeuralODE(keras.layers.Layer):
         return keras.ops.copy(self._backward_evals)
 
     def build(self, input_shape):
+        input_shape, context_shapes = state_and_context(input_shape)
         if self.augment_dim and tuple(input_shape)[-1] is None:
             raise invalid(
                 ValueError, "augment_dim", "0 for inputs whose last axis (the "
@@ -365,7 +375,7 @@ class NeuralODE(keras.layers.Layer):
         self._steps_rejected = counter("steps_rejected")
         # A symbolic call builds the dynamics (also those without `build`).
         state_shape = self._augmented(input_shape)
-        spec = self._dynamics_output_spec(state_shape)
+        spec = self._dynamics_output_spec(state_shape, context_shapes)
         _solver.check_derivative(
             self.dynamics.name, spec, state_shape,
             state=f"the state {state_shape}" + (
@@ -393,16 +403,18 @@ class NeuralODE(keras.layers.Layer):
         if keras.backend.backend() == "jax":
             self._backward_evals_host = float(self._backward_evals.value)
 
-    def _dynamics_output_spec(self, input_shape):
-        state = keras.KerasTensor(
-            input_shape, dtype=self._state_dtype(self.compute_dtype)
-        )
+    def _dynamics_output_spec(self, input_shape, context_shapes=()):
+        dtype = self._state_dtype(self.compute_dtype)
+        state = keras.KerasTensor(input_shape, dtype=dtype)
+        context = [keras.KerasTensor(shape, dtype=dtype)
+                   for shape in context_shapes]
         kwargs = {}
         if self._time_dependent:
             kwargs["t"] = keras.KerasTensor((), dtype=state.dtype)
         # Leaving no node: the model may apply the dynamics itself too.
         with leaving_no_node(self.dynamics):
-            return self.dynamics(state, **kwargs)
+            return self.dynamics([state, *context] if context else state,
+                                 **kwargs)
 
     def _state_dtype(self, input_dtype):
         """float64 for float64 inputs or a float64 layer, else float32 (also
@@ -422,21 +434,25 @@ class NeuralODE(keras.layers.Layer):
         return (self.t1,) if self.save_at is None else self.save_at
 
     def compute_output_shape(self, input_shape):
+        input_shape, _ = state_and_context(input_shape)
         if self.save_at is None:
             return tuple(input_shape)
         return (input_shape[0], len(self.save_at), *input_shape[1:])
 
     def compute_output_spec(self, inputs, training=None):
-        check_floating(inputs)
+        inputs, context = state_and_context(inputs)
+        check_floating(inputs, context)
         return keras.KerasTensor(self.compute_output_shape(inputs.shape),
                                  dtype=self._output_dtype(inputs.dtype))
 
     def call(self, inputs, training=None):
-        check_floating(inputs)
+        inputs, context = state_and_context(inputs)
+        check_floating(inputs, context)
         model = calling_model(self)
         if model is not None:
             self.note_model(model)
         h0 = keras.ops.cast(inputs, self._state_dtype(inputs.dtype))
+        context = [keras.ops.cast(c, h0.dtype) for c in context]
         if self.augment_dim:  # zero channels, dropped after the solve
             h0 = keras.ops.pad(h0, [[0, 0]] * (len(h0.shape) - 1)
                                + [[0, self.augment_dim]])
@@ -445,7 +461,8 @@ class NeuralODE(keras.layers.Layer):
             noise = draw_noise("gaussian", h0, self.seed_generator)
         hs, _, penalty = self._solve(
             h0, kinetic_energy=self.kinetic_energy,
-            jacobian_norm=self.jacobian_norm, noise=noise, training=training)
+            jacobian_norm=self.jacobian_norm, noise=noise, training=training,
+            context=context)
         if penalty is not None:
             self.add_loss(penalty)
         if self.augment_dim:
@@ -454,7 +471,8 @@ class NeuralODE(keras.layers.Layer):
         return keras.ops.cast(hs, self._output_dtype(inputs.dtype))
 
     def _solve(self, h0, *, reverse=False, kinetic_energy=0.0,
-               jacobian_norm=0.0, trace=None, noise=None, training=None):
+               jacobian_norm=0.0, trace=None, noise=None, training=None,
+               context=()):
         """Solves from `h0` and records the counts; the solve of `call` and
         of `ContinuousNormalizingFlow`.
 
@@ -465,7 +483,8 @@ class NeuralODE(keras.layers.Layer):
         output time, averaged over the batch), None with both off.
         `reverse`: from `t1` back to `t0` instead (one output time, `t0`).
         `training`: the dynamics' `training` argument, in the forward and
-        in the backward solve.
+        in the backward solve. `context`: tensors that the dynamics take
+        after the state.
         """
         t0, times = ((self.t1, (self.t0,)) if reverse
                      else (self.t0, self.output_times))
@@ -486,7 +505,7 @@ class NeuralODE(keras.layers.Layer):
             kinetic=bool(kinetic_energy), jacobian=bool(jacobian_norm),
             trace=trace, noise=noise, training=training,
             random_state=[generator.state for generator in generators],
-            draws=draws)
+            draws=draws, context=context)
         counts = keras.ops.cast(counts, "float32")
         # In a loop's body on JAX (an RNN cell's in `scan`) no state can
         # change. (TensorFlow's backend skips the backward count itself,
@@ -699,7 +718,16 @@ def check_seed(seed, unused=None):
     return None if seed is None else int(seed)  # Keras refuses numpy ints
 
 
-def check_floating(inputs):
+def state_and_context(inputs):
+    """`(state, context)`: a `NeuralODE`'s inputs (or their shapes), `h0`
+    or `[h0, *context]`, as `h0` and a list."""
+    if isinstance(inputs, (list, tuple)) and inputs and not isinstance(
+            inputs[0], (numbers.Integral, type(None))):
+        return inputs[0], list(inputs[1:])
+    return inputs, []
+
+
+def check_floating(inputs, context=()):
     dtype = keras.backend.standardize_dtype(inputs.dtype)
     if not keras.backend.is_float_dtype(dtype):
         raise TypeError(
@@ -707,3 +735,11 @@ def check_floating(inputs):
             "floating tensor (the initial state). Received: inputs of dtype "
             f"{dtype}"
         )
+    for k, tensor in enumerate(context, start=1):
+        dtype = keras.backend.standardize_dtype(tensor.dtype)
+        if not keras.backend.is_float_dtype(dtype):
+            raise TypeError(
+                "Received an invalid value for argument `inputs`, expected "
+                f"floating tensors (the initial state and the context). "
+                f"Received: inputs[{k}] of dtype {dtype} (embed integer "
+                "labels first, e.g. with `keras.layers.Embedding`)")

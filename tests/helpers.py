@@ -28,6 +28,32 @@ class Linear(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_node_tests")
+class Driven(keras.layers.Layer):
+    """`dh/dt = h A^T + c B^T` for inputs `[h, c]`, `c` a context constant
+    over the solve: with `M = [[A, B], [0, 0]]`, `[h(t), c] = [h0, c]
+    expm(M t)^T`."""
+
+    def __init__(self, a, b, **kwargs):
+        super().__init__(**kwargs)
+        self.a, self.b = np.asarray(a).tolist(), np.asarray(b).tolist()
+
+    def build(self, input_shapes):
+        for name, matrix in (("a_transposed", self.a),
+                             ("b_transposed", self.b)):
+            setattr(self, name, self.add_weight(
+                shape=np.shape(matrix)[::-1], name=name,
+                initializer=keras.initializers.Constant(np.transpose(matrix))))
+
+    def call(self, inputs):
+        h, c = inputs
+        return (keras.ops.matmul(h, self.a_transposed)
+                + keras.ops.matmul(c, self.b_transposed))
+
+    def get_config(self):
+        return {**super().get_config(), "a": self.a, "b": self.b}
+
+
+@keras.saving.register_keras_serializable(package="keras_node_tests")
 class CosineRate(keras.layers.Layer):
     """`dh/dt = w cos(t) h`, so `h(t1) = h0 exp(w (sin t1 - sin t0))`."""
 
@@ -159,14 +185,15 @@ def _jax_gradient(ode, h0, loss_fn, with_losses, training=None):
         ode(h0)  # creates the variables
     grad = jax.grad(_loss(ode, loss_fn, with_losses, training),
                     argnums=(0, 1), has_aux=True)
-    return grad, (keras.ops.convert_to_tensor(h0),
+    return grad, (keras.tree.map_structure(keras.ops.convert_to_tensor, h0),
                   [v.value for v in ode.trainable_variables],
                   [v.value for v in ode.non_trainable_variables])
 
 
 def gradients(ode, h0, loss_fn, with_losses=False, training=None,
               graph=False):
-    """`[dL/dh0] + dL/d(weights)` by the backend's own autodiff.
+    """`[dL/dh0] + dL/d(weights)` by the backend's own autodiff (`h0` may
+    be a list, the state and the context; then so is `dL/dh0`).
 
     `loss_fn` maps the layer's output to a scalar with `keras.ops`; with
     `with_losses`, the layer's own losses (the regulariser) are added;
@@ -193,7 +220,8 @@ def gradients(ode, h0, loss_fn, with_losses=False, training=None,
             value, _ = _loss(ode, loss_fn, with_losses, training)(h0)
         return tape.gradient(value, [h0] + ode.trainable_variables)
 
-    return (tf.function(grad) if graph else grad)(tf.convert_to_tensor(h0))
+    return (tf.function(grad) if graph else grad)(
+        tf.nest.map_structure(tf.convert_to_tensor, h0))
 
 
 def _gradient_program(ode, h0, loss_fn):

@@ -9,7 +9,7 @@ import pytest
 from conftest import (BACKEND, SOLVE_ERROR, graph, jax_only, tensorflow_only,
                       xla)
 
-from helpers import Linear, OdeRnnCell, Square, mlp_dynamics
+from helpers import Driven, Linear, OdeRnnCell, Square, mlp_dynamics
 from helpers import gradients as tape_gradients
 from keras_node import NeuralODE, gradients, solvers
 
@@ -123,6 +123,19 @@ def test_input_must_be_floating(symbolic):
               else np.ones((3, 2), "int32"))
     with pytest.raises(TypeError, match=r"argument `inputs`, expected a "
                        r"floating tensor .* Received: inputs of dtype int32"):
+        ode(inputs)
+
+
+@pytest.mark.parametrize("symbolic", [True, False])
+def test_a_context_must_be_floating(symbolic):
+    ode = NeuralODE(Driven(np.eye(2), np.ones((2, 1))))
+    inputs = ([keras.Input((2,)), keras.Input((1,), dtype="int32")]
+              if symbolic else [np.ones((3, 2), "float32"),
+                                np.ones((3, 1), "int32")])
+    with pytest.raises(TypeError, match=r"argument `inputs`, expected "
+                       r"floating tensors \(the initial state and the "
+                       r"context\). Received: inputs\[1\] of dtype int32 "
+                       r"\(embed integer labels first"):
         ode(inputs)
 
 

@@ -289,6 +289,38 @@ def test_two_layers_in_a_subclassed_model_log_distinct_counts():
     assert logs["second_ode_nfe_forward"] > logs["first_ode_nfe_forward"]
 
 
+def test_a_context_trains_and_saves(tmp_path):
+    # A class label, embedded, conditions the dynamics: `fit` reaches the
+    # embedding through the solve (only the rows of labels seen move), and
+    # the .keras file loads with the same outputs.
+    keras.utils.set_random_seed(0)
+    state, label = keras.Input((2,)), keras.Input((), dtype="int32")
+    embedding = keras.layers.Embedding(4, 3)
+    inputs = [keras.Input((2,)), keras.Input((3,))]
+    dynamics = keras.Model(inputs, keras.layers.Dense(2, activation="tanh")(
+        keras.layers.Concatenate()(inputs)))
+    model = keras.Model([state, label],
+                        NeuralODE(dynamics)([state, embedding(label)]))
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 2)).astype("float32")
+    labels = rng.integers(0, 3, 64)  # never 3
+    y = x + 0.5 * labels[:, None].astype("float32")
+    before = keras.ops.convert_to_numpy(embedding.embeddings)
+    history = model.fit([x, labels], y, batch_size=16, epochs=4, verbose=0,
+                        callbacks=[LogEvaluationCounts()]).history
+    assert history["loss"][-1] < history["loss"][0]
+    assert history["nfe_backward"][-1] > 0
+    after = keras.ops.convert_to_numpy(embedding.embeddings)
+    assert np.all(np.abs(after[:3] - before[:3]).max(axis=1) > 1e-3)
+    np.testing.assert_array_equal(after[3], before[3])
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(loaded.predict([x, labels], verbose=0),
+                               model.predict([x, labels], verbose=0),
+                               rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_keras_save_load_reproduces_and_keeps_training(tmp_path):
     model = conv_model()

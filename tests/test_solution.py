@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 
 from conftest import tensorflow_only
-from helpers import CosineRate, Linear, OdeRnnCell, gradients
+from helpers import CosineRate, Driven, Linear, OdeRnnCell, gradients
 from keras_node import NeuralODE, solvers
 
 A = np.array([[-0.5, 2.0], [-2.0, -0.5]])
@@ -35,6 +35,51 @@ def test_time_dependent_matches_closed_form(t0, t1):
     expected = H0 * np.exp(0.7 * (np.sin(t1) - np.sin(t0)))
     np.testing.assert_allclose(ode(H0), expected, rtol=SOLUTION_TOL,
                                atol=SOLUTION_TOL)
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "rk4"])
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_dynamics_with_a_context(solver, gradient):
+    # dh/dt = h A^T + c B^T, the context c constant over the solve: with
+    # M = [[A, B], [0, 0]], [h(t), c] = [h0, c] expm(M t)^T. The context
+    # gets its gradient from the gradient method, as the weights do.
+    b = np.array([[0.3, -1.0, 0.5], [0.7, 0.2, -0.4]])
+    context = np.array([[1.0, -0.5, 0.2], [0.0, 2.0, 1.0], [-1.0, 0.3, 0.4]])
+    save_at = [0.5, 1.5]
+    options = (dict(rtol=1e-9, atol=1e-9) if solver == "dopri5"
+               else dict(solver=solvers.RK4(step_size=0.01)))
+    ode = NeuralODE(Driven(A, b, dtype="float64"), t1=1.5, save_at=save_at,
+                    gradient=gradient, dtype="float64", **options)
+
+    def closed_form(a, b):
+        m = np.zeros((5, 5))
+        m[:2, :2], m[:2, 2:] = a, b
+        return [scipy.linalg.expm(m * t)[:2] for t in save_at]
+
+    expected = np.stack([np.concatenate([H0, context], 1) @ e.T
+                         for e in closed_form(A, b)], axis=1)
+    np.testing.assert_allclose(ode([H0, context]), expected,
+                               rtol=SOLUTION_TOL, atol=SOLUTION_TOL)
+    weights = np.array([[0.4, -1.0], [2.0, 0.5]])  # one row per time
+    (dh0, dcontext), da, db = gradients(
+        ode, [H0, context], lambda hs: keras.ops.sum(hs * weights))
+    # The loss is linear: each example's gradient is the same.
+    slope = sum(w @ e for w, e in zip(weights, closed_form(A, b)))
+    np.testing.assert_allclose(dh0, np.tile(slope[:2], (3, 1)),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dcontext, np.tile(slope[2:], (3, 1)),
+                               rtol=1e-6, atol=1e-6)
+    # B^T's gradient, against central differences of the closed form.
+    loss = lambda b: np.sum(weights * np.stack([
+        np.concatenate([H0, context], 1) @ e.T
+        for e in closed_form(A, b)], axis=1))
+    expected_db = np.zeros((3, 2))
+    for i, j in np.ndindex(2, 3):
+        step = np.zeros((2, 3))
+        step[i, j] = 1e-6
+        expected_db[j, i] = (loss(b + step) - loss(b - step)) / 2e-6
+    np.testing.assert_allclose(db, expected_db, rtol=1e-5, atol=1e-5)
+    assert np.shape(da) == (2, 2)
 
 
 def test_error_follows_tolerance():
