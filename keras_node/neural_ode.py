@@ -40,13 +40,12 @@ class NeuralODE(keras.layers.Layer):
 
     What gets gradients: the initial state `h0`, the context (below) and
     every floating weight that the dynamics read (their own, and another
-    layer's that they read, as a `Lambda` may). The times `t0` and `t1`
-    are constants. The adjoint
-    gradient is approximate: it is exact for the ODE, up to the error of the
-    backward solve (`gradients.Adjoint(rtol, atol)`); it is not the exact
-    derivative of the forward solver's arithmetic. Backprop's is, for the
-    steps taken (step sizes are not differentiated), at a memory cost that
-    grows with the number of steps.
+    layer's that they read, as a `Lambda` may). The times `t0` and `t1` are
+    constants. The adjoint gradient is approximate: it is exact for the ODE,
+    up to the error of the backward solve (`gradients.Adjoint(rtol, atol)`);
+    it is not the exact derivative of the forward solver's arithmetic.
+    Backprop's is, for the steps taken (step sizes are not differentiated),
+    at a memory cost that grows with the number of steps.
 
     Function evaluations are counted inside the graph, forward and backward
     separately (the backward count is of the adjoint system, one dynamics
@@ -735,11 +734,18 @@ def check_floating(inputs, context=()):
             "floating tensor (the initial state). Received: inputs of dtype "
             f"{dtype}"
         )
-    for k, tensor in enumerate(context, start=1):
+    check_context(context, "inputs", "the initial state and the context",
+                  first=1)
+
+
+def check_context(context, name, what, first=0):
+    """Raises for a tensor of `context` (the argument `name`'s, holding
+    `what`, from index `first`) that is not floating."""
+    for k, tensor in enumerate(context, start=first):
         dtype = keras.backend.standardize_dtype(tensor.dtype)
         if not keras.backend.is_float_dtype(dtype):
             raise TypeError(
-                "Received an invalid value for argument `inputs`, expected "
-                f"floating tensors (the initial state and the context). "
-                f"Received: inputs[{k}] of dtype {dtype} (embed integer "
-                "labels first, e.g. with `keras.layers.Embedding`)")
+                f"Received an invalid value for argument `{name}`, expected "
+                f"floating tensors ({what}). Received: {name}[{k}] of dtype "
+                f"{dtype} (embed integer labels first, e.g. with "
+                "`keras.layers.Embedding`)")

@@ -7,8 +7,8 @@ import keras
 
 from keras_node import gradients, solvers
 from keras_node._options import invalid, non_negative_float, positive_int
-from keras_node.neural_ode import (NeuralODE, check_floating, check_seed,
-                                   draw_noise)
+from keras_node.neural_ode import (NeuralODE, check_context, check_floating,
+                                   check_seed, draw_noise, state_and_context)
 
 _TRACES = ("exact", "hutchinson")
 _NOISES = ("gaussian", "rademacher")
@@ -69,8 +69,14 @@ class ContinuousNormalizingFlow(keras.Model):
         seed: an integer seeding the probes and `sample`, or `None`.
         **kwargs: base model arguments (`name`, `dtype`, ...).
 
+    A conditional flow models `p(x | c)`: called on `[x, *context]`, its
+    dynamics take `[z, *context]` (as `NeuralODE`'s), trained by
+    `fit([x, c])`; `log_prob(x, context=c)` and `sample(n, context=c)`,
+    one draw per row of `c`.
+
     Call arguments:
-        inputs: data points, a floating tensor `(batch, *event_shape)`.
+        inputs: data points, a floating tensor `(batch, *event_shape)`, or
+            a list `[x, *context]` (the context's rows going with `x`'s).
         training: passed to every call of the dynamics, as `NeuralODE`'s.
 
     Returns:
@@ -131,43 +137,52 @@ class ContinuousNormalizingFlow(keras.Model):
         return self.ode.dynamics
 
     def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) < 2 or None in input_shape[1:]:
+        state_shape, context_shapes = state_and_context(input_shape)
+        state_shape = tuple(state_shape)
+        if len(state_shape) < 2 or None in state_shape[1:]:
             raise ValueError(
                 "Received an invalid value for argument `input_shape`, "
                 "expected (batch, *event_shape) with a known event shape. "
                 f"Received: input_shape={input_shape}")
-        self.event_shape = input_shape[1:]
-        self.ode.build(input_shape)
+        self.event_shape = state_shape[1:]
+        self.ode.build([state_shape, *context_shapes] if context_shapes
+                       else state_shape)
 
     def compute_output_spec(self, inputs, training=None):
-        check_floating(inputs)
+        inputs, context = state_and_context(inputs)
+        check_floating(inputs, context)
         return keras.KerasTensor(inputs.shape[:1],
                                  dtype=self.ode._output_dtype(inputs.dtype))
 
     def call(self, inputs, training=None):
-        check_floating(inputs)
+        inputs, context = state_and_context(inputs)
+        check_floating(inputs, context)
         z0 = keras.ops.cast(inputs, self.ode._state_dtype(inputs.dtype))
+        context = [keras.ops.cast(c, z0.dtype) for c in context]
         noise = None
         if self._probed:
             noise = draw_noise(self.noise or "gaussian", z0,
                                self.seed_generator)
         zs, divergence, penalty = self.ode._solve(
             z0, trace=self.trace, kinetic_energy=self.kinetic_energy,
-            jacobian_norm=self.jacobian_norm, noise=noise, training=training)
+            jacobian_norm=self.jacobian_norm, noise=noise, training=training,
+            context=context)
         if penalty is not None:
             self.add_loss(penalty)
         log_prob = _standard_normal_log_prob(zs[0]) + divergence[-1]
         return keras.ops.cast(log_prob, self.ode._output_dtype(inputs.dtype))
 
-    def log_prob(self, x):
-        """`log p(x)` per example, in nats: the model's call."""
-        return self(x)
+    def log_prob(self, x, context=None):
+        """`log p(x)` per example, in nats: the model's call (of `[x,
+        *context]` for a conditional flow; `context` a tensor or a list)."""
+        return self(x if context is None else [x, *_as_list(context)])
 
-    def sample(self, num_samples, seed=None):
+    def sample(self, num_samples, seed=None, context=None):
         """`num_samples` draws from the model, `(num_samples, *event_shape)`:
         base draws solved back from `t1` to `t0`. `seed`: an integer, or
-        `None` for the model's own seed generator."""
+        `None` for the model's own seed generator. `context`: for a
+        conditional flow, a tensor (or a list) of `num_samples` rows, one
+        per draw."""
         num_samples = positive_int("num_samples", num_samples)
         if self.event_shape is None:
             raise ValueError(
@@ -175,10 +190,21 @@ class ContinuousNormalizingFlow(keras.Model):
                 "call, fit or build the model first.")
         seed = check_seed(seed)
         dtype = self.ode._state_dtype(self.compute_dtype)
+        context = [keras.ops.convert_to_tensor(c)
+                   for c in _as_list(context)]
+        check_context(context, "context", "the context")
+        for c in context:
+            if len(c.shape) < 1 or c.shape[0] != num_samples:
+                raise ValueError(
+                    "Received an invalid value for argument `context`, "
+                    f"expected {num_samples} rows (num_samples), one per "
+                    f"draw. Received: a context of shape {tuple(c.shape)}")
         z = keras.random.normal(
             (num_samples, *self.event_shape), dtype=dtype,
             seed=self.seed_generator if seed is None else seed)
-        xs, _, _ = self.ode._solve(z, reverse=True)
+        xs, _, _ = self.ode._solve(
+            z, reverse=True, context=[keras.ops.cast(c, dtype)
+                                      for c in context])
         return xs[0]
 
     def compile(self, optimizer="rmsprop", loss=None, **kwargs):
@@ -249,18 +275,26 @@ def _carry_weights(method, args, kwargs):
     bound = inspect.signature(method).bind(*args, **kwargs)
     arguments = bound.arguments
     data = [arguments.get(key) for key in ("x", "y", "sample_weight")]
-    if _drops_weights(*data):
-        arguments["y"] = data[0]
+    if _drops_weights(*data):  # x, or the data of `[x, *context]`
+        arguments["y"] = _as_list(data[0])[0]
     validation = arguments.get("validation_data")
     if isinstance(validation, (tuple, list)) and len(validation) == 3 and (
             _drops_weights(*validation)):
         x, _, weights = validation
-        arguments["validation_data"] = (x, x, weights)
+        arguments["validation_data"] = (x, _as_list(x)[0], weights)
     return bound.args, bound.kwargs
 
 
 def _drops_weights(x, y, sample_weight):
-    return hasattr(x, "shape") and y is None and sample_weight is not None
+    return (hasattr(x, "shape") or isinstance(x, (list, tuple))) and (
+        y is None and sample_weight is not None)
+
+
+def _as_list(context):
+    """`context` (a tensor, a list of them, or None) as a list."""
+    if context is None:
+        return []
+    return list(context) if isinstance(context, (list, tuple)) else [context]
 
 
 class _NegativeLogLikelihood(keras.losses.Loss):

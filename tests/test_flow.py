@@ -9,7 +9,7 @@ import scipy.linalg
 from keras import ops
 
 from conftest import tensorflow_only
-from helpers import Linear, finite_difference_check, mlp_dynamics
+from helpers import Driven, Linear, finite_difference_check, mlp_dynamics
 from helpers import gradients as tape_gradients
 from keras_node import ContinuousNormalizingFlow, NeuralODE, solvers
 from keras_node.callbacks import LogEvaluationCounts
@@ -76,6 +76,57 @@ def test_sample_solves_base_draws_back_to_the_data():
     np.testing.assert_allclose(samples, expected, rtol=1e-9, atol=1e-12)
     # Without a seed, the model's own generator: fresh draws each time.
     assert not np.allclose(flow.sample(6), flow.sample(6))
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_a_conditional_flow_is_exact(gradient):
+    # dz/dt = z A^T + c B^T: with M = [[A, B], [0, 0]], z(t1) = [x, c]
+    # expm(M t1)^T (its first two columns), the divergence trace(A) as for
+    # the linear flow; a draw solves back by expm(-M t1).
+    b = np.array([[0.5], [-1.5]])
+    context = np.linspace(-1.0, 1.0, len(X))[:, None]
+    flow = ContinuousNormalizingFlow(Driven(A, b, dtype="float64"), t1=0.7,
+                                     gradient=gradient, dtype="float64",
+                                     **TIGHT)
+    m = np.zeros((3, 3))
+    m[:2, :2], m[:2, 2:] = A, b
+    data = np.concatenate([X, context], 1)
+    z1 = data @ scipy.linalg.expm(m * 0.7)[:2].T
+    expected = normal_log_prob(z1) + np.trace(A) * 0.7
+    np.testing.assert_allclose(flow.log_prob(X, context=context), expected,
+                               rtol=1e-9)
+    np.testing.assert_allclose(flow([X, context]), expected, rtol=1e-9)
+    samples = flow.sample(len(X), seed=4, context=context)
+    z = np.asarray(keras.random.normal((len(X), 2), dtype="float64",
+                                       seed=4))
+    expected = (np.concatenate([z, context], 1)
+                @ scipy.linalg.expm(-m * 0.7)[:2].T)
+    np.testing.assert_allclose(samples, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_conditional_flow_learns_its_shift():
+    # x = c mu + N(0, I), c = +-1: given c, the best held-out NLL is the
+    # entropy of N(0, I), log(2 pi e), reached by fit([x, c]) (B = -mu, up
+    # to a rotation that A learns too); draws given c = 1 centre on mu.
+    rng = np.random.default_rng(5)
+    mu = np.array([2.0, -1.0], "float32")
+    c, c_test = (rng.choice([-1.0, 1.0], size=(n, 1)).astype("float32")
+                 for n in (2048, 4096))
+    x, x_test = ((c * mu + rng.normal(size=(len(c), 2))).astype("float32")
+                 for c in (c, c_test))
+    flow = ContinuousNormalizingFlow(Driven(np.zeros((2, 2)),
+                                            np.zeros((2, 1))), seed=6)
+    flow.compile(keras.optimizers.Adam(0.05))
+    history = flow.fit([x, c], batch_size=256, epochs=12, verbose=0,
+                       sample_weight=np.ones(len(x)),
+                       callbacks=[LogEvaluationCounts()]).history
+    entropy = np.log(2 * np.pi * np.e)
+    assert history["loss"][0] > entropy + 1.0
+    assert history["nfe_backward"][-1] >= 8
+    nll = -float(np.mean(flow.log_prob(x_test, context=c_test)))
+    assert nll < entropy + 0.02
+    samples = flow.sample(1000, seed=7, context=np.ones((1000, 1)))
+    np.testing.assert_allclose(np.mean(samples, axis=0), mu, atol=0.15)
 
 
 @pytest.mark.parametrize("solver, gradient", [
@@ -334,6 +385,15 @@ def test_sample_errors():
     with pytest.raises(TypeError, match=r"argument `inputs`, expected a "
                        r"floating tensor"):
         flow.log_prob(np.zeros((2, 2), "int32"))
+    with pytest.raises(ValueError, match=r"argument `context`, expected 3 "
+                       r"rows \(num_samples\), one per draw. Received: a "
+                       r"context of shape \(2, 1\)"):
+        flow.sample(3, context=np.zeros((2, 1), "float32"))
+    with pytest.raises(TypeError, match=r"argument `context`, expected "
+                       r"floating tensors \(the context\). Received: "
+                       r"context\[1\] of dtype int32"):
+        flow.sample(3, context=[np.zeros((3, 1), "float32"),
+                                np.zeros((3, 1), "int32")])
 
 
 @pytest.mark.slow
