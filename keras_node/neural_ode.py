@@ -77,7 +77,9 @@ class NeuralODE(keras.layers.Layer):
     and the next solve draws anew. Dynamics that change other state are an
     error: a `BatchNormalization` in training (frozen, it is fine) and a
     loss (`activity_regularizer`, `add_loss`). Not supported: dynamics
-    with several outputs, gradients with respect to `t0` or `t1`.
+    with several outputs, gradients with respect to `t0` or `t1` (per-example
+    end times `T` with their gradients: solve `dh/ds = T f(h)` over [0, 1],
+    `T` a context).
     In a loop's body (a `keras.layers.RNN` cell, without `unroll`) the
     layer does not record the backward count, and on JAX no count, and
     there JAX refuses the regularisers and random layers in the dynamics.

@@ -82,6 +82,39 @@ def test_dynamics_with_a_context(solver, gradient):
     assert np.shape(da) == (2, 2)
 
 
+class TimeScaled(keras.layers.Layer):
+    """`dh/ds = T h A^T` for inputs `[h, T]`: over `s` in [0, 1], `dh/dt =
+    h A^T` over [0, T]."""
+
+    def build(self, input_shapes):
+        self.a_transposed = self.add_weight(
+            shape=(2, 2), initializer=keras.initializers.Constant(A.T))
+
+    def call(self, inputs):
+        h, end = inputs
+        return end * keras.ops.matmul(h, self.a_transposed)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_end_times_of_each_example_as_a_context(gradient):
+    # The guide's recipe for per-example end times T, with their gradients:
+    # a change of time, T as the context. h(T) = h0 expm(A T)^T, and
+    # dL/dT = (dL/dh) . h(T) A^T.
+    ends = np.array([[0.5], [1.0], [2.5]])
+    ode = NeuralODE(TimeScaled(dtype="float64"), rtol=1e-10, atol=1e-10,
+                    gradient=gradient, dtype="float64")
+    expected = np.stack([h @ scipy.linalg.expm(A * t).T
+                         for h, t in zip(H0, ends[:, 0])])
+    np.testing.assert_allclose(ode([H0, ends]), expected, rtol=1e-8,
+                               atol=1e-8)
+    weights = np.array([1.0, -2.0])
+    (_, dends), _ = gradients(ode, [H0, ends],
+                              lambda h: keras.ops.sum(h * weights))
+    np.testing.assert_allclose(
+        dends, np.sum(weights * (expected @ A.T), axis=1, keepdims=True),
+        rtol=1e-7, atol=1e-7)
+
+
 def test_error_follows_tolerance():
     errors = []
     for tol in (1e-3, 1e-6):
