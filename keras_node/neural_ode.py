@@ -441,19 +441,16 @@ class NeuralODE(keras.layers.Layer):
         return (input_shape[0], len(self.save_at), *input_shape[1:])
 
     def compute_output_spec(self, inputs, training=None):
-        inputs, context = state_and_context(inputs)
-        check_floating(inputs, context)
+        inputs, _ = checked_inputs(inputs)
         return keras.KerasTensor(self.compute_output_shape(inputs.shape),
                                  dtype=self._output_dtype(inputs.dtype))
 
     def call(self, inputs, training=None):
-        inputs, context = state_and_context(inputs)
-        check_floating(inputs, context)
+        inputs, context = checked_inputs(inputs)
         model = calling_model(self)
         if model is not None:
             self.note_model(model)
         h0 = keras.ops.cast(inputs, self._state_dtype(inputs.dtype))
-        context = [keras.ops.cast(c, h0.dtype) for c in context]
         if self.augment_dim:  # zero channels, dropped after the solve
             h0 = keras.ops.pad(h0, [[0, 0]] * (len(h0.shape) - 1)
                                + [[0, self.augment_dim]])
@@ -485,7 +482,7 @@ class NeuralODE(keras.layers.Layer):
         `reverse`: from `t1` back to `t0` instead (one output time, `t0`).
         `training`: the dynamics' `training` argument, in the forward and
         in the backward solve. `context`: tensors that the dynamics take
-        after the state.
+        after the state (cast to `h0`'s dtype).
         """
         t0, times = ((self.t1, (self.t0,)) if reverse
                      else (self.t0, self.output_times))
@@ -506,7 +503,8 @@ class NeuralODE(keras.layers.Layer):
             kinetic=bool(kinetic_energy), jacobian=bool(jacobian_norm),
             trace=trace, noise=noise, training=training,
             random_state=[generator.state for generator in generators],
-            draws=draws, context=context)
+            draws=draws, context=[keras.ops.cast(c, h0.dtype)
+                                  for c in context])
         counts = keras.ops.cast(counts, "float32")
         # In a loop's body on JAX (an RNN cell's in `scan`) no state can
         # change. (TensorFlow's backend skips the backward count itself,
@@ -726,6 +724,14 @@ def state_and_context(inputs):
             inputs[0], (numbers.Integral, type(None))):
         return inputs[0], list(inputs[1:])
     return inputs, []
+
+
+def checked_inputs(inputs):
+    """`state_and_context(inputs)` of a call's tensors; raises unless they
+    are all floating."""
+    state, context = state_and_context(inputs)
+    check_floating(state, context)
+    return state, context
 
 
 def check_floating(inputs, context=()):

@@ -7,8 +7,9 @@ import keras
 
 from keras_node import gradients, solvers
 from keras_node._options import invalid, non_negative_float, positive_int
-from keras_node.neural_ode import (NeuralODE, check_context, check_floating,
-                                   check_seed, draw_noise, state_and_context)
+from keras_node.neural_ode import (NeuralODE, check_context, check_seed,
+                                   checked_inputs, draw_noise,
+                                   state_and_context)
 
 _TRACES = ("exact", "hutchinson")
 _NOISES = ("gaussian", "rademacher")
@@ -149,16 +150,13 @@ class ContinuousNormalizingFlow(keras.Model):
                        else state_shape)
 
     def compute_output_spec(self, inputs, training=None):
-        inputs, context = state_and_context(inputs)
-        check_floating(inputs, context)
+        inputs, _ = checked_inputs(inputs)
         return keras.KerasTensor(inputs.shape[:1],
                                  dtype=self.ode._output_dtype(inputs.dtype))
 
     def call(self, inputs, training=None):
-        inputs, context = state_and_context(inputs)
-        check_floating(inputs, context)
+        inputs, context = checked_inputs(inputs)
         z0 = keras.ops.cast(inputs, self.ode._state_dtype(inputs.dtype))
-        context = [keras.ops.cast(c, z0.dtype) for c in context]
         noise = None
         if self._probed:
             noise = draw_noise(self.noise or "gaussian", z0,
@@ -202,9 +200,7 @@ class ContinuousNormalizingFlow(keras.Model):
         z = keras.random.normal(
             (num_samples, *self.event_shape), dtype=dtype,
             seed=self.seed_generator if seed is None else seed)
-        xs, _, _ = self.ode._solve(
-            z, reverse=True, context=[keras.ops.cast(c, dtype)
-                                      for c in context])
+        xs, _, _ = self.ode._solve(z, reverse=True, context=context)
         return xs[0]
 
     def compile(self, optimizer="rmsprop", loss=None, **kwargs):
