@@ -48,9 +48,10 @@ def _earlier_modules_frozen():
     """Keeps what earlier test modules left alive out of the garbage
     collector's passes: collects it once, then freezes it (`gc.freeze`).
     TensorFlow keeps every model that `fit` trained (its train graph,
-    tensorflow/tensorflow#97697), several million objects late in the
-    suite, which every full collection scanned: it took 69 of the 79
-    seconds of a SavedModel export there (2026-12-07)."""
+    tensorflow/tensorflow#97697), millions of objects late in the suite,
+    which every full collection scanned: most of the time of the tests
+    that trace large graphs there (a SavedModel export's, profiled in a
+    full run on 2026-12-07)."""
     gc.collect()
     gc.freeze()
 
