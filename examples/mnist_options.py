@@ -31,7 +31,8 @@ def parse_args(argv=None, description=None):
         help="Adam's decoupled weight decay: each step shrinks the weights "
         "by this times the learning rate (default: %(default)s, none)")
     add("--solver", default="dopri5",
-        choices=["dopri5", "tsit5", "bosh3", "euler", "midpoint", "rk4"],
+        choices=["dopri5", "tsit5", "bosh3", "adaptive_heun", "euler",
+                 "midpoint", "rk4"],
         help="the ODE solver; tsit5 is the DiffEqFlux tutorial's "
         "(default: %(default)s)")
     add("--num-steps", type=int, default=None,
@@ -126,7 +127,8 @@ def parse_args(argv=None, description=None):
                      f"{args.solver}")
     if args.adjoint_norm is not None and (fixed or args.gradient != "adjoint"):
         parser.error("--adjoint-norm is for --gradient adjoint with an "
-                     "adaptive solver (dopri5, tsit5, bosh3)")
+                     "adaptive solver (dopri5, tsit5, bosh3, "
+                     "adaptive_heun)")
     if not TENSORFLOW and args.strategy not in ("auto", "default"):
         parser.error(f"--strategy {args.strategy} needs Keras' TensorFlow "
                      f"backend; on {keras.backend.backend()} use auto")

@@ -36,7 +36,8 @@ import numpy as np
 # A Butcher tableau: `nodes` c_2..c_s, `matrix` the rows of A below the
 # diagonal, `weights` b, and for adaptive pairs `error` (b - b_hat) and `mid`
 # (the weights of y(t + dt/2), for the dense output), `order` the order of
-# the solution.
+# a fixed-step method, or the higher order of an adaptive pair (the local
+# error estimate's: the step-size control takes its reciprocal power).
 Tableau = collections.namedtuple(
     "Tableau", ["nodes", "matrix", "weights", "error", "mid", "order"])
 
@@ -76,16 +77,38 @@ _TSIT5 = Tableau(
     order=5,
 )
 
-# Bogacki & Shampine (1989), the 3(2) pair of MATLAB's ode23. `mid` is the
-# cubic Hermite interpolant's midpoint, (y0 + y1)/2 + dt (f0 - f1)/8, which
-# makes TFP's quartic dense output that cubic.
+
+def _hermite_mid(weights):
+    """`mid` of the cubic Hermite interpolant through a step's ends, `(y0 +
+    y1)/2 + dt (f0 - f1)/8`, in a first-same-as-last tableau's stages (`f1`
+    its last): TFP's quartic dense output is then that cubic."""
+    mid = [w / 2 for w in weights]
+    mid[0] += 1 / 8
+    mid[-1] -= 1 / 8
+    return mid
+
+
+# Bogacki & Shampine (1989), the 3(2) pair of MATLAB's ode23, with the cubic
+# Hermite dense output (as the one below).
 _BOSH3 = Tableau(
     nodes=[1 / 2, 3 / 4, 1.0],
     matrix=[[1 / 2], [0.0, 3 / 4], [2 / 9, 1 / 3, 4 / 9]],
     weights=[2 / 9, 1 / 3, 4 / 9, 0.0],
     error=[2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8],
-    mid=[17 / 72, 1 / 6, 2 / 9, -1 / 8],
+    mid=_hermite_mid([2 / 9, 1 / 3, 4 / 9, 0.0]),
     order=3,
+)
+
+# Heun's method with Euler's for its error, torchdiffeq's "adaptive_heun"
+# (diffrax's `Heun`), written first same as last: the third stage is f at
+# the solution.
+_ADAPTIVE_HEUN = Tableau(
+    nodes=[1.0, 1.0],
+    matrix=[[1.0], [1 / 2, 1 / 2]],
+    weights=[1 / 2, 1 / 2, 0.0],
+    error=[1 / 2 - 1.0, 1 / 2, 0.0],
+    mid=_hermite_mid([1 / 2, 1 / 2, 0.0]),
+    order=2,
 )
 
 # Fixed-step methods: no error estimate, no dense output (their steps land
@@ -97,7 +120,7 @@ _FIXED = {
                    [[1 / 2], [0.0, 1 / 2], [0.0, 0.0, 1.0]],
                    [1 / 6, 1 / 3, 1 / 3, 1 / 6], None, None, 4),
 }
-ADAPTIVE = ("dopri5", "tsit5", "bosh3")
+ADAPTIVE = ("dopri5", "tsit5", "bosh3", "adaptive_heun")
 FIXED = tuple(_FIXED)
 
 
@@ -105,7 +128,8 @@ def tableau(sub, method):
     """The tableau of `method`, one of `ADAPTIVE + FIXED`."""
     if method == "dopri5":
         return _dopri5(sub)
-    return {"tsit5": _TSIT5, "bosh3": _BOSH3, **_FIXED}[method]
+    return {"tsit5": _TSIT5, "bosh3": _BOSH3,
+            "adaptive_heun": _ADAPTIVE_HEUN, **_FIXED}[method]
 
 
 def check_derivative(name, f, state_shape, state=None):

@@ -29,7 +29,7 @@ class NeuralODE(keras.layers.Layer):
 
     The solve uses an adaptive Runge-Kutta method (by default TensorFlow
     Probability's Dormand-Prince 5(4), `tfp.math.ode.DormandPrince`; also
-    Tsit5 and Bosh3) or a fixed-step one (Euler, midpoint, RK4): see
+    Tsit5, Bosh3 and Heun's) or a fixed-step one (Euler, midpoint, RK4): see
     `keras_node.solvers`. Only the final state is returned, unless `save_at`
     asks for the states at several times. Gradients come from the adjoint
     method by default: the backward pass solves the adjoint equation from
@@ -120,10 +120,10 @@ class NeuralODE(keras.layers.Layer):
             positive float; must be left out for a fixed-step solver.
             Defaults to `1e-3` (adaptive solvers).
         atol: absolute tolerance, likewise. Defaults to `1e-3`.
-        solver: `"dopri5"`, `"tsit5"`, `"bosh3"`, `"euler"`, `"midpoint"`,
-            `"rk4"`, or a `keras_node.solvers` object with options (the
-            first step, the step budget; the number or size of fixed
-            steps). Defaults to `"dopri5"`.
+        solver: `"dopri5"`, `"tsit5"`, `"bosh3"`, `"adaptive_heun"`,
+            `"euler"`, `"midpoint"`, `"rk4"`, or a `keras_node.solvers`
+            object with options (the first step, the step budget; the
+            number or size of fixed steps). Defaults to `"dopri5"`.
         gradient: `"adjoint"`, `"backprop"`, or a `keras_node.gradients`
             object (`gradients.Adjoint(rtol=None, atol=None,
             norm="seminorm")`: the backward solve's tolerances, defaulting

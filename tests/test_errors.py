@@ -35,7 +35,8 @@ def dynamics():
          r"argument `atol`, expected a positive float. Received: atol=-0.001"),
         (dict(solver="rk45"), ValueError,
          r'argument `solver`, expected one of "dopri5", "tsit5", "bosh3", '
-         r'"euler", "midpoint", "rk4" or a `keras_node.solvers.Solver`. '
+         r'"adaptive_heun", "euler", "midpoint", "rk4" or a '
+         r'`keras_node.solvers.Solver`. '
          r"Received: solver='rk45'"),
         (dict(solver=3), TypeError, r"argument `solver`, .* Received: "
          r"solver=3"),
