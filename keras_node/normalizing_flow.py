@@ -73,7 +73,7 @@ class ContinuousNormalizingFlow(keras.Model):
     A conditional flow models `p(x | c)`: called on `[x, *context]`, its
     dynamics take `[z, *context]` (as `NeuralODE`'s), trained by
     `fit([x, c])`; `log_prob(x, context=c)` and `sample(n, context=c)`,
-    one draw per row of `c`.
+    one draw per row of `c` (or `n` draws given a `c` of one row).
 
     Call arguments:
         inputs: data points, a floating tensor `(batch, *event_shape)`, or
@@ -180,7 +180,7 @@ class ContinuousNormalizingFlow(keras.Model):
         base draws solved back from `t1` to `t0`. `seed`: an integer, or
         `None` for the model's own seed generator. `context`: for a
         conditional flow, a tensor (or a list) of `num_samples` rows, one
-        per draw."""
+        per draw, or of one row, the same for every draw."""
         num_samples = positive_int("num_samples", num_samples)
         if self.event_shape is None:
             raise ValueError(
@@ -191,12 +191,15 @@ class ContinuousNormalizingFlow(keras.Model):
         context = [keras.ops.convert_to_tensor(c)
                    for c in _as_list(context)]
         check_context(context, "context", "the context")
-        for c in context:
-            if len(c.shape) < 1 or c.shape[0] != num_samples:
+        for i, c in enumerate(context):
+            if len(c.shape) < 1 or c.shape[0] not in (1, num_samples):
                 raise ValueError(
                     "Received an invalid value for argument `context`, "
                     f"expected {num_samples} rows (num_samples), one per "
-                    f"draw. Received: a context of shape {tuple(c.shape)}")
+                    "draw, or one row for every draw. Received: a context "
+                    f"of shape {tuple(c.shape)}")
+            context[i] = keras.ops.broadcast_to(
+                c, (num_samples, *c.shape[1:]))
         z = keras.random.normal(
             (num_samples, *self.event_shape), dtype=dtype,
             seed=self.seed_generator if seed is None else seed)

@@ -127,6 +127,9 @@ def test_a_conditional_flow_learns_its_shift():
     assert nll < entropy + 0.02
     samples = flow.sample(1000, seed=7, context=np.ones((1000, 1)))
     np.testing.assert_allclose(np.mean(samples, axis=0), mu, atol=0.15)
+    # One row of context: the same for every draw.
+    np.testing.assert_array_equal(
+        flow.sample(1000, seed=7, context=np.ones((1, 1))), samples)
 
 
 @pytest.mark.parametrize("solver, gradient", [
@@ -386,8 +389,8 @@ def test_sample_errors():
                        r"floating tensor"):
         flow.log_prob(np.zeros((2, 2), "int32"))
     with pytest.raises(ValueError, match=r"argument `context`, expected 3 "
-                       r"rows \(num_samples\), one per draw. Received: a "
-                       r"context of shape \(2, 1\)"):
+                       r"rows \(num_samples\), one per draw, or one row for "
+                       r"every draw. Received: a context of shape \(2, 1\)"):
         flow.sample(3, context=np.zeros((2, 1), "float32"))
     with pytest.raises(TypeError, match=r"argument `context`, expected "
                        r"floating tensors \(the context\). Received: "
