@@ -81,7 +81,8 @@ def measure(tolerance, steps, warmup, batch_size, adjoint_norm="seminorm",
 SOLVE_DEFAULTS = {"solver": "dopri5", "gradient": "adjoint", "num_steps": 4}
 # keras_node.solvers' names (not imported here: the parent processes need no
 # backend).
-SOLVERS = ["dopri5", "tsit5", "bosh3", "euler", "midpoint", "rk4"]
+SOLVERS = ["dopri5", "tsit5", "bosh3", "adaptive_heun", "euler", "midpoint",
+           "rk4"]
 
 
 def add_solve_arguments(parser):
