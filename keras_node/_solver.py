@@ -246,7 +246,7 @@ def _dense_weights(tab):
 class _AdaptiveStep:
     """One step of an adaptive solve in TFP's loop, for any FSAL tableau.
 
-    TFP's own step differs in five ways:
+    TFP's own step differs in six ways:
 
     - The stages, the solution, the error estimate and the dense output of
       the tableau `tab` are computed in the solve's dtype (TFP casts each
@@ -280,6 +280,12 @@ class _AdaptiveStep:
     - The dense output is computed only by the steps that TFP interpolates
       in (an accepted step that passes an output time); TFP's step computes
       it every time, and backpropagation then differentiates every one.
+    - A step never ends more than a hair past the last output time
+      (`_to_the_end`): the solution there is then a step's end, as in
+      scipy and diffrax, not TFP's interpolation back from a step that
+      went far past it (torchdiffeq interpolates so too). On a neural
+      ODE's dynamics Dormand-Prince then takes the steps of scipy's RK45
+      and ends on its solution (`benchmarks/work_precision.py`).
 
     Accepted steps are counted in the diagnostics' field
     `num_matrix_factorizations`, and the trial steps since the time last
@@ -341,19 +347,20 @@ class _AdaptiveStep:
         new_interpolation = tf.cond(
             accept & passes, lambda: self._dense_output(tf, y0, dt, k),
             lambda: interpolation)
+        t1 = tf.where(accept, t0 + dt, t0)
+        # A zero error gives an infinite factor, clipped to IFACTOR.
+        next_dt = dt * tf.clip_by_value(
+            self.SAFETY * error_ratio ** (-1.0 / self._tab.order),
+            self.DFACTOR, self.IFACTOR)
         solver_state = self._sub.state(
             current_state=where(accept, y1, y0),
             current_derivative=where(accept, f1, f0),
             last_step_start=t0,
             # An exhausted budget or a stall ends the solve (time jumps to
             # infinity) and `integrate` returns NaN.
-            current_time=tf.where(
-                running, tf.where(accept, t0 + dt, t0),
-                tf.constant(float("inf"), t0.dtype)),
-            # A zero error gives an infinite factor, clipped to IFACTOR.
-            step_size=dt * tf.clip_by_value(
-                self.SAFETY * error_ratio ** (-1.0 / self._tab.order),
-                self.DFACTOR, self.IFACTOR),
+            current_time=tf.where(running, t1,
+                                  tf.constant(float("inf"), t0.dtype)),
+            step_size=self._to_the_end(tf, t1, next_dt),
             interpolating_coefficients=new_interpolation,
         )
         diagnostics = diagnostics._replace(
@@ -365,6 +372,16 @@ class _AdaptiveStep:
                                               tf.zeros_like(idle), idle + 1),
         )
         return solver_state, diagnostics
+
+    def _to_the_end(self, tf, t, dt):
+        """`dt`, cut so that a step from `t` ends at most a hair past the
+        last output time: the solution there is then the step's end, not
+        TFP's interpolation back from far past it (scipy and diffrax end
+        on it). (A step that the rounding lands on the time itself does not
+        pass it; the next one, uncut, does, and gives the state there.)"""
+        remaining = self._times[-1] - t
+        return tf.where(remaining > 0,
+                        tf.minimum(dt, remaining * (1 + 2.0**-10)), dt)
 
     def _assert_going(self, tf, going, t0):
         """Fails (on TensorFlow) where the solve stalled, with the time in

@@ -16,9 +16,10 @@ them. The layer's `rtol` and `atol` apply to the adaptive solvers.
 
 The adaptive solvers take each step with an embedded error estimate, accept
 it when the root mean square of the error scaled by `atol + rtol * |y|` is
-at most 1 (the norm of Hairer's DOPRI5, scipy and torchdiffeq), and return
-states between steps by quartic interpolation (cubic Hermite for Bosh3 and
-Heun's method). They run in the loop of `tfp.math.ode.DormandPrince`.
+at most 1 (the norm of Hairer's DOPRI5, scipy and torchdiffeq), end their
+last step on the last output time (a hair past it), and return states
+between steps by quartic interpolation (cubic Hermite for Bosh3 and Heun's
+method). They run in the loop of `tfp.math.ode.DormandPrince`.
 Fixed-step solvers take a static number of equal steps, landing on every
 output time: no step budget to exhaust, and shapes that XLA compiles well.
 """

@@ -463,6 +463,40 @@ def test_dropped_models_benchmark_refuses_bad_options(capsys):
     assert "--models must be positive, got 0" in capsys.readouterr().err
 
 
+def test_work_precision_of_dopri5_is_scipys_rk45(tmp_path):
+    from benchmarks import work_precision
+
+    out = tmp_path / "work_precision.json"
+    result = work_precision.main(["--problems", "mlp", "rotation", "--tols",
+                                  "1e-4", "1e-6", "--json-out", str(out)])
+    assert json.loads(out.read_text()) == result
+    mlp, rotation = (result["problems"][name] for name in ("mlp",
+                                                           "rotation"))
+    # The same pair, error norm and controller as scipy's RK45, which ends
+    # on t1 as ours does: the same evaluations and errors on the MLP.
+    for ours, scipy_rk45 in zip(mlp["dopri5"], mlp["scipy_RK45"]):
+        assert ours["nfe"] == scipy_rk45["nfe"]
+        assert ours["error"] == pytest.approx(scipy_rk45["error"], rel=0.01)
+    # Against the closed form, every solver's error falls with the
+    # tolerance, for more evaluations.
+    for name in work_precision.SOLVERS:
+        loose, tight = rotation[name]
+        assert tight["error"] < loose["error"] / 5, name
+        assert tight["nfe"] > loose["nfe"], name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tols", "1e-3", "0"], "--tols must be positive, got 0.0"),
+    (["--max-num-steps", "0"], "--max-num-steps must be positive, got 0"),
+])
+def test_work_precision_refuses_bad_options(argv, message, capsys):
+    from benchmarks import work_precision
+
+    with pytest.raises(SystemExit):
+        work_precision.main(argv)
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--times", "0"], "--times must be positive integers"),
     (["--steps", "0"], "--steps must be positive"),

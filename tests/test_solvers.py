@@ -137,6 +137,19 @@ def test_a_first_step_that_reaches_t1_is_the_only_step(cls, first_step_size):
     assert (float(ode.steps_accepted), float(ode.steps_rejected)) == (1, 0)
 
 
+@pytest.mark.parametrize("cls", [solvers.DormandPrince, solvers.Tsit5,
+                                 solvers.Bosh3, solvers.AdaptiveHeun])
+def test_the_last_output_time_ends_a_step(cls):
+    # Every step accepted (rtol = atol = 10), each ten times the one
+    # before: 0 to 0.5, then one that would end at 5.5, far past t1 = 1,
+    # cut to end a hair past it. Its error is a step's (0.0008 to 0.53
+    # here), not that of TFP's interpolation back from 5.5 (5 to 60).
+    ode = linear_ode(t1=1.0, solver=cls(first_step_size=0.5), rtol=10.0,
+                     atol=10.0)
+    assert error(ode, t1=1.0) < 0.6
+    assert (float(ode.steps_accepted), float(ode.steps_rejected)) == (2, 0)
+
+
 @pytest.mark.parametrize("name", ["dopri5", "tsit5"])
 def test_float64_error_keeps_falling_with_the_tolerance(name):
     errors, evals = [], []
