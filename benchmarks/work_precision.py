@@ -86,8 +86,15 @@ def dynamics(name):
         return layer
     if name == "mlp":
         w1, b1, w2, b2 = _mlp_weights()
+        # On JAX, Keras 3.15's "tanh" computes float64 in float32 (the
+        # troubleshooting guide's float64 section).
+        activation = "tanh"
+        if keras.backend.backend() == "jax":
+            import jax.numpy as jnp
+
+            activation = jnp.tanh
         model = keras.Sequential([
-            keras.layers.Dense(32, activation="tanh", dtype="float64"),
+            keras.layers.Dense(32, activation=activation, dtype="float64"),
             keras.layers.Dense(2, dtype="float64")])
         model.build((None, 2))
         model.set_weights([w1, b1, w2, b2])
@@ -182,8 +189,10 @@ def main(argv=None):
     if args.max_num_steps < 1:
         parser.error(f"--max-num-steps must be positive, got "
                      f"{args.max_num_steps}")
+    import scipy
+
     result = {"benchmark": "work_precision",
-              "backend": keras.backend.backend(),
+              "backend": keras.backend.backend(), "scipy": scipy.__version__,
               "problems": run(args.problems, args.tols, args.max_num_steps),
               "machine": describe(), **provenance()}
     print_json(result, args.json_out)
