@@ -169,11 +169,12 @@ def test_latent_ode_extrapolation_shares_the_trained_weights():
     observed, _, times = latent_ode.spirals(8, seed=0)
     model, extrapolation = latent_ode.build_models(times)
     # Decoding the posterior mean, both models agree on the observed times
-    # (to the solves' tolerance: they take different steps).
+    # to the solves' global error at rtol = atol = 1e-5 (they take
+    # different steps, each ending its last on its own t1): 4e-4 apart.
     reconstruction = model.predict(observed, verbose=0)
     whole = extrapolation.predict(observed, verbose=0)
     assert whole.shape == (8, 200, 2)
-    np.testing.assert_allclose(whole[:, :100], reconstruction, atol=1e-4)
+    np.testing.assert_allclose(whole[:, :100], reconstruction, atol=1e-3)
     assert not np.allclose(whole[:, 100:], whole[:, :100], atol=1e-3)
 
 
